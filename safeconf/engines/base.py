@@ -1,0 +1,67 @@
+"""The engine interface, and the choice of engine from the config (a setting, never a fork in the pipeline)."""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from safeconf.config import EngineConfig, ModelConfig
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float] | None  # log-prob of each chosen token under the model; None if not given
+
+
+class Engine(ABC):
+    """Generate `n` samples for each chat prompt, in one call for the whole batch."""
+
+    tokenizer = None  # a transformers tokenizer; renders chat templates and maps text offsets to tokens
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: list[list[dict]],
+        n: int = 1,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        max_tokens: int = 32,
+    ) -> list[list[Completion]]:
+        """One list of `n` completions per prompt, in prompt order."""
+
+    def token_logprob_at(self, completion: Completion, char_offset: int) -> float | None:
+        """Log-prob of the generated token that produces the character at `char_offset` of the text."""
+        if completion.token_logprobs is None or char_offset is None:
+            return None
+        for i in range(len(completion.token_ids)):
+            decoded = self.tokenizer.decode(completion.token_ids[: i + 1], skip_special_tokens=True)
+            if len(decoded) > char_offset:
+                return completion.token_logprobs[i]
+        return None
+
+
+def resolve_engine_kind(kind: str) -> str:
+    """'auto' picks vLLM where it is installed, else transformers."""
+    if kind == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return kind
+
+
+def make_engine(model: ModelConfig, engine: EngineConfig, seed: int = 0) -> Engine:
+    from safeconf.models import resolve_model
+
+    path = resolve_model(model.name, model.cache_dir)
+    kind = resolve_engine_kind(engine.kind)
+    if kind == "vllm":
+        from safeconf.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(path, model.dtype, engine, seed=seed)
+    from safeconf.engines.hf_engine import HFEngine
+
+    return HFEngine(path, model.dtype, engine, seed=seed)

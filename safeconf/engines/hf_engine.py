@@ -1,0 +1,69 @@
+"""transformers `generate`: the reference engine, and the fallback where vLLM is not installed."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from safeconf.config import EngineConfig
+from safeconf.engines.base import Completion, Engine
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class HFEngine(Engine):
+    def __init__(self, model_path: str, dtype: str, config: EngineConfig, seed: int = 0):
+        self.device = "cuda" if torch.cuda.is_available() and config.num_gpus > 0 else "cpu"
+        if self.device == "cpu" and dtype == "float16":
+            dtype = "float32"  # fp16 matmuls are not supported on CPU
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer.padding_side = "left"  # generation continues from the right edge
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.max_prompt_tokens = config.max_prompt_tokens
+        self.generator_seed = seed
+
+    @torch.inference_mode()
+    def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_tokens=32):
+        if not prompts:
+            return []
+        texts = [self.render(p) for p in prompts]
+        encoded = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_prompt_tokens,
+            add_special_tokens=False,
+        ).to(self.device)
+        torch.manual_seed(self.generator_seed)
+        self.generator_seed += 1  # successive batches draw fresh samples, reproducibly
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        output = self.model.generate(
+            **encoded,
+            **sampling,
+            max_new_tokens=max_tokens,
+            num_return_sequences=n,
+            return_dict_in_generate=True,
+            output_logits=True,  # raw logits: log-probs under the model, as vLLM reports them
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        generated = output.sequences[:, encoded["input_ids"].shape[1]:]
+        logits = torch.stack(output.logits, dim=1).float()  # (rows, steps, vocab)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated[..., None]).squeeze(-1)
+        completions = []
+        stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        for row in range(generated.shape[0]):
+            ids = generated[row].tolist()
+            length = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+            ids = ids[:length]
+            completions.append(
+                Completion(
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    token_ids=ids,
+                    token_logprobs=logprobs[row, :length].tolist(),
+                )
+            )
+        # generate returns the n samples of each prompt next to each other
+        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]

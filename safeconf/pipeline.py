@@ -1,0 +1,242 @@
+"""The SafeConf data pipeline on Ray Data.
+
+questions -> validate -> mutate (rules inline) -> engine actors (LLM mutations, then every variant x k
+samples) -> confidence map -> confidence table -> fine-tuning set. One row per original question all
+the way through: variants and samples are list columns, so every stage is a map and nothing shuffles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pyarrow as pa
+
+from safeconf import io
+from safeconf.config import Config, config_from_dict
+from safeconf.confidence import question_confidence
+from safeconf.data.loaders import read_questions
+from safeconf.mutations import LLM_OPERATORS, mutate_rules
+from safeconf.prompts import parse_answer, render_messages
+from safeconf.schema import (
+    CONFIDENCE_SCHEMA,
+    MUTATED_SCHEMA,
+    QUESTION_SCHEMA,
+    REJECT_SCHEMA,
+    validate_record,
+)
+from safeconf.sft import build_sft
+
+log = logging.getLogger(__name__)
+
+
+# --- validation at the door ---
+
+
+def ingest(spec: str, limit: int = 0) -> tuple[pa.Table, pa.Table, int]:
+    """(accepted questions, rejects with their reasons, rows read). Rows read = accepted + rejected."""
+    accepted, rejected, seen, read = [], [], set(), 0
+    for raw in read_questions(spec, limit=limit or None):
+        read += 1
+        if raw.error is not None:
+            field, reason = raw.error
+            rejected.append({"location": raw.location, "id": None, "field": field, "reason": reason, "raw": raw.raw})
+            continue
+        row, problem = validate_record(raw.record, seen)
+        if problem is None:
+            accepted.append(row)
+            continue
+        field, reason = problem
+        record_id = raw.record.get("id") if isinstance(raw.record, dict) else None
+        rejected.append(
+            {
+                "location": raw.location,
+                "id": record_id if isinstance(record_id, str) else None,
+                "field": field,
+                "reason": reason,
+                "raw": raw.raw or json.dumps(raw.record, ensure_ascii=False, default=str)[:2000],
+            }
+        )
+    return (
+        pa.Table.from_pylist(accepted, schema=QUESTION_SCHEMA),
+        pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA),
+        read,
+    )
+
+
+# --- stages: each takes and returns a pyarrow batch of whole question rows ---
+
+
+def mutate_batch(batch: pa.Table, config: dict) -> pa.Table:
+    mutation = config_from_dict(config).mutation
+    rows = [mutate_rules(q, mutation.operators, mutation.variants_per_question, mutation.seed) for q in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=MUTATED_SCHEMA)
+
+
+def confidence_batch(batch: pa.Table) -> pa.Table:
+    return pa.Table.from_pylist([question_confidence(r) for r in batch.to_pylist()], schema=CONFIDENCE_SCHEMA)
+
+
+class EngineStage:
+    """A Ray Data actor holding one engine (one model copy).
+
+    It makes the LLM mutations of a batch (one engine call) and then samples every variant k times
+    (one engine call with n=k). Both steps need the same model, so they share the actor instead of
+    loading it twice.
+    """
+
+    def __init__(self, config: dict):
+        from safeconf.engines import make_engine
+
+        self.config = config_from_dict(config)
+        self.engine = make_engine(self.config.model, self.config.engine, seed=self.config.sampling.seed)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        self.mutate_with_llm(rows)
+        self.sample(rows)
+        return pa.Table.from_pylist(rows, schema=MUTATED_SCHEMA)
+
+    def mutate_with_llm(self, rows: list[dict]) -> None:
+        jobs = []  # (row, slot, operator)
+        for row in rows:
+            for pending in row["pending_llm"]:
+                slot, name = pending.split(":", 1)
+                jobs.append((row, int(slot), LLM_OPERATORS[name]))
+            row["pending_llm"] = []
+        if not jobs:
+            return
+        mutation = self.config.mutation
+        replies = self.engine.generate(
+            [operator.request(row) for row, _, operator in jobs],
+            n=1,
+            temperature=mutation.llm_temperature,
+            max_tokens=mutation.llm_max_tokens,
+        )
+        for (row, slot, operator), (reply,) in zip(jobs, replies):
+            variant, garbled = operator.accept(row, reply.text, slot)
+            if variant is None:
+                row["dropped"].append({"mutation": operator.name, "reason": garbled})
+            else:
+                row["variants"].append(variant)
+
+    def sample(self, rows: list[dict]) -> None:
+        sampling = self.config.sampling
+        variants = [v for row in rows for v in row["variants"]]
+        outputs = self.engine.generate(
+            [render_messages(v) for v in variants],
+            n=sampling.k,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+        )
+        for variant, completions in zip(variants, outputs):
+            variant["samples"] = []
+            for completion in completions:
+                parsed = parse_answer(completion.text, variant["options"], variant["labels"])
+                variant["samples"].append(
+                    {
+                        "text": completion.text,
+                        "choice": parsed.choice,
+                        "choice_original": None if parsed.choice is None else variant["option_map"][parsed.choice],
+                        "verbal_confidence": parsed.confidence,
+                        "choice_logprob": self.engine.token_logprob_at(completion, parsed.label_offset),
+                        "num_tokens": len(completion.token_ids),
+                    }
+                )
+
+
+# --- wiring ---
+
+
+def init_ray(address: str = "") -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or None, log_to_driver=True)
+
+
+def build_dataset(questions: pa.Table, config: Config):
+    """The lazy Ray Dataset from accepted questions to confidence rows."""
+    import ray
+
+    engine = config.engine
+    blocks = [questions.slice(i, engine.batch_size) for i in range(0, max(questions.num_rows, 1), engine.batch_size)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(mutate_batch, batch_format="pyarrow", fn_kwargs={"config": config.to_dict()})
+    ds = ds.map_batches(
+        EngineStage,
+        fn_constructor_kwargs={"config": config.to_dict()},
+        compute=ray.data.ActorPoolStrategy(size=engine.concurrency),
+        batch_size=engine.batch_size,
+        batch_format="pyarrow",
+        num_cpus=engine.num_cpus,
+        num_gpus=engine.num_gpus,
+    )
+    return ds.map_batches(confidence_batch, batch_format="pyarrow")
+
+
+def summarise(confidence_uri: str) -> dict:
+    """Counts over the written confidence table: variants, garbled drops, samples, invalid answers."""
+    table = io.read_table(confidence_uri, columns=["answer", "confidence", "agreement", "variants", "dropped"])
+    variants_by_mutation, dropped, samples, invalid, tokens = {}, {}, 0, 0, 0
+    for row in table.to_pylist():
+        for variant in row["variants"]:
+            variants_by_mutation[variant["mutation"]] = variants_by_mutation.get(variant["mutation"], 0) + 1
+            samples += len(variant["samples"])
+            invalid += sum(1 for s in variant["samples"] if s["choice"] is None)
+            tokens += sum(s["num_tokens"] for s in variant["samples"])
+        for drop in row["dropped"]:
+            key = f"{drop['mutation']}: {drop['reason']}"
+            dropped[key] = dropped.get(key, 0) + 1
+    confidences = [c for c in table.column("confidence").to_pylist() if c is not None]
+    return {
+        "questions": table.num_rows,
+        "questions_without_gold": table.column("answer").null_count,
+        "variants_by_mutation": variants_by_mutation,
+        "garbled_variants_dropped": dropped,
+        "samples": samples,
+        "invalid_samples": invalid,
+        "generated_tokens": tokens,
+        "mean_confidence": sum(confidences) / len(confidences) if confidences else None,
+    }
+
+
+def run_pipeline(config: Config) -> dict:
+    """Run the whole data pipeline into `config.out`; return the summary (also written to summary.json)."""
+    started = time.time()
+    out = io.normalise_uri(config.out)
+    io.make_dirs(out)
+    questions, rejects, read = ingest(config.data, config.limit)
+    io.write_table(io.join(out, "rejects.parquet"), rejects)
+    if rejects.num_rows:
+        log.warning("%d of %d rows rejected; reasons in %s", rejects.num_rows, read, io.join(out, "rejects.parquet"))
+    if questions.num_rows == 0:
+        raise ValueError(f"no usable questions in {config.data!r}: {read} read, all rejected (see rejects.parquet)")
+
+    init_ray(config.ray_address)
+    confidence_uri = io.join(out, "confidence")
+    build_dataset(questions, config).write_parquet(confidence_uri)
+    sft_counts = build_sft(confidence_uri, io.join(out, "sft"), config.sft)
+
+    summary = {
+        "data": config.data,
+        "rows_read": read,
+        "rows_accepted": questions.num_rows,
+        "rows_rejected": rejects.num_rows,
+        "rejected_by_field": _count(rejects.column("field").to_pylist()),
+        **summarise(confidence_uri),
+        "sft": sft_counts,
+        "seconds": round(time.time() - started, 1),
+        "config": config.to_dict(),
+    }
+    io.write_json(io.join(out, "summary.json"), summary)
+    return summary
+
+
+def _count(values: list) -> dict:
+    counts: dict = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts

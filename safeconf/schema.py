@@ -1,0 +1,183 @@
+"""The one question schema, the Arrow types of every pipeline stage, and validation at the door.
+
+A question row is kept whole from mutation to confidence: its variants (and their samples) are
+list columns, so every stage is a pure per-row map and no shuffle is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+LANGS = ("en", "zh")
+TASKS = ("mcq", "judge")
+MAX_OPTIONS = 26  # option labels go up to Z
+
+QUESTION_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source", pa.string()),
+    pa.field("lang", pa.string()),
+    pa.field("task", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("question", pa.string()),
+    pa.field("options", pa.list_(pa.string())),
+    pa.field("answer", pa.int64()),  # index into options; null when unknown
+]
+QUESTION_SCHEMA = pa.schema(QUESTION_FIELDS)
+
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("location", pa.string()),  # "file:line" or "file:row"
+        pa.field("id", pa.string()),
+        pa.field("field", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("raw", pa.string()),  # the row as read, JSON-encoded where possible
+    ]
+)
+
+SAMPLE_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string()),
+        pa.field("choice", pa.int64()),  # option index in the variant's order; null if unparseable
+        pa.field("choice_original", pa.int64()),  # the same option in the original question's order
+        pa.field("verbal_confidence", pa.float64()),  # stated confidence in [0, 1], null if absent
+        pa.field("choice_logprob", pa.float64()),  # log-prob of the answer-label token, if the engine gives it
+        pa.field("num_tokens", pa.int64()),
+    ]
+)
+
+VARIANT_TYPE = pa.struct(
+    [
+        pa.field("variant_id", pa.string()),
+        pa.field("mutation", pa.string()),  # "original", "shuffle", "relabel", ...
+        pa.field("lang", pa.string()),
+        pa.field("question", pa.string()),
+        pa.field("options", pa.list_(pa.string())),
+        pa.field("labels", pa.list_(pa.string())),  # how options are labelled in the prompt (A/B/C, 1/2/3, ...)
+        pa.field("option_map", pa.list_(pa.int64())),  # variant option i is original option option_map[i]
+        pa.field("answer", pa.int64()),  # right option in the variant's order; null when unknown
+        pa.field("framing", pa.int64()),  # index of the system prompt / framing template
+        pa.field("samples", pa.list_(SAMPLE_TYPE)),
+    ]
+)
+
+DROPPED_TYPE = pa.struct([pa.field("mutation", pa.string()), pa.field("reason", pa.string())])
+
+MUTATED_FIELDS = QUESTION_FIELDS + [
+    pa.field("variants", pa.list_(VARIANT_TYPE)),
+    pa.field("pending_llm", pa.list_(pa.string())),  # LLM mutations still to generate
+    pa.field("dropped", pa.list_(DROPPED_TYPE)),  # garbled LLM variants, with the reason
+]
+MUTATED_SCHEMA = pa.schema(MUTATED_FIELDS)
+
+MUTATION_STATS_TYPE = pa.struct(
+    [
+        pa.field("mutation", pa.string()),
+        pa.field("samples", pa.int64()),
+        pa.field("valid", pa.int64()),
+        pa.field("correct", pa.int64()),
+        pa.field("accuracy", pa.float64()),
+        pa.field("agreement", pa.float64()),
+    ]
+)
+
+CONFIDENCE_SCHEMA = pa.schema(
+    MUTATED_FIELDS
+    + [
+        pa.field("num_samples", pa.int64()),
+        pa.field("num_valid", pa.int64()),
+        pa.field("num_correct", pa.int64()),
+        pa.field("confidence", pa.float64()),  # share of right answers over variants x samples
+        pa.field("majority_answer", pa.int64()),  # in the original option order
+        pa.field("agreement", pa.float64()),  # share of samples that agree with the majority answer
+        pa.field("verbal_confidence_mean", pa.float64()),
+        pa.field("per_mutation", pa.list_(MUTATION_STATS_TYPE)),
+    ]
+)
+
+
+class DataFormatError(ValueError):
+    """A file that cannot be read at all; the message names the file and, where known, the line."""
+
+
+@dataclass
+class Rejected:
+    location: str
+    id: str | None
+    field: str
+    reason: str
+    raw: str
+
+
+def _is_blank(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _check_text(value, field: str) -> str | None:
+    """Return a reason when the value is not usable text."""
+    if _is_blank(value):
+        return f"{field} is missing or empty"
+    if not isinstance(value, str):
+        return f"{field} must be a string, got {type(value).__name__}"
+    if "\ufffd" in value:
+        return f"{field} holds undecodable text (U+FFFD replacement characters)"
+    return None
+
+
+def validate_record(record: dict, seen_ids: set[str]) -> tuple[dict | None, tuple[str, str] | None]:
+    """Check one raw record against the schema.
+
+    Returns (clean_row, None) when it is accepted, (None, (field, reason)) when it is rejected.
+    `seen_ids` collects accepted ids so a duplicate is rejected (the first occurrence wins).
+    """
+    if not isinstance(record, dict):
+        return None, ("row", f"expected an object, got {type(record).__name__}")
+    for field in ("id", "source", "question"):
+        reason = _check_text(record.get(field), field)
+        if reason:
+            return None, (field, reason)
+    row_id = record["id"].strip()
+    lang = record.get("lang")
+    if lang not in LANGS:
+        return None, ("lang", f"unknown language {lang!r}; expected one of {', '.join(LANGS)}")
+    task = record.get("task")
+    if task not in TASKS:
+        return None, ("task", f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    category = record.get("category")
+    if category is not None and not isinstance(category, str):
+        return None, ("category", f"category must be a string or null, got {type(category).__name__}")
+    options = record.get("options")
+    if not isinstance(options, (list, tuple)):
+        return None, ("options", "options must be a list of strings")
+    if len(options) < 2:
+        return None, ("options", f"needs at least 2 options, got {len(options)}")
+    if len(options) > MAX_OPTIONS:
+        return None, ("options", f"at most {MAX_OPTIONS} options, got {len(options)}")
+    for i, option in enumerate(options):
+        reason = _check_text(option, f"options[{i}]")
+        if reason:
+            return None, ("options", reason)
+    answer = record.get("answer")
+    if answer is not None:
+        if isinstance(answer, bool) or not isinstance(answer, int):
+            if isinstance(answer, float) and answer.is_integer():
+                answer = int(answer)
+            else:
+                return None, ("answer", f"answer must be an integer option index or null, got {answer!r}")
+        if not 0 <= answer < len(options):
+            return None, ("answer", f"answer index {answer} out of range for {len(options)} options")
+    if row_id in seen_ids:
+        return None, ("id", f"duplicate id {row_id!r}")
+    seen_ids.add(row_id)
+    clean = {
+        "id": row_id,
+        "source": record["source"],
+        "lang": lang,
+        "task": task,
+        "category": category,
+        "question": record["question"],
+        "options": [str(o) for o in options],
+        "answer": answer,
+    }
+    return clean, None

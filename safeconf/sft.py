@@ -1,0 +1,100 @@
+"""The confidence-labelled fine-tuning set: prompt -> "answer + confidence", split by original question id."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from safeconf import io
+from safeconf.config import SFTConfig
+from safeconf.prompts import format_target, render_messages
+
+MESSAGE_TYPE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
+SFT_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string()),
+        pa.field("variant_id", pa.string()),
+        pa.field("mutation", pa.string()),
+        pa.field("lang", pa.string()),
+        pa.field("task", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("messages", pa.list_(MESSAGE_TYPE)),  # system, user, assistant (the target)
+        pa.field("target", pa.string()),
+        pa.field("answer_label", pa.string()),
+        pa.field("confidence", pa.float64()),
+    ]
+)
+SPLITS = ("train", "val")
+
+
+def split_of(question_id: str, val_fraction: float, seed: int = 0) -> str:
+    """Deterministic split by question id: every variant of a question lands on the same side."""
+    digest = hashlib.sha256(f"{seed}:{question_id}".encode("utf-8")).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def sft_examples(row: dict, config: SFTConfig) -> tuple[list[dict], str | None]:
+    """Examples of one question (original and, optionally, its variants), or the reason it has none."""
+    if not row["num_samples"]:
+        return [], "no samples"
+    if config.target == "gold":
+        if row["answer"] is None:
+            return [], "no gold answer"
+        target_answer, confidence = row["answer"], row["confidence"]
+    else:
+        if row["majority_answer"] is None:
+            return [], "no readable answer to take the majority of"
+        target_answer, confidence = row["majority_answer"], row["agreement"]
+    variants = row["variants"] if config.include_variants else row["variants"][:1]
+    examples = []
+    for variant in variants:
+        label = variant["labels"][variant["option_map"].index(target_answer)]
+        target = format_target(variant["lang"], label, confidence, config.confidence_format)
+        messages = render_messages(variant) + [{"role": "assistant", "content": target}]
+        examples.append(
+            {
+                "question_id": row["id"],
+                "variant_id": variant["variant_id"],
+                "mutation": variant["mutation"],
+                "lang": variant["lang"],
+                "task": row["task"],
+                "category": row["category"],
+                "messages": messages,
+                "target": target,
+                "answer_label": label,
+                "confidence": confidence,
+            }
+        )
+    return examples, None
+
+
+def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig) -> dict:
+    """Stream the confidence table into `out_uri/{train,val}.parquet`; return the counts."""
+    fs, path = io.filesystem(confidence_uri)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    io.make_dirs(out_uri)
+    out_fs, out_path = io.filesystem(out_uri)
+    writers = {split: pq.ParquetWriter(f"{out_path}/{split}.parquet", SFT_SCHEMA, filesystem=out_fs) for split in SPLITS}
+    counts = {"questions": {s: 0 for s in SPLITS}, "examples": {s: 0 for s in SPLITS}, "skipped": {}}
+    try:
+        for batch in dataset.to_batches(batch_size=256):
+            buckets = {split: [] for split in SPLITS}
+            for row in batch.to_pylist():
+                examples, skipped = sft_examples(row, config)
+                if skipped:
+                    counts["skipped"][skipped] = counts["skipped"].get(skipped, 0) + 1
+                    continue
+                split = split_of(row["id"], config.val_fraction, config.seed)
+                buckets[split] += examples
+                counts["questions"][split] += 1
+                counts["examples"][split] += len(examples)
+            for split, rows in buckets.items():
+                if rows:
+                    writers[split].write_table(pa.Table.from_pylist(rows, schema=SFT_SCHEMA))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return counts
