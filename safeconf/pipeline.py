@@ -117,7 +117,7 @@ class EngineStage:
         for (row, slot, operator), (reply,) in zip(jobs, replies):
             variant, garbled = operator.accept(row, reply.text, slot)
             if variant is None:
-                row["dropped"].append({"mutation": operator.name, "reason": garbled})
+                row["dropped"].append({"mutation": operator.name, "reason": garbled, "text": reply.text})
             else:
                 row["variants"].append(variant)
 
@@ -130,6 +130,7 @@ class EngineStage:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
+            stop=sampling.stop,
         )
         for variant, completions in zip(variants, outputs):
             variant["samples"] = []

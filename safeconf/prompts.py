@@ -89,36 +89,40 @@ class ParsedAnswer:
     label_offset: int | None  # character offset of the answer label in the text (for its token log-prob)
 
 
+# Cues that introduce the answer; markdown emphasis ("**Answer:** B") is allowed around them.
 _ANSWER_CUES = [
-    r"(?:final\s+)?answer\s*(?:is)?\s*[:：]?\s*",
-    r"the\s+(?:correct|right|best)\s+(?:answer|option)\s+is\s*[:：]?\s*",
-    r"option\s*",
-    r"答案\s*(?:是|为)?\s*[:：]?\s*",
-    r"正确(?:答案|选项)\s*(?:是|为)?\s*[:：]?\s*",
-    r"(?:我)?选(?:择)?\s*",
+    r"(?:final\s+)?answer\s*(?:is)?",
+    r"the\s+(?:correct|right|best)\s+(?:answer|option)\s+is",
+    r"option",
+    r"答案\s*(?:是|为)?",
+    r"正确(?:答案|选项)\s*(?:是|为)?",
+    r"(?:我)?选(?:择)?",
 ]
-_CONFIDENCE_CUE = re.compile(r"(?:confidence|置信度|信心|把握)\s*(?:level|is|为|是)?\s*[:：]?\s*", re.IGNORECASE)
+_CUE_END = r"[\s\*_]*[:：]?[\s\*_]*"
+_CUE_RE = re.compile("(?:" + "|".join(_ANSWER_CUES) + ")" + _CUE_END, re.IGNORECASE)
+_CONFIDENCE_CUE = re.compile(r"(?:confidence|置信度|信心|把握)[\s\*_]*(?:level|is|为|是)?[\s\*_]*[:：]?[\s\*_]*", re.IGNORECASE)
 _NUMBER = re.compile(r"(\d+(?:\.\d+)?)\s*(%|％)?")
+_COPULA = re.compile(r"(?:\b(?:is|are)\s+|是)", re.IGNORECASE)  # option text may follow these, labels not
+_LEADING = re.compile(r"[\s\*_\"'“「]*")
 
 
 def _label_pattern(labels: list[str]) -> str:
-    # Longest first so "II" wins over "I"; a label must not run into further word characters.
+    # Longest first so "12" wins over "1"; a label must not run into further word characters.
     alternatives = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
-    return rf"[\(（\[]?({alternatives})(?![A-Za-z0-9])"
+    return rf"[\(（\[\*]*({alternatives})(?![A-Za-z0-9])"
 
 
 def _find_label(text: str, labels: list[str]) -> tuple[int, int] | None:
     """(option index, offset) of the answer label, trying explicit cues before a bare leading label."""
     label_re = _label_pattern(labels)
     for cue in _ANSWER_CUES:
-        match = re.search(cue + label_re, text, re.IGNORECASE)
+        match = re.search(cue + _CUE_END + label_re, text, re.IGNORECASE)
         if match:
-            found = match.group(1)
-            index = _match_label(found, labels)
+            index = _match_label(match.group(1), labels)
             if index is not None:
                 return index, match.start(1)
     # A bare label opening the reply counts only when punctuation or the end follows it ("A." but not "A safe...").
-    match = re.match(r"\s*" + label_re + r"\s*(?:[\.\)）:：,，]|$)", text)
+    match = re.match(_LEADING.pattern + label_re + r"[\s\*]*(?:[\.\)）:：,，]|$)", text)
     if match:
         index = _match_label(match.group(1), labels)
         if index is not None:
@@ -136,25 +140,25 @@ def _match_label(found: str, labels: list[str]) -> int | None:
 
 
 def _find_option_text(text: str, options: list[str]) -> tuple[int, int] | None:
-    """The option whose full text the reply names, when exactly one does (longest match wins ties of nesting)."""
-    hits = []
-    for index, option in enumerate(options):
-        cleaned = option.strip().rstrip("。.").strip()
-        if len(cleaned) < 1:
-            continue
-        position = text.lower().find(cleaned.lower())
-        if position >= 0:
-            hits.append((len(cleaned), index, position))
-    if not hits:
-        return None
-    hits.sort(reverse=True)
-    # "Unsafe" contains "safe": keep the longest, and refuse only when two distinct options are fully named apart.
-    best_len, best_index, best_pos = hits[0]
-    for length, index, position in hits[1:]:
-        inside_best = best_pos <= position < best_pos + best_len
-        if not inside_best:
-            return None
-    return best_index, best_pos
+    """The option whose text opens the reply, or follows an answer cue or "is" ("Unsafe.", "It is unsafe").
+
+    Only there: option words met elsewhere in prose ("A safe way is...", "I don't know") are not answers.
+    The longest option wins, so "Unsafe" is not read as "Safe" and "不安全" not as "安全".
+    """
+    lowered = text.lower()
+    starts = [_LEADING.match(text).end()] + [m.end() for m in _CUE_RE.finditer(text)]
+    starts += [m.end() for m in _COPULA.finditer(text)]  # "The response is unsafe." / "这段内容是不安全的"
+    by_length = sorted(enumerate(options), key=lambda item: len(item[1]), reverse=True)
+    for position in starts:
+        for index, option in by_length:
+            cleaned = option.strip().rstrip("。.").strip().lower()
+            if not cleaned or not lowered.startswith(cleaned, position):
+                continue
+            after = lowered[position + len(cleaned): position + len(cleaned) + 1]
+            if after.isascii() and after.isalnum():  # "no" must not match "not"
+                continue
+            return index, position
+    return None
 
 
 def parse_confidence(text: str, lang: str | None = None) -> float | None:
@@ -179,10 +183,13 @@ def parse_confidence(text: str, lang: str | None = None) -> float | None:
 def parse_answer(text: str, options: list[str], labels: list[str]) -> ParsedAnswer:
     """Read the chosen option and the stated confidence from a reply, in either language."""
     confidence = parse_confidence(text)
-    # Look for the answer before the confidence statement, so "Confidence: 1" is never read as option 1.
-    cue = _CONFIDENCE_CUE.search(text)
-    head = text[: cue.start()] if cue else text
-    found = _find_label(head, labels) or _find_option_text(head, options)
+    # Blank out the confidence statement (keeping offsets), so "Confidence: 1" is never read as option 1.
+    statement = _CONFIDENCE_CUE.search(text)
+    if statement:
+        number = _NUMBER.match(text, statement.end())
+        end = number.end() if number else statement.end()
+        text = text[: statement.start()] + " " * (end - statement.start()) + text[end:]
+    found = _find_label(text, labels) or _find_option_text(text, options)
     if found is None:
         return ParsedAnswer(None, confidence, None)
     return ParsedAnswer(found[0], confidence, found[1])

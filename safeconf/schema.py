@@ -62,7 +62,7 @@ VARIANT_TYPE = pa.struct(
     ]
 )
 
-DROPPED_TYPE = pa.struct([pa.field("mutation", pa.string()), pa.field("reason", pa.string())])
+DROPPED_TYPE = pa.struct([pa.field("mutation", pa.string()), pa.field("reason", pa.string()), pa.field("text", pa.string())])
 
 MUTATED_FIELDS = QUESTION_FIELDS + [
     pa.field("variants", pa.list_(VARIANT_TYPE)),

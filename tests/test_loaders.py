@@ -11,31 +11,21 @@ import csv
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    import safeconf  # noqa: F401
-except ImportError:  # not installed into the venv: import from the checkout
-    sys.path.insert(0, str(ROOT))
+from conftest import SHARED_DATA as SHARED, shared_data
 
-from safeconf.data.judge import judge_options, judge_question  # noqa: E402
-from safeconf.data.loaders import FORMATS, RawRecord, read_questions  # noqa: E402
-from safeconf.schema import QUESTION_SCHEMA, DataFormatError, validate_record  # noqa: E402
+from safeconf.data.judge import judge_options, judge_question
+from safeconf.data.loaders import FORMATS, RawRecord, read_questions
+from safeconf.schema import QUESTION_SCHEMA, DataFormatError, validate_record
 
-SHARED = Path(os.environ.get("SAFECONF_SHARED_DATA", ROOT.parent / "shared" / "data"))
 FFFD = "\ufffd"
 
 
 def shared(relative: str) -> Path:
-    """A path in the shared data folder; the test skips when it is not there."""
-    path = SHARED / relative
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent (set SAFECONF_SHARED_DATA to the data folder)")
-    return path
+    return shared_data(*relative.split("/"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,8 +32,9 @@ class Engine(ABC):
         temperature: float = 0.7,
         top_p: float = 1.0,
         max_tokens: int = 32,
+        stop: list[str] | None = None,
     ) -> list[list[Completion]]:
-        """One list of `n` completions per prompt, in prompt order."""
+        """One list of `n` completions per prompt, in prompt order; text ends before any `stop` string."""
 
     def token_logprob_at(self, completion: Completion, char_offset: int) -> float | None:
         """Log-prob of the generated token that produces the character at `char_offset` of the text."""

@@ -25,7 +25,7 @@ class HFEngine(Engine):
         self.generator_seed = seed
 
     @torch.inference_mode()
-    def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_tokens=32):
+    def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_tokens=32, stop=None):
         if not prompts:
             return []
         texts = [self.render(p) for p in prompts]
@@ -48,6 +48,8 @@ class HFEngine(Engine):
             return_dict_in_generate=True,
             output_logits=True,  # raw logits: log-probs under the model, as vLLM reports them
             pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=stop or None,
+            tokenizer=self.tokenizer,  # generate needs it to match stop strings
         )
         generated = output.sequences[:, encoded["input_ids"].shape[1]:]
         logits = torch.stack(output.logits, dim=1).float()  # (rows, steps, vocab)
@@ -58,9 +60,12 @@ class HFEngine(Engine):
             ids = generated[row].tolist()
             length = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
             ids = ids[:length]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            for marker in stop or ():
+                text = text.split(marker, 1)[0]  # as vLLM does: the stop string is not part of the text
             completions.append(
                 Completion(
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    text=text,
                     token_ids=ids,
                     token_logprobs=logprobs[row, :length].tolist(),
                 )

@@ -1,0 +1,63 @@
+"""The fine-tuning set: targets in the prompt's labels, gold or majority, split by question id."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from safeconf.config import SFTConfig
+from safeconf.confidence import question_confidence
+from safeconf.mutations import RULE_OPERATORS, mutate_rules
+from safeconf.prompts import parse_answer
+from safeconf.schema import CONFIDENCE_SCHEMA
+from safeconf.sft import build_sft, sft_examples, split_of
+
+
+def confidence_row(qid, answer, picks):
+    """A question with rule variants whose every sample picks original option `picks[i]` (variant i)."""
+    q = {"id": qid, "source": "t", "lang": "en", "task": "mcq", "category": "c", "question": "Which?",
+         "options": ["w", "x", "y", "z"], "answer": answer}
+    row = mutate_rules(q, list(RULE_OPERATORS), 3, seed=0)
+    for variant, pick in zip(row["variants"], picks):
+        variant["samples"] = [{"text": "", "choice": variant["option_map"].index(pick), "choice_original": pick,
+                               "verbal_confidence": None, "choice_logprob": None, "num_tokens": 1}] * 2
+    return question_confidence(row)
+
+
+def test_gold_target_names_the_right_option_in_each_variants_labels():
+    row = confidence_row("q", answer=2, picks=[2, 2, 1, 2])
+    examples, skipped = sft_examples(row, SFTConfig(target="gold"))
+    assert skipped is None and len(examples) == 4
+    for example, variant in zip(examples, row["variants"]):
+        assert example["confidence"] == 0.75 and example["target"].endswith("Confidence: 75%")
+        assert [m["role"] for m in example["messages"]] == ["system", "user", "assistant"]
+        parsed = parse_answer(example["target"], variant["options"], variant["labels"])
+        assert variant["option_map"][parsed.choice] == 2
+
+
+def test_majority_target_needs_no_labels_and_uses_agreement():
+    row = confidence_row("q", answer=None, picks=[1, 1, 1, 3])
+    assert sft_examples(row, SFTConfig(target="gold")) == ([], "no gold answer")
+    examples, _ = sft_examples(row, SFTConfig(target="majority", include_variants=False, confidence_format="bucket"))
+    assert len(examples) == 1 and examples[0]["answer_label"] == "B"
+    assert examples[0]["target"] == "Answer: B\nConfidence: high"  # agreement 0.75 -> "high"
+
+
+def test_split_is_by_question_and_stable():
+    ids = [f"q{i}" for i in range(2000)]
+    splits = [split_of(i, 0.2, seed=0) for i in ids]
+    assert splits == [split_of(i, 0.2, seed=0) for i in ids]
+    assert splits.count("val") / len(ids) == pytest.approx(0.2, abs=0.03)
+    assert splits != [split_of(i, 0.2, seed=1) for i in ids]
+
+
+def test_build_sft_keeps_every_variant_of_a_question_on_one_side(tmp_path):
+    rows = [confidence_row(f"q{i}", answer=i % 4, picks=[i % 4] * 4) for i in range(60)]
+    rows.append(confidence_row("nogold", answer=None, picks=[0] * 4))
+    pq.write_table(pa.Table.from_pylist(rows, schema=CONFIDENCE_SCHEMA), tmp_path / "confidence.parquet")
+    counts = build_sft(str(tmp_path / "confidence.parquet"), str(tmp_path / "sft"), SFTConfig(val_fraction=0.3))
+    train = pq.read_table(tmp_path / "sft" / "train.parquet").to_pylist()
+    val = pq.read_table(tmp_path / "sft" / "val.parquet").to_pylist()
+    assert not {r["question_id"] for r in train} & {r["question_id"] for r in val}
+    assert counts["skipped"] == {"no gold answer": 1}
+    assert counts["questions"]["train"] + counts["questions"]["val"] == 60
+    assert counts["examples"] == {"train": len(train), "val": len(val)} and len(train) + len(val) == 240
