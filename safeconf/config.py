@@ -56,7 +56,7 @@ class MutationConfig:
     variants_per_question: int = option(5, "Mutated variants per question (operators are used in turn; the original is always kept too).")
     seed: int = option(0, "Seed for the rule-based operators; the same seed gives the same variants.")
     llm_temperature: float = option(0.3, "Sampling temperature of the LLM operators (paraphrase, translate).")
-    llm_max_tokens: int = option(160, "Token budget of one LLM-generated variant.")
+    llm_max_tokens: int = option(128, "Token budget of one LLM-generated variant.")
 
 
 @dataclass
@@ -79,6 +79,42 @@ class SFTConfig:
 
 
 @dataclass
+class TrainConfig:
+    dataset: str = option("", "SFT set folder written by `safeconf pipeline` (holds train.parquet, val.parquet); default OUT/sft of the run.")
+    num_workers: int = option(1, "Ray Train workers (one model replica / ZeRO shard each).")
+    use_gpu: bool = option(False, "Train on GPUs (NCCL, bf16) instead of CPUs (gloo, fp32).")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per train worker (leave some for Ray Data on small machines).")
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also parameters).")
+    offload_optimizer: bool = option(False, "ZeRO: keep optimizer state in CPU memory.")
+    offload_params: bool = option(False, "ZeRO-3: keep parameters in CPU memory.")
+    zero3_persistence_threshold: int = option(
+        100000,
+        "ZeRO-3: parameters with fewer elements than this stay whole on every rank (DeepSpeed's "
+        "stage3_param_persistence_threshold); 0 partitions every parameter, LoRA matrices included.",
+    )
+    epochs: int = option(1, "Passes over the training set.")
+    max_steps: int = option(0, "Stop after this many optimizer steps (0 = run all epochs).")
+    micro_batch_size: int = option(4, "Examples per worker per forward pass.")
+    gradient_accumulation: int = option(1, "Micro-batches per optimizer step.")
+    learning_rate: float = option(2e-4, "Peak learning rate (linear warm-up, then linear decay).")
+    warmup_ratio: float = option(0.05, "Share of steps spent warming up.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    gradient_clipping: float = option(1.0, "Clip the gradient norm to this.")
+    max_length: int = option(512, "Tokens per example; longer examples are skipped and counted, never cut.")
+    lora_rank: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA alpha.")
+    lora_dropout: float = option(0.05, "LoRA dropout.")
+    lora_target_modules: list = option(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
+    log_every: int = option(5, "Report loss, tokens/s and learning rate every N optimizer steps.")
+    checkpoint_every: int = option(50, "Checkpoint every N optimizer steps (and at the end of each epoch).")
+    max_failures: int = option(1, "Worker failures survived (the run restarts from the last checkpoint).")
+    storage_path: str = option("", "Ray Train storage for checkpoints (local path, s3:// or gs://); default OUT/checkpoints.")
+    run_name: str = option("safeconf-train", "Ray Train run name; re-running with the same name and storage resumes.")
+    merge: bool = option(False, "Also write the LoRA weights merged into the base model (OUT/merged).")
+    seed: int = option(0, "Seed of the LoRA initialisation and the data order.")
+
+
+@dataclass
 class Config:
     data: str = option("embedded", "Questions SPEC: a path, format:path (jsonl, parquet, json, safetybench, xstest, xstest-completions, diasafety, cold, hf, mmlu, cmmlu) or 'embedded'.")
     out: str = option("runs/latest", "Output directory (local path, s3:// or gs://).")
@@ -89,6 +125,7 @@ class Config:
     mutation: MutationConfig = field(default_factory=MutationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
         from safeconf.mutations import OPERATORS  # late import: mutations imports nothing from here
@@ -113,6 +150,10 @@ class Config:
             problems.append("sft.val_fraction must be in [0, 1)")
         if self.engine.batch_size < 1 or self.engine.concurrency < 1:
             problems.append("engine.batch_size and engine.concurrency must be >= 1")
+        if self.train.zero_stage not in (2, 3):
+            problems.append(f"train.zero_stage must be 2 or 3, got {self.train.zero_stage}")
+        if self.train.num_workers < 1 or self.train.micro_batch_size < 1 or self.train.gradient_accumulation < 1:
+            problems.append("train.num_workers, train.micro_batch_size and train.gradient_accumulation must be >= 1")
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
         return self

@@ -106,6 +106,7 @@ class LLMOperator:
     name: str
     request: Callable[[dict], list[dict]]  # question -> chat messages
     accept: Callable[[dict, str, int], tuple[dict | None, str | None]]  # (question, reply, slot) -> (variant, garble reason)
+    stop: tuple[str, ...] = ()  # where a reply is over: stops a rambling model early
 
 
 def _paraphrase_source(q: dict) -> tuple[str, str]:
@@ -211,7 +212,7 @@ RULE_OPERATORS: dict[str, Callable] = {
     "framing": vary_framing,
 }
 LLM_OPERATORS: dict[str, LLMOperator] = {
-    "paraphrase": LLMOperator("paraphrase", _paraphrase_request, _paraphrase_accept),
+    "paraphrase": LLMOperator("paraphrase", _paraphrase_request, _paraphrase_accept, stop=("\n\n",)),
     "translate": LLMOperator("translate", _translate_request, _translate_accept),
 }
 OPERATORS = {**RULE_OPERATORS, **LLM_OPERATORS}

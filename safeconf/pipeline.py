@@ -94,8 +94,15 @@ class EngineStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        started = time.perf_counter()
         self.mutate_with_llm(rows)
+        mutated = time.perf_counter()
         self.sample(rows)
+        log.info(
+            "engine batch: %d questions, LLM mutations %.1f s, sampling %d variants x %d in %.1f s",
+            len(rows), mutated - started, sum(len(r["variants"]) for r in rows), self.config.sampling.k,
+            time.perf_counter() - mutated,
+        )
         return pa.Table.from_pylist(rows, schema=MUTATED_SCHEMA)
 
     def mutate_with_llm(self, rows: list[dict]) -> None:
@@ -105,21 +112,26 @@ class EngineStage:
                 slot, name = pending.split(":", 1)
                 jobs.append((row, int(slot), LLM_OPERATORS[name]))
             row["pending_llm"] = []
-        if not jobs:
-            return
         mutation = self.config.mutation
-        replies = self.engine.generate(
-            [operator.request(row) for row, _, operator in jobs],
-            n=1,
-            temperature=mutation.llm_temperature,
-            max_tokens=mutation.llm_max_tokens,
-        )
-        for (row, slot, operator), (reply,) in zip(jobs, replies):
-            variant, garbled = operator.accept(row, reply.text, slot)
-            if variant is None:
-                row["dropped"].append({"mutation": operator.name, "reason": garbled, "text": reply.text})
-            else:
-                row["variants"].append(variant)
+        for name, operator in LLM_OPERATORS.items():  # one engine call per operator (each has its own stop)
+            mine = [(row, slot) for row, slot, op in jobs if op is operator]
+            if not mine:
+                continue
+            replies = self.engine.generate(
+                [operator.request(row) for row, _ in mine],
+                n=1,
+                temperature=mutation.llm_temperature,
+                max_tokens=mutation.llm_max_tokens,
+                stop=list(operator.stop),
+            )
+            for (row, slot), (reply,) in zip(mine, replies):
+                variant, garbled = operator.accept(row, reply.text, slot)
+                if variant is None:
+                    row["dropped"].append({"mutation": name, "reason": garbled, "text": reply.text})
+                else:
+                    row["variants"].append(variant)
+        for row in rows:  # variants in slot order, whatever order the operators ran in
+            row["variants"].sort(key=_slot_of)
 
     def sample(self, rows: list[dict]) -> None:
         sampling = self.config.sampling
@@ -146,6 +158,12 @@ class EngineStage:
                         "num_tokens": len(completion.token_ids),
                     }
                 )
+
+
+def _slot_of(variant: dict) -> int:
+    """Slot number from a variant id "<question id>#<slot>-<mutation>"; the original ("#original") is slot 0."""
+    tail = variant["variant_id"].rsplit("#", 1)[1]
+    return 0 if tail == "original" else int(tail.split("-", 1)[0])
 
 
 # --- wiring ---

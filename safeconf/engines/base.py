@@ -24,7 +24,6 @@ class Engine(ABC):
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    @abstractmethod
     def generate(
         self,
         prompts: list[list[dict]],
@@ -35,6 +34,15 @@ class Engine(ABC):
         stop: list[str] | None = None,
     ) -> list[list[Completion]]:
         """One list of `n` completions per prompt, in prompt order; text ends before any `stop` string."""
+        if not prompts:
+            return []
+        if temperature <= 0 and n > 1:  # greedy decoding has one answer; both engines refuse n > 1 for it
+            return [samples * n for samples in self._generate(prompts, 1, 0.0, top_p, max_tokens, stop)]
+        return self._generate(prompts, n, temperature, top_p, max_tokens, stop)
+
+    @abstractmethod
+    def _generate(self, prompts, n, temperature, top_p, max_tokens, stop) -> list[list[Completion]]:
+        """The engine's own batched call (non-empty prompts; n == 1 when greedy)."""
 
     def token_logprob_at(self, completion: Completion, char_offset: int) -> float | None:
         """Log-prob of the generated token that produces the character at `char_offset` of the text."""

@@ -25,9 +25,7 @@ class HFEngine(Engine):
         self.generator_seed = seed
 
     @torch.inference_mode()
-    def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_tokens=32, stop=None):
-        if not prompts:
-            return []
+    def _generate(self, prompts, n, temperature, top_p, max_tokens, stop):
         texts = [self.render(p) for p in prompts]
         encoded = self.tokenizer(
             texts,

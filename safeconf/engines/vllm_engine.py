@@ -53,11 +53,9 @@ class VLLMEngine(Engine):
         )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_tokens=32, stop=None):
+    def _generate(self, prompts, n, temperature, top_p, max_tokens, stop):
         from vllm import SamplingParams
 
-        if not prompts:
-            return []
         # logprobs=0: only the chosen token's log-prob. No per-request seed: with one, all n samples can coincide.
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, stop=stop or None)
         outputs = self.llm.generate([self.render(p) for p in prompts], params, use_tqdm=False)
