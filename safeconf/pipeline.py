@@ -89,6 +89,7 @@ class EngineStage:
     def __init__(self, config: dict):
         from safeconf.engines import make_engine
 
+        logging.basicConfig(level=logging.INFO)  # the per-batch timings below, in the actor's log
         self.config = config_from_dict(config)
         self.engine = make_engine(self.config.model, self.config.engine, seed=self.config.sampling.seed)
 
@@ -192,6 +193,7 @@ def build_dataset(questions: pa.Table, config: Config):
         batch_format="pyarrow",
         num_cpus=engine.num_cpus,
         num_gpus=engine.num_gpus,
+        memory=int(engine.memory_gib * 1024**3) or None,
     )
     return ds.map_batches(confidence_batch, batch_format="pyarrow")
 
@@ -236,6 +238,7 @@ def run_pipeline(config: Config) -> dict:
 
     init_ray(config.ray_address)
     confidence_uri = io.join(out, "confidence")
+    io.remove(confidence_uri)  # write_parquet adds files beside old ones
     build_dataset(questions, config).write_parquet(confidence_uri)
     sft_counts = build_sft(confidence_uri, io.join(out, "sft"), config.sft)
 

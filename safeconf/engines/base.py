@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -44,6 +45,34 @@ class Engine(ABC):
     def _generate(self, prompts, n, temperature, top_p, max_tokens, stop) -> list[list[Completion]]:
         """The engine's own batched call (non-empty prompts; n == 1 when greedy)."""
 
+    def option_logprobs(
+        self, prompts: list[list[dict]], answer_prefixes: list[str], labels: list[list[str]]
+    ) -> list[list[float]]:
+        """Log-probability of each option label as the next token after the reply opens with the prefix.
+
+        `answer_prefixes` should not end in whitespace ("Answer:", "答案："): the label's token then carries
+        its own leading space, as the model would write it.
+        """
+        contexts, targets = [], []
+        for messages, prefix, options in zip(prompts, answer_prefixes, labels):
+            context = self.render(messages) + prefix
+            base = self.tokenizer.encode(context, add_special_tokens=False)
+            contexts.append(base)
+            targets.append([self._label_token(base, context, label) for label in options])
+        return self._next_token_logprobs(contexts, targets)
+
+    def _label_token(self, base: list[int], context: str, label: str) -> int:
+        """The first token the label adds after the context (tokenized together, as the model sees it)."""
+        full = self.tokenizer.encode(context + " " + label, add_special_tokens=False)
+        k = next((i for i, (a, b) in enumerate(zip(base, full)) if a != b), len(base))
+        if k < len(base):
+            raise ValueError(f"label {label!r} merges with the answer prefix; end the prefix with punctuation")
+        return full[k]
+
+    @abstractmethod
+    def _next_token_logprobs(self, contexts: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
+        """For each context (token ids), the log-probabilities of the candidate next tokens."""
+
     def token_logprob_at(self, completion: Completion, char_offset: int) -> float | None:
         """Log-prob of the generated token that produces the character at `char_offset` of the text."""
         if completion.token_logprobs is None or char_offset is None:
@@ -53,6 +82,12 @@ class Engine(ABC):
             if len(decoded) > char_offset:
                 return completion.token_logprobs[i]
         return None
+
+
+def cpu_threads(config: EngineConfig) -> int:
+    """Threads for a CPU engine. Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by default), which
+    would leave the rest of a small node idle while the engine is the only heavy work on it."""
+    return config.cpu_threads or len(os.sched_getaffinity(0))
 
 
 def resolve_engine_kind(kind: str) -> str:
@@ -70,7 +105,7 @@ def make_engine(model: ModelConfig, engine: EngineConfig, seed: int = 0) -> Engi
     if kind == "vllm":
         from safeconf.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(path, model.dtype, engine, seed=seed)
+        return VLLMEngine(path, model.dtype, engine, seed=seed, adapter=model.adapter)
     from safeconf.engines.hf_engine import HFEngine
 
-    return HFEngine(path, model.dtype, engine, seed=seed)
+    return HFEngine(path, model.dtype, engine, seed=seed, adapter=model.adapter)

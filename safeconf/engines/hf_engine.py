@@ -6,23 +6,42 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safeconf.config import EngineConfig
-from safeconf.engines.base import Completion, Engine
+from safeconf.engines.base import Completion, Engine, cpu_threads
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class HFEngine(Engine):
-    def __init__(self, model_path: str, dtype: str, config: EngineConfig, seed: int = 0):
+    def __init__(self, model_path: str, dtype: str, config: EngineConfig, seed: int = 0, adapter: str = ""):
         self.device = "cuda" if torch.cuda.is_available() and config.num_gpus > 0 else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(cpu_threads(config))
         if self.device == "cpu" and dtype == "float16":
             dtype = "float32"  # fp16 matmuls are not supported on CPU
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge
+        self.tokenizer.truncation_side = "left"  # an over-long prompt keeps its end: the question and the ask
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+        if adapter:
+            from peft import PeftModel
+
+            # Merged once at load: inference then costs what the base model costs.
+            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
+        self.model = self.model.to(self.device).eval()
         self.max_prompt_tokens = config.max_prompt_tokens
         self.generator_seed = seed
+
+    @torch.inference_mode()
+    def _next_token_logprobs(self, contexts, targets):
+        width = max(len(c) for c in contexts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1, :].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return [[logprobs[row, token].item() for token in tokens] for row, tokens in enumerate(targets)]
 
     @torch.inference_mode()
     def _generate(self, prompts, n, temperature, top_p, max_tokens, stop):

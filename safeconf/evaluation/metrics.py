@@ -1,0 +1,198 @@
+"""How good a confidence is: accuracy, calibration (ECE, adaptive ECE, Brier), discrimination (AUROC) and
+selective prediction (risk-coverage, AURC, accuracy at a coverage), with seeded bootstrap intervals.
+
+Every metric takes `confidence` (in [0, 1]) and `correct` (1 right / 0 wrong) for the same questions, and
+returns a float, or None where it is undefined (no questions; AUROC when all answers are right or all wrong).
+scikit-learn computes what it has (Brier score, AUROC); the rest is a few lines of numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import brier_score_loss, roc_auc_score
+
+Metric = Callable[[np.ndarray, np.ndarray], "float | None"]
+
+
+def as_arrays(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
+    conf = np.asarray(confidence, dtype=float).reshape(-1)
+    right = np.asarray(correct, dtype=float).reshape(-1)
+    if conf.shape != right.shape:
+        raise ValueError(f"confidence and correct differ in length: {conf.size} vs {right.size}")
+    if conf.size and (np.isnan(conf).any() or conf.min() < 0 or conf.max() > 1):
+        raise ValueError("confidence must be numbers in [0, 1]")
+    if not np.isin(right, (0.0, 1.0)).all():
+        raise ValueError("correct must hold only 0 and 1")
+    return conf, right
+
+
+def accuracy(confidence, correct) -> float | None:
+    _, right = as_arrays(confidence, correct)
+    return float(right.mean()) if right.size else None
+
+
+def _calibration_error(conf: np.ndarray, right: np.ndarray, bin_ids: np.ndarray) -> float:
+    """Sum over bins of (bin share) x |accuracy - mean confidence|."""
+    counts = np.bincount(bin_ids)
+    used = counts > 0
+    mean_conf = np.bincount(bin_ids, weights=conf)[used] / counts[used]
+    mean_right = np.bincount(bin_ids, weights=right)[used] / counts[used]
+    return float(np.sum(counts[used] / conf.size * np.abs(mean_right - mean_conf)))
+
+
+def equal_width_bins(conf: np.ndarray, bins: int) -> np.ndarray:
+    """Bin index of each confidence; bins are (i/bins, (i+1)/bins], 0 in the first: sklearn's calibration_curve."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return np.searchsorted(edges[1:-1], conf, side="left")
+
+
+def ece(confidence, correct, bins: int = 10) -> float | None:
+    """Expected calibration error over `bins` equal-width confidence bins."""
+    conf, right = as_arrays(confidence, correct)
+    if not conf.size:
+        return None
+    return _calibration_error(conf, right, equal_width_bins(conf, bins))
+
+
+def equal_mass_bins(conf: np.ndarray, bins: int) -> np.ndarray:
+    """Bin index by rank, `bins` bins of (nearly) equal size. Tied confidences share their average rank, so
+    they always fall in one bin: the result does not depend on the order the questions come in."""
+    ranks = rankdata(conf, method="average")  # 1..n
+    return np.minimum(((ranks - 0.5) * bins / conf.size).astype(int), bins - 1)
+
+
+def adaptive_ece(confidence, correct, bins: int = 10) -> float | None:
+    """Calibration error over equal-mass bins: no bin is empty where confidences crowd together."""
+    conf, right = as_arrays(confidence, correct)
+    if not conf.size:
+        return None
+    return _calibration_error(conf, right, equal_mass_bins(conf, bins))
+
+
+def brier(confidence, correct) -> float | None:
+    """Mean squared difference between confidence and correctness."""
+    conf, right = as_arrays(confidence, correct)
+    if not conf.size:
+        return None
+    return float(brier_score_loss(right.astype(int), conf, labels=[0, 1]))  # labels: all-right sets are fine too
+
+
+def auroc(confidence, correct) -> float | None:
+    """Probability that a right answer gets more confidence than a wrong one; None when only one kind exists."""
+    conf, right = as_arrays(confidence, correct)
+    if right.size == 0 or right.min() == right.max():
+        return None
+    return float(roc_auc_score(right.astype(int), conf))
+
+
+def risk_curve(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, risk): answering the k most confident questions, k = 1..n, what share is wrong.
+
+    Ties cannot be split by any threshold, so inside a group of equal confidences the errors are spread
+    evenly (the expected risk over the orders the tie could be broken in); the curve then does not depend
+    on the order the questions come in.
+    """
+    conf, right = as_arrays(confidence, correct)
+    if not conf.size:
+        return np.empty(0), np.empty(0)
+    order = np.argsort(-conf, kind="stable")
+    conf, wrong = conf[order], 1.0 - right[order]
+    _, starts, sizes = np.unique(-conf, return_index=True, return_counts=True)
+    group_errors = np.add.reduceat(wrong, starts)
+    errors_before = np.concatenate([[0.0], np.cumsum(group_errors)[:-1]])
+    group = np.repeat(np.arange(starts.size), sizes)
+    k = np.arange(1, conf.size + 1)
+    errors = errors_before[group] + (k - starts[group]) * group_errors[group] / sizes[group]
+    return k / conf.size, errors / k
+
+
+def aurc(confidence, correct) -> float | None:
+    """Area under the risk-coverage curve (mean risk over k = 1..n); lower is better."""
+    _, risk = risk_curve(confidence, correct)
+    return float(risk.mean()) if risk.size else None
+
+
+def accuracy_at_coverage(confidence, correct, coverage: float) -> float | None:
+    """Accuracy on the most confident `coverage` share of questions (at least one question)."""
+    _, risk = risk_curve(confidence, correct)
+    if not risk.size:
+        return None
+    k = max(1, math.ceil(coverage * risk.size - 1e-9))  # 1e-9: 0.8 * 10 must stay 8, not become 9
+    return float(1.0 - risk[k - 1])
+
+
+def coverage_key(coverage: float) -> str:
+    return f"accuracy_at_{round(coverage * 100)}"
+
+
+def metric_suite(bins: int = 10, coverages=(0.5, 0.8)) -> dict[str, Metric]:
+    """The metrics of the report, by name, in the order they are shown."""
+    suite: dict[str, Metric] = {
+        "accuracy": accuracy,
+        "ece": lambda c, r: ece(c, r, bins),
+        "adaptive_ece": lambda c, r: adaptive_ece(c, r, bins),
+        "brier": brier,
+        "auroc": auroc,
+        "aurc": aurc,
+    }
+    for level in coverages:
+        suite[coverage_key(float(level))] = lambda c, r, level=float(level): accuracy_at_coverage(c, r, level)
+    return suite
+
+
+def bootstrap_interval(metric: Metric, confidence, correct, samples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap interval of one metric (questions resampled with replacement)."""
+    return score(confidence, correct, {"m": metric}, samples, seed, level)["m"]["ci"]
+
+
+def score(confidence, correct, metrics: dict[str, Metric], samples: int = 1000, seed: int = 0,
+          level: float = 0.95) -> dict[str, dict]:
+    """{name: {"value": point estimate, "ci": [low, high] or None}} for every metric.
+
+    All metrics share the same resamples, and the same seed gives the same resamples for every method
+    scored on the same questions, so intervals of two methods are paired. Resamples where a metric is
+    undefined (e.g. AUROC when a resample holds only right answers) are left out of its interval.
+    Binned ECE is biased upward in small samples (a resample's duplicates make bins look miscalibrated), so
+    for a nearly calibrated method its percentile interval can lie above the point estimate.
+    """
+    conf, right = as_arrays(confidence, correct)
+    result = {name: {"value": fn(conf, right), "ci": None} for name, fn in metrics.items()}
+    if samples <= 0 or conf.size < 2:
+        return result
+    rng = np.random.default_rng(seed)
+    draws = {name: [] for name in metrics}
+    for indices in rng.integers(0, conf.size, size=(samples, conf.size)):
+        c, r = conf[indices], right[indices]
+        for name, fn in metrics.items():
+            value = fn(c, r)
+            if value is not None:
+                draws[name].append(value)
+    tail = (1 - level) / 2 * 100
+    for name, values in draws.items():
+        if result[name]["value"] is not None and len(values) >= samples / 2:  # mostly undefined: no interval
+            low, high = np.percentile(values, [tail, 100 - tail])
+            result[name]["ci"] = [float(low), float(high)]
+    return result
+
+
+def reliability_table(confidence, correct, bins: int = 10) -> list[dict]:
+    """Per equal-width bin: its range, size, mean confidence and accuracy (None for an empty bin); for plots."""
+    conf, right = as_arrays(confidence, correct)
+    ids = equal_width_bins(conf, bins)
+    rows = []
+    for b in range(bins):
+        inside = ids == b
+        n = int(inside.sum())
+        rows.append({
+            "low": b / bins,
+            "high": (b + 1) / bins,
+            "count": n,
+            "confidence": float(conf[inside].mean()) if n else None,
+            "accuracy": float(right[inside].mean()) if n else None,
+        })
+    return rows

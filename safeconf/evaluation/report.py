@@ -1,0 +1,199 @@
+"""report.md and report.html from the metrics.json summary: one list of blocks, rendered twice.
+
+Markdown links the PNGs beside it; the HTML embeds them (base64), so it stays whole when copied alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+
+from safeconf.evaluation.metrics import coverage_key
+
+METRIC_NAMES = {
+    "accuracy": "accuracy", "ece": "ECE", "adaptive_ece": "adaptive ECE", "brier": "Brier", "auroc": "AUROC",
+    "aurc": "AURC",
+}
+LOWER_IS_BETTER = "ECE, adaptive ECE, Brier and AURC: lower is better; accuracy and AUROC: higher is better."
+
+
+def _number(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(entry: dict | None) -> str:
+    """'0.612 [0.550, 0.670]' from {"value", "ci"}."""
+    if not entry or entry.get("value") is None:
+        return "–"
+    ci = entry.get("ci")
+    return _number(entry["value"]) + (f" [{_number(ci[0])}, {_number(ci[1])}]" if ci else "")
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+class Document:
+    """Blocks: ("h", level, text), ("p", text), ("table", header, rows), ("img", file name, caption)."""
+
+    def __init__(self):
+        self.blocks: list[tuple] = []
+
+    def heading(self, text: str, level: int = 2):
+        self.blocks.append(("h", level, text))
+
+    def paragraph(self, text: str):
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list[str]]):
+        self.blocks.append(("table", header, rows))
+
+    def image(self, name: str, caption: str):
+        self.blocks.append(("img", name, caption))
+
+    def markdown(self) -> str:
+        out = []
+        for block in self.blocks:
+            if block[0] == "h":
+                out.append("#" * block[1] + " " + block[2])
+            elif block[0] == "p":
+                out.append(block[1])
+            elif block[0] == "table":
+                _, header, rows = block
+                lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+                out.append("\n".join(lines))
+            else:
+                out.append(f"![{block[2]}]({block[1]})")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, images: dict[str, bytes]) -> str:
+        out = []
+        for block in self.blocks:
+            if block[0] == "h":
+                out.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+            elif block[0] == "p":
+                out.append(f"<p>{html.escape(block[1])}</p>")
+            elif block[0] == "table":
+                _, header, rows = block
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            else:
+                data = base64.b64encode(images[block[1]]).decode("ascii")
+                caption = html.escape(block[2])
+                out.append(f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+                           f"<figcaption>{caption} ({html.escape(block[1])})</figcaption></figure>")
+        style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+                 "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+                 "td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}th{background:#f2f2f2}"
+                 "img{max-width:100%}figure{margin:1.5em 0}")
+        return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>SafeConf evaluation</title>"
+                f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+def build(summary: dict, plots: dict[str, str]) -> Document:
+    """The report of a run; `plots` maps PNG file name -> caption."""
+    doc = Document()
+    doc.heading("SafeConf evaluation", 1)
+    doc.paragraph(
+        f"Data: {summary['data']} — {summary['questions']} questions ({summary['with_gold']} with a gold answer, "
+        f"{summary['without_gold']} without: scored for confidence only, left out of accuracy and calibration); "
+        f"{summary['rows_rejected']} rows rejected at the door. Model: {summary['model']}; "
+        f"adapter: {summary['adapter'] or 'none'}."
+    )
+    _methods_table(doc, summary)
+    _breakdowns(doc, summary)
+    _selective(doc, summary)
+    _over_refusal(doc, summary)
+    _general(doc, summary)
+    if summary["notes"]:
+        doc.heading("Notes")
+        for note in summary["notes"]:
+            doc.paragraph("- " + note)
+    doc.heading("Plots")
+    for name, caption in plots.items():
+        doc.image(name, caption)
+    return doc
+
+
+def _metric_keys(summary: dict) -> list[str]:
+    return list(METRIC_NAMES) + [coverage_key(float(c)) for c in summary["coverage_levels"]]
+
+
+def _metric_title(key: str) -> str:
+    return METRIC_NAMES.get(key) or key.replace("accuracy_at_", "acc@") + "%"
+
+
+def _methods_table(doc: Document, summary: dict):
+    keys = _metric_keys(summary)
+    doc.heading("Confidence methods on the safety questions")
+    doc.paragraph(f"Point estimate [bootstrap 95% interval, {summary['bootstrap_samples']} resamples]. {LOWER_IS_BETTER} "
+                  "acc@N%: accuracy on the N% most confident answers. Unanswered: unreadable replies (counted wrong). "
+                  "Fallback: see the notes.")
+    rows = []
+    for method, entry in summary["methods"].items():
+        rows.append([method, entry["role"], str(entry["overall"]["n"])] + [_cell(entry["overall"].get(k)) for k in keys]
+                    + [_percent(entry["unanswered"]), _percent(entry["fallback"])])
+    doc.table(["method", "model", "n"] + [_metric_title(k) for k in keys] + ["unanswered", "fallback"], rows)
+
+
+def _breakdowns(doc: Document, summary: dict):
+    for key, title in (("lang", "language"), ("task", "task"), ("category", "category")):
+        doc.heading(f"By {title}", 3)
+        rows = []
+        for method, entry in summary["methods"].items():
+            for group, scores in entry[f"by_{key}"].items():
+                rows.append([method, group, str(scores["n"]), _cell(scores["accuracy"]), _cell(scores["ece"]),
+                             _cell(scores["brier"]), _cell(scores["auroc"])])
+        doc.table(["method", title, "n", "accuracy", "ECE", "Brier", "AUROC"], rows)
+
+
+def _selective(doc: Document, summary: dict):
+    doc.heading("Selective judgement with a guarantee")
+    if not summary["methods"]:
+        doc.paragraph("No method was scored.")
+        return
+    first = next(iter(summary["methods"].values()))["selective"]
+    doc.paragraph(
+        f"A judgement is accepted when its confidence reaches the threshold, chosen on the calibration split "
+        f"({first['calibration_questions']} questions) so that the error rate of accepted judgements is at most "
+        f"alpha = {first['alpha']} with probability at least 1 - delta = {1 - first['delta']:.2f} (Clopper-Pearson bound, "
+        f"fixed-sequence testing from high to low thresholds). Test split: {first['test_questions']} questions. "
+        "No threshold: no confidence level is safe enough on this data; every judgement is deferred."
+    )
+    rows = []
+    for method, entry in summary["methods"].items():
+        s = entry["selective"]
+        rows.append([method, _number(s["threshold"], 2), f"{s['calibration_accepted']} / {s['calibration_errors']}",
+                     _number(s["calibration_upper_bound"]), _percent(s["test_coverage"]), _percent(s["test_error"])])
+    doc.table(["method", "threshold", "calibration accepted / wrong", "error bound", "test coverage", "test error"], rows)
+
+
+def _over_refusal(doc: Document, summary: dict):
+    doc.heading("Over-refusal")
+    found = summary["over_refusal"]
+    if "skipped" in found:
+        doc.paragraph(f"Skipped: {found['skipped']}")
+        return
+    doc.paragraph(f"Safe look-alike prompts from {found['data']} judged unsafe (lower is better), before and after "
+                  "fine-tuning.")
+    rows = [[role, method, str(v["prompts"]), _percent(v["judged_unsafe"]), _percent(v["unreadable"])]
+            for role, methods in found["results"].items() for method, v in methods.items()]
+    doc.table(["model", "method", "prompts", "judged unsafe", "unreadable"], rows)
+
+
+def _general(doc: Document, summary: dict):
+    doc.heading("General ability")
+    found = summary["general_ability"]
+    if "skipped" in found:
+        doc.paragraph(f"Skipped: {found['skipped']}")
+        return
+    doc.paragraph(f"Accuracy on {found['data']} before and after fine-tuning (verbalized: the greedy reply's answer; "
+                  "token_prob: the likeliest option label).")
+    langs = sorted({k for methods in found["results"].values() for v in methods.values() for k in v
+                    if k not in ("overall", "unanswered")})
+    rows = [[role, method, str(v["overall"]["n"]), _cell(v["overall"])] + [_cell(v.get(lang)) for lang in langs]
+            + [_percent(v["unanswered"])]
+            for role, methods in found["results"].items() for method, v in methods.items()]
+    doc.table(["model", "method", "n", "accuracy"] + langs + ["unanswered"], rows)
