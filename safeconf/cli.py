@@ -39,28 +39,68 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--out", help="output directory, local or s3:// / gs:// (default: runs/latest)")
     pipeline.add_argument("--limit", type=int, help="read at most N rows")
     _add_common(pipeline)
+
+    train = stages.add_parser(
+        "train",
+        help="LoRA fine-tuning on the SFT set with Ray Train + DeepSpeed ZeRO",
+        description="Fine-tune the model on the set `safeconf pipeline` wrote, across train.num_workers Ray Train "
+        "workers, and write OUT/adapter (PEFT LoRA, HF format), OUT/merged with train.merge=true, checkpoints "
+        "under train.storage_path (default OUT/checkpoints) and OUT/train_summary.json. Re-running with the same "
+        "train.run_name and storage resumes from the last checkpoint.",
+        epilog=_options_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--dataset", required=True, help="SFT folder with train.parquet and val.parquet (OUT/sft of a pipeline run)")
+    train.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
+    _add_common(train)
+
+    evaluate = stages.add_parser(
+        "evaluate",
+        help="every confidence method vs the fine-tuned model: metrics, plots, report",
+        description="Run every confidence method (verbalized, self-consistency, mutation consistency, token "
+        "probability, P(True), and SafeConf with --adapter) on held-out questions and write OUT/metrics.json, "
+        "OUT/report.md, OUT/report.html and PNG plots.",
+        epilog=_options_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--data", help="held-out questions SPEC (default: the data key of the config)")
+    evaluate.add_argument("--model", help="model (default: model.name)")
+    evaluate.add_argument("--adapter", help="LoRA adapter folder of the fine-tuned model (OUT/adapter of `safeconf train`)")
+    evaluate.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
+    _add_common(evaluate)
     return parser
+
+
+def _run_stage(args, config) -> dict:
+    if args.stage == "pipeline":
+        from safeconf.pipeline import run_pipeline
+
+        return run_pipeline(config)
+    if args.stage == "train":
+        from safeconf.train import run_training
+
+        return run_training(config, args.dataset, config.out)
+    from safeconf.evaluation import run_evaluation
+
+    return run_evaluation(config, config.data, config.out, model=args.model, adapter=args.adapter)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    explicit = {"out": args.out, "data": getattr(args, "data", None), "limit": getattr(args, "limit", None)}
     try:
-        config = load_config(args.config, args.overrides, data=args.data, out=args.out, limit=args.limit)
+        config = load_config(args.config, args.overrides, **explicit)
     except (ValueError, OSError) as error:
         print(f"safeconf {args.stage}: {error}", file=sys.stderr)
         return 2
-    if args.stage == "pipeline":
-        from safeconf.pipeline import run_pipeline
-
-        try:
-            summary = run_pipeline(config)
-        except (DataFormatError, FileNotFoundError, ValueError) as error:
-            print(f"safeconf pipeline: {error}", file=sys.stderr)
-            return 1
-        shown = {k: v for k, v in summary.items() if k != "config"}
-        print(json.dumps(shown, indent=2, ensure_ascii=False))
-        print(f"wrote {config.out}/sft/train.parquet, {config.out}/sft/val.parquet and {config.out}/summary.json")
+    try:
+        summary = _run_stage(args, config)
+    except (DataFormatError, FileNotFoundError, ValueError) as error:
+        print(f"safeconf {args.stage}: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, ensure_ascii=False, default=str))
+    print(f"safeconf {args.stage}: outputs in {config.out}")
     return 0
 
 

@@ -305,7 +305,7 @@ def test_main_flags_beat_overrides_beat_yaml(stub_pipeline, yaml_file, capsys):
     assert (config.limit, config.out, config.sampling.k) == (3, "override-out", 2)
     out = capsys.readouterr().out
     assert '"questions": 2' in out and '"config"' not in out
-    assert "override-out/sft/train.parquet" in out
+    assert "outputs in override-out" in out
 
 
 def test_main_pipeline_data_error_exits_1(stub_pipeline, capsys):
