@@ -177,17 +177,21 @@ def init_ray(address: str = "") -> None:
         ray.init(address=address or None, log_to_driver=True)
 
 
-def build_dataset(questions: pa.Table, config: Config):
-    """The lazy Ray Dataset from accepted questions to confidence rows."""
+def question_dataset(questions: pa.Table, batch_size: int):
+    """A Ray Dataset of questions in blocks of one engine batch, so actors pick up work as they free up."""
+    import ray
+
+    return ray.data.from_arrow([questions.slice(i, batch_size) for i in range(0, max(questions.num_rows, 1), batch_size)])
+
+
+def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
+    """`ds.map_batches` on an actor pool of `stage_class` (each actor holds one engine), sized by the config."""
     import ray
 
     engine = config.engine
-    blocks = [questions.slice(i, engine.batch_size) for i in range(0, max(questions.num_rows, 1), engine.batch_size)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(mutate_batch, batch_format="pyarrow", fn_kwargs={"config": config.to_dict()})
-    ds = ds.map_batches(
-        EngineStage,
-        fn_constructor_kwargs={"config": config.to_dict()},
+    return ds.map_batches(
+        stage_class,
+        fn_constructor_kwargs={"config": config.to_dict(), **constructor_kwargs},
         compute=ray.data.ActorPoolStrategy(size=engine.concurrency),
         batch_size=engine.batch_size,
         batch_format="pyarrow",
@@ -195,6 +199,13 @@ def build_dataset(questions: pa.Table, config: Config):
         num_gpus=engine.num_gpus,
         memory=int(engine.memory_gib * 1024**3) or None,
     )
+
+
+def build_dataset(questions: pa.Table, config: Config):
+    """The lazy Ray Dataset from accepted questions to confidence rows."""
+    ds = question_dataset(questions, config.engine.batch_size)
+    ds = ds.map_batches(mutate_batch, batch_format="pyarrow", fn_kwargs={"config": config.to_dict()})
+    ds = map_on_engines(ds, EngineStage, config)
     return ds.map_batches(confidence_batch, batch_format="pyarrow")
 
 
@@ -238,8 +249,8 @@ def run_pipeline(config: Config) -> dict:
 
     init_ray(config.ray_address)
     confidence_uri = io.join(out, "confidence")
-    io.remove(confidence_uri)  # write_parquet adds files beside old ones
-    build_dataset(questions, config).write_parquet(confidence_uri)
+    # overwrite: a rerun replaces the previous run's files instead of adding its own beside them
+    build_dataset(questions, config).write_parquet(confidence_uri, mode="overwrite")
     sft_counts = build_sft(confidence_uri, io.join(out, "sft"), config.sft)
 
     summary = {

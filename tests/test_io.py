@@ -1,20 +1,18 @@
-"""Output directories: local paths through pyarrow filesystems, reruns replace rather than mix."""
+"""Output directories: local paths through pyarrow filesystems."""
 
 import pyarrow as pa
 
 from safeconf import io
 
 
-def test_json_and_tables_round_trip_and_remove(tmp_path):
+def test_json_and_tables_round_trip(tmp_path):
     out = io.join(str(tmp_path), "run")
     io.write_json(io.join(out, "summary.json"), {"rows": 3, "名": "值"})
     assert io.read_json(io.join(out, "summary.json")) == {"rows": 3, "名": "值"}
     table = pa.table({"a": [1, 2]})
     io.write_table(io.join(out, "t", "part.parquet"), table)
     assert io.read_table(io.join(out, "t", "part.parquet")).equals(table)
-    io.remove(io.join(out, "t"))
-    assert not io.exists(io.join(out, "t")) and io.exists(io.join(out, "summary.json"))
-    io.remove(io.join(out, "missing"))  # nothing there: no error
+    assert io.exists(io.join(out, "summary.json")) and not io.exists(io.join(out, "missing"))
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
