@@ -1,7 +1,11 @@
-"""The whole SafeConf run in one job: `python jobs/full.py` locally, or on a cluster with
-`ray job submit --working-dir . -- python jobs/full.py --config CONFIG`.
+"""The whole SafeConf run in one job, into one run directory:
 
-Stages so far: the data pipeline (questions -> mutations -> samples -> confidence -> fine-tuning set).
+    pipeline  questions -> mutations -> k samples -> confidence -> OUT/sft/
+    train     LoRA fine-tuning (Ray Train + DeepSpeed) on OUT/sft/train.parquet -> OUT/train/adapter
+    evaluate  every confidence method, base model vs fine-tuned, on the held-out questions -> OUT/eval/report.md
+
+Locally: `python jobs/full.py` (the embedded default). On a cluster:
+`ray job submit --working-dir . -- python jobs/full.py --config CONFIG [key=value ...]`.
 """
 
 from __future__ import annotations
@@ -10,22 +14,74 @@ import argparse
 import json
 import logging
 import sys
+import time
 
+from safeconf import io
 from safeconf.config import load_config
-from safeconf.pipeline import run_pipeline
+
+STAGES = ("pipeline", "train", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see `safeconf pipeline --help` for every key)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config, args.overrides)
-    summary = run_pipeline(config)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, ensure_ascii=False))
-    print(f"pipeline done: fine-tuning set in {config.out}/sft/")
+    out = io.normalise_uri(config.out)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+
+    report, started = {}, time.time()
+    for stage in stages:
+        stage_started = time.time()
+        try:
+            report[stage] = _run(stage, config, out)
+        except Exception as error:
+            print(f"jobs/full.py: stage '{stage}' failed: {type(error).__name__}: {error}", file=sys.stderr)
+            print(f"finished stages keep their outputs in {out}", file=sys.stderr)
+            raise
+        report[stage]["stage_seconds"] = round(time.time() - stage_started, 1)
+        logging.info("stage %s done in %.0f s", stage, time.time() - stage_started)
+
+    final = {
+        "run_dir": out,
+        "seconds": round(time.time() - started, 1),
+        "stage_seconds": {stage: report[stage]["stage_seconds"] for stage in stages},
+        "outputs": {
+            "pipeline": io.join(out, "summary.json"),
+            "train": io.join(out, "train", "adapter"),
+            "evaluate": io.join(out, "eval", "report.md"),
+        },
+    }
+    io.write_json(io.join(out, "full_run.json"), final)
+    print(json.dumps(final, indent=2))
+    if "evaluate" in stages:
+        print(f"report: {io.join(out, 'eval', 'report.md')}")
     return 0
+
+
+def _run(stage: str, config, out: str) -> dict:
+    if stage == "pipeline":
+        from safeconf.pipeline import run_pipeline
+
+        return run_pipeline(config)
+    if stage == "train":
+        from safeconf.train import run_training
+
+        return run_training(config, io.join(out, "sft"), io.join(out, "train"))
+    from safeconf.evaluation import run_evaluation
+
+    return run_evaluation(
+        config,
+        f"parquet:{io.join(out, 'sft', 'val_questions.parquet')}",
+        io.join(out, "eval"),
+        adapter=io.join(out, "train", "adapter"),
+    )
 
 
 if __name__ == "__main__":

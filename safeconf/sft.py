@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 
 from safeconf import io
 from safeconf.config import SFTConfig
+from safeconf.mutations import original_of
 from safeconf.prompts import format_target, render_messages
+from safeconf.schema import QUESTION_SCHEMA
 
 MESSAGE_TYPE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
 SFT_SCHEMA = pa.schema(
@@ -72,16 +74,23 @@ def sft_examples(row: dict, config: SFTConfig) -> tuple[list[dict], str | None]:
 
 
 def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig) -> dict:
-    """Stream the confidence table into `out_uri/{train,val}.parquet`; return the counts."""
+    """Stream the confidence table into `out_uri/{train,val}.parquet` (chat examples) and
+    `out_uri/{train,val}_questions.parquet` (their original questions); return the counts."""
     fs, path = io.filesystem(confidence_uri)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
     io.make_dirs(out_uri)
     out_fs, out_path = io.filesystem(out_uri)
     writers = {split: pq.ParquetWriter(f"{out_path}/{split}.parquet", SFT_SCHEMA, filesystem=out_fs) for split in SPLITS}
+    # The original questions of each split too, in the question schema: the held-out set to evaluate on.
+    question_writers = {
+        split: pq.ParquetWriter(f"{out_path}/{split}_questions.parquet", QUESTION_SCHEMA, filesystem=out_fs)
+        for split in SPLITS
+    }
     counts = {"questions": {s: 0 for s in SPLITS}, "examples": {s: 0 for s in SPLITS}, "skipped": {}}
     try:
         for batch in dataset.to_batches(batch_size=256):
             buckets = {split: [] for split in SPLITS}
+            originals = {split: [] for split in SPLITS}
             for row in batch.to_pylist():
                 examples, skipped = sft_examples(row, config)
                 if skipped:
@@ -89,12 +98,14 @@ def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig) -> dict:
                     continue
                 split = split_of(row["id"], config.val_fraction, config.seed)
                 buckets[split] += examples
+                originals[split].append(original_of(row))
                 counts["questions"][split] += 1
                 counts["examples"][split] += len(examples)
-            for split, rows in buckets.items():
-                if rows:
-                    writers[split].write_table(pa.Table.from_pylist(rows, schema=SFT_SCHEMA))
+            for split in SPLITS:
+                if buckets[split]:
+                    writers[split].write_table(pa.Table.from_pylist(buckets[split], schema=SFT_SCHEMA))
+                    question_writers[split].write_table(pa.Table.from_pylist(originals[split], schema=QUESTION_SCHEMA))
     finally:
-        for writer in writers.values():
+        for writer in [*writers.values(), *question_writers.values()]:
             writer.close()
     return counts

@@ -61,3 +61,6 @@ def test_build_sft_keeps_every_variant_of_a_question_on_one_side(tmp_path):
     assert counts["skipped"] == {"no gold answer": 1}
     assert counts["questions"]["train"] + counts["questions"]["val"] == 60
     assert counts["examples"] == {"train": len(train), "val": len(val)} and len(train) + len(val) == 240
+    for split, examples in (("train", train), ("val", val)):
+        questions = pq.read_table(tmp_path / "sft" / f"{split}_questions.parquet").to_pylist()
+        assert sorted(q["id"] for q in questions) == sorted({e["question_id"] for e in examples})
