@@ -179,6 +179,7 @@ def tokenize_split(table: pa.Table, model_path: str, max_length: int, rows_per_b
                 entry["num_tokens"].append(num_tokens)
     # materialized again so the train workers read finished blocks and need no Ray Data CPU (2-core deadlock)
     dataset = tokenized.map_batches(_drop_skipped, batch_format="pyarrow", batch_size=None).materialize()
+    dataset.context.enable_progress_bars = False  # workers read finished blocks in a blink: no bars in the logs
     return dataset, {"rows": table.num_rows, "kept": kept, "tokens": tokens, "skipped": skipped}
 
 
@@ -368,6 +369,10 @@ def train_loop(loop: dict) -> dict:
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     say = (lambda text: print(f"[safeconf train] {text}", flush=True)) if rank == 0 else (lambda text: None)
 
+    # DeepSpeed adopts the process group Ray Train set up (gloo on CPUs, NCCL on GPUs); doing it before the model
+    # loads lets ZeRO-3 partition the weights as they load across the right world size.
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+
     train_rows = Examples.from_shard(ray.train.get_dataset_shard("train"))
     val_rows = Examples.from_shard(ray.train.get_dataset_shard("val"))
     ds_config = deepspeed_config(train, world, loop["precision"])
@@ -376,7 +381,6 @@ def train_loop(loop: dict) -> dict:
                                   lr=train.learning_rate, weight_decay=train.weight_decay)
     total_steps = loop["total_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, train.warmup_ratio))
-    # deepspeed.initialize finds the gloo/NCCL process group Ray Train set up and reuses it.
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     del keep_alive
     device = engine.device

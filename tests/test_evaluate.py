@@ -229,12 +229,11 @@ def test_bundled_general_sample_validates():
 
 
 def test_eval_config_problems():
-    with pytest.raises(ValueError, match="eval.methods"):
-        from safeconf.evaluation import run_evaluation
-
-        run_evaluation(fake_config("eval.methods=verbalized,bogus"), "embedded", "unused")
+    with pytest.raises(ValueError, match="eval.methods"):  # refused when the config loads, before any work
+        fake_config("eval.methods=verbalized,bogus")
     assert fake_config("eval.coverage_levels=0.5,0.9").eval.problems() == []
-    assert fake_config("eval.alpha=1.5").eval.problems()
+    with pytest.raises(ValueError, match="alpha"):
+        fake_config("eval.alpha=1.5")
 
 
 # --- summary, plots, report -------------------------------------------------------------------------

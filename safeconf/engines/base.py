@@ -63,7 +63,9 @@ class Engine(ABC):
 
     def _label_token(self, base: list[int], context: str, label: str) -> int:
         """The first token the label adds after the context (tokenized together, as the model sees it)."""
-        full = self.tokenizer.encode(context + " " + label, add_special_tokens=False)
+        # "Answer: B" but "答案：B": a space only after an ASCII prefix, as the reply format writes it.
+        separator = " " if context[-1:].isascii() else ""
+        full = self.tokenizer.encode(context + separator + label, add_special_tokens=False)
         k = next((i for i, (a, b) in enumerate(zip(base, full)) if a != b), len(base))
         if k < len(base):
             raise ValueError(f"label {label!r} merges with the answer prefix; end the prefix with punctuation")
