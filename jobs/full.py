@@ -6,6 +6,9 @@
 
 Locally: `python jobs/full.py` (the embedded default). On a cluster:
 `ray job submit --working-dir . -- python jobs/full.py --config CONFIG [key=value ...]`.
+
+Each finished stage records itself in OUT/stages/<stage>.json. A rerun skips finished stages (an interrupted
+training resumes from its last Ray Train checkpoint); `--from STAGE` redoes that stage and the ones after it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see `safeconf pipeline --help` for every key)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
+    parser.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -36,17 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
 
+    redo = set(STAGES[STAGES.index(args.from_stage):]) if args.from_stage else set()
     report, started = {}, time.time()
     for stage in stages:
+        marker = io.join(out, "stages", f"{stage}.json")
+        if stage not in redo and io.exists(marker):
+            report[stage] = io.read_json(marker)
+            logging.info("stage %s already finished (%s); skipped", stage, marker)
+            continue
         stage_started = time.time()
         try:
-            report[stage] = _run(stage, config, out)
+            result = _run(stage, config, out)
         except Exception as error:
             print(f"jobs/full.py: stage '{stage}' failed: {type(error).__name__}: {error}", file=sys.stderr)
-            print(f"finished stages keep their outputs in {out}", file=sys.stderr)
+            print(f"finished stages keep their outputs in {out}; rerun to continue from '{stage}'", file=sys.stderr)
             raise
-        report[stage]["stage_seconds"] = round(time.time() - stage_started, 1)
-        logging.info("stage %s done in %.0f s", stage, time.time() - stage_started)
+        report[stage] = {"stage_seconds": round(time.time() - stage_started, 1), "finished": time.time()}
+        io.write_json(marker, {**report[stage], "summary": {k: v for k, v in result.items() if k != "config"}})
+        logging.info("stage %s done in %.0f s", stage, report[stage]["stage_seconds"])
 
     final = {
         "run_dir": out,
