@@ -89,7 +89,7 @@ def _run(stage: str, config, out: str) -> dict:
 
     return run_evaluation(
         config,
-        f"parquet:{io.join(out, 'sft', 'val_questions.parquet')}",
+        config.eval.data or f"parquet:{io.join(out, 'sft', 'val_questions.parquet')}",
         io.join(out, "eval"),
         adapter=io.join(out, "train", "adapter"),
     )

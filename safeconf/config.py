@@ -122,6 +122,11 @@ EVAL_METHODS = ["verbalized", "self_consistency", "mutation_consistency", "token
 
 @dataclass
 class EvalConfig:
+    data: str = option(
+        "",
+        "Held-out questions SPEC that jobs/full.py evaluates on; empty = the validation split the pipeline held out "
+        "(OUT/sft/val_questions.parquet).",
+    )
     methods: list = option(
         list(EVAL_METHODS),
         "Confidence methods compared on the held-out questions: verbalized (stated confidence, greedy reply), "
