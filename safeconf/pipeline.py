@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import pyarrow as pa
@@ -189,6 +190,10 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
     import ray
 
     engine = config.engine
+    # Ray starts actors with OMP_NUM_THREADS = num_cpus (1), which would leave a small node's other cores idle
+    # while the engine is the only heavy work; the thread count must be in place before the process starts,
+    # as vLLM's CPU kernels check it against what OpenMP began with.
+    threads = engine.cpu_threads or len(os.sched_getaffinity(0))
     return ds.map_batches(
         stage_class,
         fn_constructor_kwargs={"config": config.to_dict(), **constructor_kwargs},
@@ -198,6 +203,7 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
         num_cpus=engine.num_cpus,
         num_gpus=engine.num_gpus,
         memory=int(engine.memory_gib * 1024**3) or None,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
     )
 
 

@@ -87,9 +87,9 @@ class Engine(ABC):
 
 
 def cpu_threads(config: EngineConfig) -> int:
-    """Threads for a CPU engine. Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by default), which
-    would leave the rest of a small node idle while the engine is the only heavy work on it."""
-    return config.cpu_threads or len(os.sched_getaffinity(0))
+    """Threads for a CPU engine: engine.cpu_threads, else OMP_NUM_THREADS (which the pipeline sets for its
+    engine actors when they start, see pipeline.map_on_engines), else every core this process may use."""
+    return config.cpu_threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
 
 
 def resolve_engine_kind(kind: str) -> str:

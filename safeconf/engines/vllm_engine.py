@@ -20,12 +20,9 @@ def _cpu_environment(config: EngineConfig) -> None:
     cores = sorted(os.sched_getaffinity(0))[: cpu_threads(config)]
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    # Set, not defaulted: inside a Ray actor OMP_NUM_THREADS is already the actor's num_cpus (1), and
-    # without a value vLLM drops torch to one thread "for serving".
-    os.environ["OMP_NUM_THREADS"] = str(len(cores))
-    import torch
-
-    torch.set_num_threads(len(cores))  # torch may already be imported with Ray's value; vLLM keeps this one
+    # Without a value vLLM drops torch to one thread "for serving". It must agree with the OpenMP runtime's
+    # own count, fixed when the process started: in Ray actors it is set then (pipeline.map_on_engines).
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(cores)))
 
 
 def _has_gpu() -> bool:
