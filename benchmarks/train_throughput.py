@@ -1,16 +1,18 @@
 """Fine-tuning throughput and memory: Ray Train + DeepSpeed against a plain single-process peft + torch AdamW loop,
 and peak memory per worker under ZeRO-2 and ZeRO-3. All figures come from one run.
 
-    .venv/bin/python benchmarks/train_throughput.py --examples 48 --steps 12 --threads 2
+    .venv/bin/python benchmarks/train_throughput.py --examples 48 --steps 12 --threads 2 --repeats 2
 
 1. Throughput, one CPU worker: the same SFT examples (the embedded questions, prompt -> "Answer + Confidence"),
-   the same model (SmolLM2-135M-Instruct + LoRA, fp32), the same micro-batches in the same order (safeconf.train's
-   epoch plan and collate), the same optimizer steps. The plain loop runs in this process with `--threads` torch
-   threads; the Ray Train worker gets `--threads` CPUs. tokens/s = prompt + target tokens (no padding) over the
-   time in training steps (Ray: steps plus its logging reports); model loading and start-up are not counted in
-   either, the Ray run's end-to-end wall time is printed beside it.
-2. Memory, two workers (ZeRO-2, then ZeRO-3): the high-water mark of each worker's resident memory
-   (getrusage ru_maxrss), which includes loading the model.
+   the same model (SmolLM2-135M-Instruct + LoRA, fp32), micro-batches of 4 in the same order (safeconf.train's epoch
+   plan and collate), the same optimizer steps. The plain loop runs in this process with `--threads` torch threads;
+   the Ray Train worker gets `--threads` CPUs. tokens = prompt + target tokens (no padding). "overall" = tokens over
+   the time in training steps (Ray: plus its logging reports); "median step" = the median of per-step tokens/s,
+   which a machine busy with other work now and then disturbs less. Model loading and start-up count in neither;
+   the Ray run's end-to-end wall time is printed beside it. The pair runs `--repeats` times, order alternated;
+   the ratio compares the best of each.
+2. Memory, two workers (ZeRO-2, then ZeRO-3, micro-batch `--memory-micro-batch`): the high-water mark of each
+   worker's resident memory (getrusage ru_maxrss), model loading included.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ def plain_loop(folder: str, config, threads: int) -> dict:
     path = resolve_model(config.model.name)
     tokenizer = load_tokenizer(path)
     eot = end_of_turn(tokenizer)
-    encoded = [encode_example(tokenizer, m, eot) for m in pq.read_table(f"{folder}/train.parquet").column("messages").to_pylist()]
     import numpy as np
 
+    encoded = [encode_example(tokenizer, m, eot) for m in pq.read_table(f"{folder}/train.parquet").column("messages").to_pylist()]
     examples = Examples([np.asarray(ids) for ids, _ in encoded], np.array([p for _, p in encoded]), np.arange(len(encoded)))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(train.seed)
@@ -74,11 +76,12 @@ def plain_loop(folder: str, config, threads: int) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.max_steps, train.warmup_ratio))
     model.train()
-    tokens, step, epoch, losses = 0, 0, 0, []
+    tokens, step, epoch, losses, rates = 0, 0, 0, [], []
     started = time.perf_counter()
     while step < train.max_steps:
         for micro_batches in epoch_plan(len(examples), 1, 0, train.micro_batch_size, train.gradient_accumulation,
                                         train.seed, epoch):
+            step_started, step_tokens = time.perf_counter(), tokens
             for positions in micro_batches:
                 batch = collate(examples, positions, tokenizer.pad_token_id)
                 loss = model(**batch).loss / train.gradient_accumulation
@@ -89,13 +92,15 @@ def plain_loop(folder: str, config, threads: int) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            rates.append((tokens - step_tokens) / (time.perf_counter() - step_started))
             step += 1
             if step == train.max_steps:
                 break
         epoch += 1
     seconds = time.perf_counter() - started
     return {"run": "plain peft + AdamW loop", "steps": step, "tokens": tokens, "seconds": round(seconds, 1),
-            "tokens_per_s": round(tokens / seconds, 1), "final_loss": round(losses[-1], 3)}
+            "tokens_per_s": round(tokens / seconds, 1), "median_step_tokens_per_s": round(float(np.median(rates)), 1),
+            "final_loss": round(losses[-1], 3)}
 
 
 def ray_run(label: str, folder: str, config, out: str) -> dict:
@@ -104,7 +109,9 @@ def ray_run(label: str, folder: str, config, out: str) -> dict:
     started = time.perf_counter()
     summary = run_training(config, folder, out)
     return {"run": label, "steps": summary["steps"], "tokens": summary["train_tokens"],
-            "tokens_per_s": round(summary["tokens_per_s"], 1), "end_to_end_seconds": round(time.perf_counter() - started, 1),
+            "tokens_per_s": round(summary["tokens_per_s"], 1),
+            "median_step_tokens_per_s": round(summary["median_step_tokens_per_s"], 1),
+            "end_to_end_seconds": round(time.perf_counter() - started, 1),
             "final_loss": round(summary["final_train_loss"], 3),
             "peak_rss_mb_per_worker": [round(x) for x in summary["peak_rss_mb_per_worker"]]}
 
@@ -115,6 +122,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps of the throughput runs")
     parser.add_argument("--memory-steps", type=int, default=4, help="optimizer steps of the ZeRO-2/3 memory runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop = CPUs of the Ray worker")
+    parser.add_argument("--repeats", type=int, default=2, help="throughput pairs (plain loop, ray run), order alternated")
+    parser.add_argument("--memory-micro-batch", type=int, default=1,
+                        help="micro-batch of the memory runs (small, so parameters weigh more than activations)")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: throughput, memory")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -125,39 +135,44 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="safeconf-train-bench-")
     folder = build_sft(f"{work}/sft", args.examples)
-    common = ["train.micro_batch_size=4", "train.max_length=512", "train.lora_dropout=0", "train.checkpoint_every=100000",
+    common = ["train.max_length=512", "train.lora_dropout=0", "train.checkpoint_every=100000",
               "train.storage_path=" + f"{work}/checkpoints", *args.overrides]
     ray.init(address="local", num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False,
              _temp_dir=f"{work}/ray")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{args.examples} examples, SmolLM2-135M-Instruct + LoRA (fp32)", flush=True)
-    results = {}
+    results: dict = {"plain": [], "ray": []}
     if "throughput" not in args.skip:
-        config = load_config(overrides=common + [f"train.max_steps={args.steps}", "train.num_workers=1",
-                                                 f"train.cpus_per_worker={args.threads}", "train.log_every=5",
-                                                 "train.run_name=throughput"])
-        results["plain"] = plain_loop(folder, config, args.threads)
-        print(json.dumps(results["plain"]), flush=True)
-        results["ray"] = ray_run("ray train + deepspeed zero-2, 1 worker", folder, config, f"{work}/out-ray")
-        print(json.dumps(results["ray"]), flush=True)
+        for repeat in range(args.repeats):  # alternate the order: the machine may be busier at one time than another
+            config = load_config(overrides=common + [
+                f"train.max_steps={args.steps}", "train.num_workers=1", f"train.cpus_per_worker={args.threads}",
+                "train.micro_batch_size=4", "train.log_every=5", f"train.run_name=throughput-{repeat}"])
+            runs = [("plain", lambda: plain_loop(folder, config, args.threads)),
+                    ("ray", lambda: ray_run("ray train + deepspeed zero-2, 1 worker", folder, config,
+                                            f"{work}/out-ray-{repeat}"))]
+            for kind, run in runs if repeat % 2 == 0 else runs[::-1]:
+                results[kind].append(run())
+                print(json.dumps(results[kind][-1]), flush=True)
     if "memory" not in args.skip:
         for stage in (2, 3):
-            config = load_config(overrides=common + [f"train.max_steps={args.memory_steps}", "train.num_workers=2",
-                                                     "train.cpus_per_worker=1", f"train.zero_stage={stage}",
-                                                     "train.log_every=100000", f"train.run_name=memory-zero{stage}"])
+            config = load_config(overrides=common + [
+                f"train.max_steps={args.memory_steps}", "train.num_workers=2", "train.cpus_per_worker=1",
+                f"train.micro_batch_size={args.memory_micro_batch}", f"train.zero_stage={stage}",
+                "train.log_every=100000", f"train.run_name=memory-zero{stage}"])
             results[f"zero{stage}"] = ray_run(f"ray train + deepspeed zero-{stage}, 2 workers", folder, config,
                                               f"{work}/out-zero{stage}")
             print(json.dumps(results[f"zero{stage}"]), flush=True)
     ray.shutdown()
 
     print("\nratios (same run):")
-    if "ray" in results:
-        ratio = results["ray"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
-        print(f"  throughput: ray train + deepspeed / plain loop tokens/s = {ratio:.2f} (target >= 0.8)")
+    if results["ray"]:
+        for key, name in (("tokens_per_s", "overall"), ("median_step_tokens_per_s", "median step")):
+            plain, ours = (max(r[key] for r in results[k]) for k in ("plain", "ray"))
+            print(f"  throughput ({name}, best of {args.repeats}): ray train + deepspeed {ours} / plain loop {plain} "
+                  f"tokens/s = {ours / plain:.2f} (target >= 0.8)")
     if "zero3" in results:
         z2, z3 = (max(results[k]["peak_rss_mb_per_worker"]) for k in ("zero2", "zero3"))
         print(f"  memory: zero-3 / zero-2 peak RSS per worker = {z3 / z2:.2f} ({z3} MB vs {z2} MB; target < 1)")
-
 
 if __name__ == "__main__":
     main()

@@ -367,7 +367,8 @@ def train_loop(loop: dict) -> dict:
     rank, world = context.get_world_rank(), context.get_world_size()
     if not train.use_gpu:
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    say = (lambda text: print(f"[safeconf train] {text}", flush=True)) if rank == 0 else (lambda text: None)
+    # the root logger reaches the driver once (Ray Train tees print() into it, so printing would show twice)
+    say = (lambda text: logging.getLogger().info(f"[safeconf train] {text}")) if rank == 0 else (lambda text: None)
 
     # DeepSpeed adopts the process group Ray Train set up (gloo on CPUs, NCCL on GPUs); doing it before the model
     # loads lets ZeRO-3 partition the weights as they load across the right world size.
@@ -384,6 +385,9 @@ def train_loop(loop: dict) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     del keep_alive
     device = engine.device
+    say(f"{world} workers, ZeRO-{train.zero_stage}, {loop['precision']}, {torch.get_num_threads()} torch threads per "
+        f"worker (CPUs {sorted(os.sched_getaffinity(0))}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); "
+        f"{len(train_rows)} train / {len(val_rows)} val examples, {total_steps} steps")
 
     # Position and history; a checkpoint overrides them.
     state = {"global_step": 0, "epoch": 0, "steps_done_in_epoch": 0, "train_loss": [], "val_loss": [],
@@ -443,6 +447,7 @@ def train_loop(loop: dict) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
     plans = {}
+    step_records = []  # (this rank's tokens, seconds) of every step of this attempt, for a robust median
     window = {"loss": 0.0, "micro": 0, "tokens": 0, "seconds": 0.0}
     state.setdefault("log_seconds", 0.0)  # time in logging reports (part of training cost; eval and checkpoints are not)
     engine.train()
@@ -454,6 +459,7 @@ def train_loop(loop: dict) -> dict:
                                                   train.gradient_accumulation, train.seed, epoch))
         for step_in_epoch in range(skip_steps, len(plan)):
             started = time.perf_counter()
+            step_tokens = 0
             for positions in plan[step_in_epoch]:
                 batch = {k: v.to(device) for k, v in collate(train_rows, positions, loop["pad_token_id"]).items()}
                 loss = engine(**batch).loss
@@ -461,11 +467,14 @@ def train_loop(loop: dict) -> dict:
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule at the accumulation boundary
                 window["loss"] += loss.item()
                 window["micro"] += 1
-                window["tokens"] += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
             state["global_step"] += 1
             state.update(epoch=epoch, steps_done_in_epoch=step_in_epoch + 1)
             _fault_injection(loop, state["global_step"], rank, world)
-            window["seconds"] += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            window["seconds"] += seconds
+            window["tokens"] += step_tokens
+            step_records.append((step_tokens, seconds))
 
             step = state["global_step"]
             epoch_end = step_in_epoch == len(plan) - 1
@@ -502,7 +511,10 @@ def train_loop(loop: dict) -> dict:
                 break
         epoch, skip_steps = epoch + 1, 0
 
-    result = {**state, "start_step": start_step, "world_size": world}
+    step_tokens = all_sum([float(t) for t, _ in step_records]) if step_records else []
+    step_rates = [t / s for t, (_, s) in zip(step_tokens, step_records)]  # all ranks, over rank 0's step time
+    result = {**state, "start_step": start_step, "world_size": world,
+              "median_step_tokens_per_s": float(np.median(step_rates)) if step_rates else None}
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()  # ZeRO-3 can abort at interpreter exit otherwise
@@ -641,6 +653,8 @@ def run_training(config: Config, dataset_uri: str, out_uri: str) -> dict:
         "train_tokens": state["tokens"],
         # tokens (prompt + target, no padding) over the time in training steps and logging reports, all workers
         "tokens_per_s": state["tokens"] / (state["train_seconds"] + state["log_seconds"]) if state["train_seconds"] else None,
+        # the median over this attempt's steps: robust to a machine that is busy with other work now and then
+        "median_step_tokens_per_s": state.get("median_step_tokens_per_s"),
         "peak_rss_mb_per_worker": state.get("peak_rss_mb"),
         "examples": {**examples, "left_out_per_epoch": left_out},
         "num_workers": train.num_workers,
