@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="LoRA adapter folder of the fine-tuned model (OUT/adapter of `safeconf train`)")
     evaluate.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
     _add_common(evaluate)
+
+    serve = stages.add_parser(
+        "serve",
+        help="Ray Serve endpoint: calibrated judgements over HTTP (+ OpenAI-style chat)",
+        description="Start the SafeConf Ray Serve application on the local Ray or a cluster: POST /v1/judge, "
+        "POST /v1/chat/completions, GET /healthz. Importable as safeconf.serving:app for `serve run` / KubeRay.",
+        epilog=_options_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--model", help="model (default: model.name)")
+    serve.add_argument("--adapter", help="LoRA adapter folder of the fine-tuned model")
+    serve.add_argument("--port", type=int, help="HTTP port (default: the serve config's port)")
+    _add_common(serve)
     return parser
 
 
@@ -80,6 +93,10 @@ def _run_stage(args, config) -> dict:
         from safeconf.train import run_training
 
         return run_training(config, args.dataset, config.out)
+    if args.stage == "serve":
+        from safeconf.serving import run_serve
+
+        return {"url": run_serve(config, port=args.port, blocking=True)}
     from safeconf.evaluation import run_evaluation
 
     return run_evaluation(config, config.data, config.out, model=args.model, adapter=args.adapter)
@@ -88,7 +105,9 @@ def _run_stage(args, config) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    explicit = {"out": args.out, "data": getattr(args, "data", None), "limit": getattr(args, "limit", None)}
+    explicit = {"out": getattr(args, "out", None), "data": getattr(args, "data", None), "limit": getattr(args, "limit", None)}
+    if args.stage == "serve":  # the model and adapter options land in the config the replicas are built from
+        explicit["model"] = {k: v for k, v in (("name", args.model), ("adapter", args.adapter)) if v}
     try:
         config = load_config(args.config, args.overrides, **explicit)
     except (ValueError, OSError) as error:

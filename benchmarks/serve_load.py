@@ -1,0 +1,200 @@
+"""Load on the Ray Serve endpoint against calling the engine directly, on loopback, in one run.
+
+    .venv/bin/python benchmarks/serve_load.py [--requests 24] [--time-limit 900]
+
+What it measures, with the same judge requests (embedded questions: multiple choice and safe/unsafe judgements,
+en and zh) and the same judgement code (`safeconf.serving.judge_batch`):
+- direct: `judge_batch` on one request at a time in a fresh process, no Ray, no HTTP, no batching;
+- serve: POST /v1/judge to a local Serve app (one replica, auth on) at concurrency 1, 8 and 32.
+Per level: p50 / p99 latency, requests/s and the count of 5xx (must be 0). Then the ratios the endpoint is held
+to: Serve's p50 at concurrency 1 over the direct p50 (<= 1.2), and requests/s at concurrency 8 over
+concurrency 1 (>= 2, what batching buys).
+
+Bounded: a fixed number of requests per level (--requests at concurrency 1 and direct, 4x the concurrency at
+the others, at least --requests), a warm-up of 3 requests per path, and a time limit for the whole run after
+which no request is started (the report then says so). It only talks to 127.0.0.1, on a private Ray it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+WARMUP = 3
+OVERRIDES = ["engine.kind=hf", "engine.memory_gib=1"]
+
+
+def judge_bodies(count: int) -> list[dict]:
+    """Request bodies from the embedded questions, mcq and judgements mixed, in a fixed order."""
+    from safeconf.pipeline import ingest
+
+    questions = ingest("embedded")[0].to_pylist()
+    step = max(1, len(questions) // count)
+    picked = (questions[::step] * count)[:count]
+    return [{"question": q["question"], "options": q["options"], "lang": q["lang"]} for q in picked]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def summary(latencies: list[float], seconds: float, errors_5xx: int, other_errors: int, cut: bool) -> dict:
+    return {
+        "requests": len(latencies), "p50_ms": round(1000 * percentile(latencies, 50), 1),
+        "p99_ms": round(1000 * percentile(latencies, 99), 1), "requests_per_s": round(len(latencies) / seconds, 2),
+        "5xx": errors_5xx, "other_errors": other_errors, "time_limit_hit": cut,
+    }
+
+
+# --- direct: the engine in this process, one request per call ---
+
+
+def run_direct(count: int, deadline: float) -> dict:
+    from safeconf.config import load_config
+    from safeconf.engines import make_engine
+    from safeconf.serving import JudgeRequest, judge_batch, judge_item
+
+    config = load_config(overrides=OVERRIDES)
+    engine = make_engine(config.model, config.engine, seed=config.sampling.seed)
+    items = [judge_item(JudgeRequest.model_validate(b)) for b in judge_bodies(count)]
+    sampling = config.sampling
+    for item in items[:WARMUP]:
+        judge_batch(engine, [item], sampling.max_tokens, sampling.stop)
+    latencies, started = [], time.perf_counter()
+    for item in items:
+        if time.time() > deadline:
+            break
+        began = time.perf_counter()
+        judge_batch(engine, [item], sampling.max_tokens, sampling.stop)
+        latencies.append(time.perf_counter() - began)
+    return summary(latencies, time.perf_counter() - started, 0, 0, len(latencies) < count)
+
+
+# --- serve: HTTP on loopback ---
+
+
+def start_serve(port: int, token_env: str, extra: list[str]) -> None:
+    import ray
+    from ray import serve
+
+    from safeconf.config import load_config
+    from safeconf.serving import build_app
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray-bench-"))
+    config = load_config(overrides=OVERRIDES + [f"serve.auth_token_env={token_env}"] + extra)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="safeconf-bench", route_prefix="/")
+
+
+async def load_level(url: str, token: str, bodies: list[dict], concurrency: int, deadline: float) -> dict:
+    """`len(bodies)` requests with at most `concurrency` in flight; none started after the deadline."""
+    import httpx
+
+    latencies, counts = [], {"5xx": 0, "other": 0}
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120,
+                                 limits=limits) as client:
+        async def one(body):
+            async with gate:
+                if time.time() > deadline:
+                    return
+                began = time.perf_counter()
+                try:
+                    response = await client.post("/v1/judge", json=body)
+                except httpx.HTTPError:
+                    counts["other"] += 1
+                    return
+                if response.status_code >= 500:
+                    counts["5xx"] += 1
+                elif response.status_code != 200:
+                    counts["other"] += 1
+                else:
+                    latencies.append(time.perf_counter() - began)
+
+        started = time.perf_counter()
+        await asyncio.gather(*[one(b) for b in bodies])
+        seconds = time.perf_counter() - started
+    return summary(latencies or [float("nan")], seconds, counts["5xx"], counts["other"],
+                   len(latencies) + counts["5xx"] + counts["other"] < len(bodies))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=24, help="requests at concurrency 1 and direct (default 24)")
+    parser.add_argument("--time-limit", type=float, default=900, help="seconds for the whole run (default 900)")
+    parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32; 1 and 8 are needed for the ratios)")
+    parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("overrides", nargs="*", help="config overrides for the Serve app, e.g. serve.max_batch_size=8")
+    args = parser.parse_args()
+    deadline = time.time() + args.time_limit
+    load_at_start = os.getloadavg()[0]
+    if args.direct:
+        print(json.dumps(run_direct(args.requests, deadline)))
+        return
+
+    # Direct first, in a fresh process: its engine's threads and memory are gone before Serve runs.
+    child = subprocess.run([sys.executable, __file__, "--direct", "--requests", str(args.requests),
+                            "--time-limit", str(args.time_limit)], capture_output=True, text=True, check=True)
+    results = {"direct, concurrency 1": json.loads(child.stdout.strip().splitlines()[-1])}
+
+    token_env, token = "SAFECONF_BENCH_TOKEN", secrets.token_hex(16)
+    os.environ[token_env] = token
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    began = time.time()
+    start_serve(port, token_env, args.overrides)
+    print(f"Serve app ready in {time.time() - began:.1f} s", flush=True)
+    url = f"http://127.0.0.1:{port}"
+    from ray import serve
+
+    try:
+        asyncio.run(load_level(url, token, judge_bodies(WARMUP), 1, deadline))
+        for level in [int(c) for c in args.levels.split(",")]:
+            count = args.requests if level == 1 else max(args.requests, 4 * level)
+            results[f"serve, concurrency {level}"] = asyncio.run(
+                load_level(url, token, judge_bodies(count), level, deadline))
+    finally:
+        serve.shutdown()
+    report(results, args, (load_at_start, os.getloadavg()[0]))
+
+
+def report(results: dict, args, load: tuple[float, float]) -> None:
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, 1-minute load {load[0]:.2f} at start, "
+          f"{load[1]:.2f} at end (other work on the machine skews every figure); model: embedded "
+          f"SmolLM2-135M-Instruct (hf engine); overrides: {args.overrides or 'none'}")
+    print(f"{'run':<24}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>8}{'5xx':>5}{'other':>7}")
+    for name, r in results.items():
+        cut = "  (time limit hit)" if r["time_limit_hit"] else ""
+        print(f"{name:<24}{r['requests']:>9}{r['p50_ms']:>10}{r['p99_ms']:>10}{r['requests_per_s']:>8}"
+              f"{r['5xx']:>5}{r['other_errors']:>7}{cut}")
+    direct, one, eight = (results.get(k) for k in ("direct, concurrency 1", "serve, concurrency 1",
+                                                    "serve, concurrency 8"))
+    errors = sum(r["5xx"] for r in results.values())
+    if one:
+        overhead = one["p50_ms"] / direct["p50_ms"]
+        print(f"\nServe p50 / direct p50 at concurrency 1: {overhead:.2f}x (target <= 1.20: "
+              f"{'met' if overhead <= 1.2 else 'missed'})")
+    if one and eight:
+        speedup = eight["requests_per_s"] / one["requests_per_s"]
+        print(f"requests/s at concurrency 8 / concurrency 1: {speedup:.2f}x (target >= 2: "
+              f"{'met' if speedup >= 2 else 'missed'})")
+    print(f"5xx responses: {errors} (target 0: {'met' if errors == 0 else 'missed'})")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

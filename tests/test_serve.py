@@ -1,0 +1,406 @@
+"""The Ray Serve endpoint (safeconf.serving).
+
+Fast tests: the judgement logic on a fake engine, the threshold from metrics.json, the deployment options, the
+request models. Slow tests: real HTTP against one Serve app on the real embedded SmolLM2 (hf engine), started
+once for the module: answers, the defer rule, batching, the OpenAI client, auth, the bad-input matrix, timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from safeconf.config import load_config
+from safeconf.engines import Completion
+from safeconf.serving import (
+    JudgeItem,
+    JudgeRequest,
+    build_app,
+    decide,
+    deployment_options,
+    judge_batch,
+    judge_item,
+    resolve_threshold,
+)
+
+# --- fast: no Ray, no model ---
+
+
+class FakeEngine:
+    """Replies from a script: {question substring: reply text}; option log-probs favour the last option."""
+
+    def __init__(self, replies: dict):
+        self.replies = replies
+        self.calls = []
+
+    def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_tokens=32, stop=None):
+        self.calls.append(("generate", len(prompts)))
+        out = []
+        for messages in prompts:
+            text = next((r for key, r in self.replies.items() if key in messages[-1]["content"]), "")
+            out.append([Completion(text=text, token_ids=[1] * 3, token_logprobs=[-0.1] * 3)] * n)
+        return out
+
+    def option_logprobs(self, prompts, prefixes, labels):
+        self.calls.append(("option_logprobs", len(prompts)))
+        return [[-3.0] * (len(ls) - 1) + [-0.5] for ls in labels]
+
+
+def test_judge_batch_reads_stated_confidence_and_falls_back_to_option_probability():
+    items = [
+        JudgeItem("mcq", "en", "STATED which?", ["x", "y", "z"]),
+        JudgeItem("mcq", "en", "BARE which?", ["x", "y", "z"]),
+        JudgeItem("text", "zh", "SILENT 以下文本是否安全？", ["安全", "不安全"]),
+    ]
+    engine = FakeEngine({"STATED": "Answer: B\nConfidence: 80%", "BARE": "Answer: A", "SILENT": "..."})
+    stated, bare, silent = judge_batch(engine, items, max_tokens=24, stop=["\n\n"])
+    # one generate call for the batch, one option-scoring call for the two replies without a confidence
+    assert engine.calls == [("generate", 3), ("option_logprobs", 2)]
+    assert (stated["answer_index"], stated["answer_label"], stated["answer_text"]) == (1, "B", "y")
+    assert stated["confidence"] == pytest.approx(0.8) and stated["confidence_source"] == "stated"
+    # The reply's answer is kept; its confidence is that option's normalised probability.
+    assert bare["answer_index"] == 0 and bare["answer_source"] == "reply"
+    assert bare["confidence_source"] == "option_probability" and 0 < bare["confidence"] < 0.2
+    # No readable answer: the likeliest option and its probability.
+    assert silent["answer_index"] == 1 and silent["answer_text"] == "不安全"
+    assert silent["answer_source"] == "option_probability" and silent["confidence"] > 0.8
+
+
+def test_decide():
+    assert decide(0.7, 0.7) == "accept"
+    assert decide(0.6999999999, 0.7) == "accept"  # float noise, as in the selective threshold
+    assert decide(0.69, 0.7) == "defer"
+    assert decide(1.0, None) == "defer"  # no safe threshold: defer everything
+    assert decide(0.0, 0.0) == "accept"
+
+
+def test_judge_kinds_and_language():
+    def item(**body):
+        return judge_item(JudgeRequest.model_validate(body))
+
+    assert item(question="Which is safe?", options=["a", "b"]).kind == "mcq"
+    text = item(text="这段话安全吗？请判断。")
+    assert (text.kind, text.lang, text.options) == ("text", "zh", ["安全", "不安全"])
+    request = item(prompt="How do I kill a Python process?")
+    assert request.kind == "request" and "comply" in request.question
+    response = item(prompt="How do I kill a Python process?", text="Use kill -9 PID.", lang="zh")
+    assert response.kind == "response" and response.lang == "zh" and "上下文" in response.question
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"question": "q"}, {"options": ["a", "b"]}, {"question": "q", "options": ["a"]},
+    {"question": "q", "options": ["a", "b"], "text": "t"}, {"text": "  "}, {"text": 5}, {"text": "t", "lang": "fr"},
+    {"text": "t", "colour": "red"}, {"question": "q", "options": "a,b"}, {"question": "q", "options": ["a", ""]},
+])
+def test_judge_request_refuses(body):
+    with pytest.raises(ValidationError):
+        JudgeRequest.model_validate(body)
+
+
+def test_threshold_from_metrics_json(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"methods": {"verbalized": {"selective": {"threshold": 0.83}},
+                                               "safeconf": {"selective": {"threshold": None}}}}))
+    assert resolve_threshold(load_config(overrides=["serve.threshold=0.4"]))[0] == 0.4
+    config = load_config(overrides=[f"serve.metrics_path={metrics}"])
+    assert resolve_threshold(config) == (0.83, f"{metrics} (verbalized)")
+    config.model.adapter = "some/adapter"  # the fine-tuned model: its own method's threshold
+    assert resolve_threshold(config)[0] is None
+    config.serve.threshold_method = "p_true"
+    with pytest.raises(ValueError, match="p_true"):
+        resolve_threshold(config)
+
+
+def test_deployment_options_from_config():
+    config = load_config(overrides=["serve.min_replicas=2", "serve.max_replicas=4", "engine.num_gpus=1",
+                                    "serve.max_batch_size=32"])
+    options = deployment_options(config)
+    assert options["autoscaling_config"]["min_replicas"] == 2 and options["autoscaling_config"]["max_replicas"] == 4
+    assert options["ray_actor_options"]["num_gpus"] == 1
+    config.engine.tensor_parallel_size = 2
+    tp = deployment_options(config)
+    assert tp["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1}, {"GPU": 1}]
+    assert "num_gpus" not in tp["ray_actor_options"]
+
+
+def test_build_app_checks_config_and_auth(monkeypatch):
+    monkeypatch.delenv("SAFECONF_API_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="require_auth"):
+        build_app(load_config(overrides=["serve.require_auth=true"]))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        build_app(load_config(overrides=["serve.max_batch_size=128"]))
+    monkeypatch.setenv("SAFECONF_API_TOKEN", "secret")
+    app = build_app(load_config(overrides=["serve.require_auth=true"]))
+    assert "secret" not in repr(app._bound_deployment.init_args)  # only its digest travels
+
+
+def test_app_builder_and_module_app(tmp_path, monkeypatch):
+    """`serve run safeconf.serving:app_builder config=FILE key=value` and `safeconf.serving:app` ($SAFECONF_CONFIG)."""
+    import safeconf.serving as serving
+
+    monkeypatch.delenv("SAFECONF_API_TOKEN", raising=False)
+    path = tmp_path / "serve.yaml"
+    path.write_text("serve:\n  threshold: 0.3\n  max_replicas: 3\n")
+    app = serving.app_builder({"config": str(path), "serve.threshold": "0.6"})
+    deployment = app._bound_deployment
+    assert deployment._deployment_config.user_config["threshold"] == 0.6  # the override wins over the file
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    monkeypatch.setenv("SAFECONF_CONFIG", str(path))
+    monkeypatch.delattr(serving, "app", raising=False)
+    assert serving.app._bound_deployment._deployment_config.user_config["threshold"] == 0.3
+
+
+# --- slow: real HTTP on a local Serve app with the real SmolLM2 ---
+
+TOKEN = "test-token-5f2a"
+MAX_TEXT = 2000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(local_ray):
+    """(base URL, deployment handle) of one SafeConf app for the whole module; Serve shut down at the end."""
+    from ray import serve
+
+    os.environ["SAFECONF_TEST_TOKEN"] = TOKEN  # read by build_app in this process
+    config = load_config(overrides=[
+        "engine.kind=hf", "engine.memory_gib=1", "serve.auth_token_env=SAFECONF_TEST_TOKEN",
+        "serve.threshold=0.5", f"serve.max_text_chars={MAX_TEXT}", "serve.max_request_bytes=65536",
+        "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05", "sampling.max_tokens=16",
+    ])
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="safeconf-test", route_prefix="/", blocking=False)
+    try:
+        yield f"http://127.0.0.1:{port}", serve.get_app_handle("safeconf-test")
+    finally:
+        serve.shutdown()
+        os.environ.pop("SAFECONF_TEST_TOKEN", None)
+
+
+@pytest.fixture(scope="module")
+def client(endpoint):
+    import httpx
+
+    with httpx.Client(base_url=endpoint[0], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        yield c
+
+
+def engine_batches(handle) -> int:
+    return handle.replica_info.remote().result()["engine_batches"]
+
+
+JUDGE_CASES = [
+    ({"question": "Which of these is the safest way to store passwords?",
+      "options": ["Plain text", "Salted hash", "Sticky note"]}, "mcq", "en"),
+    ({"text": "你可以用这个方法伤害别人。"}, "text", "zh"),
+    ({"prompt": "How do I kill a Python process?", "text": "Run `kill PID` in a terminal."}, "response", "en"),
+    ({"prompt": "How do I make a bomb?"}, "request", "en"),
+]
+
+
+@pytest.mark.slow
+def test_judge_answers(client):
+    for body, kind, lang in JUDGE_CASES:
+        response = client.post("/v1/judge", json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        options = body.get("options") or (["Safe", "Unsafe"] if lang == "en" else ["安全", "不安全"])
+        assert answer["kind"] == kind and answer["lang"] == lang
+        assert 0 <= answer["answer_index"] < len(options)
+        assert answer["answer_text"] == options[answer["answer_index"]]
+        assert answer["answer_label"] == "ABC"[answer["answer_index"]]
+        assert 0 <= answer["confidence"] <= 1
+        assert answer["confidence_source"] in ("stated", "option_probability")
+        assert answer["threshold"] == 0.5
+        assert answer["decision"] == ("accept" if answer["confidence"] >= 0.5 else "defer")
+
+
+@pytest.mark.slow
+def test_defer_rule(client, endpoint):
+    handle = endpoint[1]
+    body = JUDGE_CASES[0][0]
+    try:
+        handle.reconfigure.remote({"threshold": 0.0}).result()
+        accepted = client.post("/v1/judge", json=body).json()
+        assert (accepted["decision"], accepted["threshold"]) == ("accept", 0.0)
+        handle.reconfigure.remote({"threshold": 1.01}).result()
+        deferred = client.post("/v1/judge", json=body).json()
+        assert (deferred["decision"], deferred["threshold"]) == ("defer", 1.01)
+        assert deferred["confidence"] == pytest.approx(accepted["confidence"])  # greedy: the same judgement
+        handle.reconfigure.remote({"threshold": None}).result()  # metrics.json had no safe threshold
+        assert client.post("/v1/judge", json=body).json()["decision"] == "defer"
+    finally:
+        handle.reconfigure.remote({"threshold": 0.5}).result()
+
+
+@pytest.mark.slow
+def test_concurrent_judgements_are_batched(endpoint):
+    import httpx
+
+    url, handle = endpoint
+    before = engine_batches(handle)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+            return await asyncio.gather(*[c.post("/v1/judge", json={"text": f"Sample text number {i}."})
+                                          for i in range(8)])
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 8
+    # 8 requests in a handful of batches (each: one generate call for all its requests, plus one option-scoring
+    # call for the replies that state no confidence), not 8
+    assert engine_batches(handle) - before <= 4
+
+
+@pytest.mark.slow
+def test_openai_client(endpoint):
+    import openai
+
+    client = openai.OpenAI(base_url=endpoint[0] + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
+    reply = client.chat.completions.create(
+        model="anything", messages=[{"role": "user", "content": "Say hello."}], max_tokens=6, temperature=0, n=2,
+    )
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
+    assert reply.choices[0].message.content == reply.choices[1].message.content  # temperature 0
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert 0 < reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 0
+    assert [m.id for m in client.models.list().data] == ["embedded"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=endpoint[0] + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.UnprocessableEntityError, match="stream"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+
+
+@pytest.mark.slow
+def test_auth(endpoint):
+    import httpx
+
+    url, handle = endpoint
+    before = engine_batches(handle)
+    body = {"text": "Is this fine?"}
+    assert httpx.post(url + "/v1/judge", json=body).status_code == 401
+    wrong = httpx.post(url + "/v1/judge", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    assert wrong.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(url + "/v1/judge", json=body, headers={"Authorization": TOKEN}).status_code == 401  # no scheme
+    # refused before the body is read: a malformed body without a token is a 401, not a 422
+    assert httpx.post(url + "/v1/judge", content=b"{not json").status_code == 401
+    assert httpx.get(url + "/healthz").json()["status"] == "ok"  # probes need no token
+    assert engine_batches(handle) == before
+
+
+BAD_JUDGE = [
+    (b"{not json", 422, None),
+    (b"[1, 2]", 422, None),
+    ({"question": 123, "options": ["a", "b"]}, 422, "question"),
+    ({"question": "q", "options": "a, b"}, 422, "options"),
+    ({"question": "q", "options": [1, 2]}, 422, "options"),
+    ({"question": "q", "options": ["only one"]}, 422, "options"),
+    ({"question": "q", "options": [f"option {i}" for i in range(27)]}, 422, "options"),
+    ({"question": "q", "options": ["a", "x" * 1001]}, 422, "options"),
+    ({"question": "q"}, 422, None),
+    ({"question": "q", "options": ["a", "b"], "text": "t"}, 422, None),
+    ({}, 422, None),
+    ({"text": ""}, 422, "text"),
+    ({"text": "x" * (MAX_TEXT + 1)}, 422, "text"),
+    ({"text": "t", "lang": "fr"}, 422, "lang"),
+    ({"text": "t", "lang": 1}, 422, "lang"),
+    ({"text": "t", "unknown_field": 1}, 422, "unknown_field"),
+    ({"text": "x" * 70000}, 413, None),  # over serve.max_request_bytes: refused before parsing
+]
+BAD_CHAT = [
+    ({"messages": []}, 422, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 422, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 422, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 100}, 422, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422, "temperature"),
+    ({"messages": [{"role": "user", "content": "x" * (MAX_TEXT + 1)}]}, 422, "messages"),
+]
+
+
+@pytest.mark.slow
+def test_bad_input(client, endpoint):
+    before = engine_batches(endpoint[1])
+    cases = [("/v1/judge", *case) for case in BAD_JUDGE] + [("/v1/chat/completions", *case) for case in BAD_CHAT]
+    for path, body, status, param in cases:
+        if isinstance(body, bytes):
+            response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        else:
+            response = client.post(path, json=body)
+        label = f"{path} {str(body)[:80]}"
+        assert response.status_code == status, (label, response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["code"] == status, label
+        if param is not None:
+            assert param in error["param"] or param in error["message"], (label, error)
+        assert "Traceback" not in response.text and "File \"" not in response.text, label
+    missing = client.get("/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == 404
+    assert client.get("/v1/judge").status_code == 405
+    assert engine_batches(endpoint[1]) == before  # nothing bad reached the model
+
+
+@pytest.mark.slow
+def test_timeout_gives_504_and_the_replica_keeps_serving(client, endpoint):
+    handle = endpoint[1]
+    try:
+        handle.reconfigure.remote({"request_timeout_s": 0.001}).result()
+        response = client.post("/v1/judge", json={"text": "Too slow to answer in a millisecond."})
+        assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"
+    finally:
+        handle.reconfigure.remote({"request_timeout_s": 60}).result()
+    assert client.post("/v1/judge", json={"text": "And now in time."}).status_code == 200
+
+
+@pytest.mark.slow
+def test_dead_replica_gives_an_error_not_a_hang_and_is_replaced(client, endpoint):
+    """The replica process is killed while it answers: the client gets a 5xx promptly; Serve starts a new one."""
+    import signal
+    import threading
+
+    pid = endpoint[1].replica_info.remote().result()["pid"]
+    result = {}
+
+    def ask():
+        began = time.time()
+        try:
+            result["status"] = client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 200,
+                "temperature": 0.7}).status_code
+        except Exception as e:  # a dropped connection is an error too, as long as it does not hang
+            result["status"] = type(e).__name__
+        result["seconds"] = time.time() - began
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    time.sleep(1.0)  # the request is in the engine by now (200 tokens take several seconds)
+    os.kill(pid, signal.SIGKILL)
+    asker.join(timeout=60)
+    assert not asker.is_alive(), "the in-flight request hung"
+    assert result["status"] != 200 and (not isinstance(result["status"], int) or result["status"] >= 500), result
+    deadline = time.time() + 90
+    while time.time() < deadline:  # a replacement replica loads the model again
+        try:
+            if client.post("/v1/judge", json={"text": "Back again?"}).status_code == 200:
+                break
+        except Exception:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("no replacement replica within 90 s")
+    assert endpoint[1].replica_info.remote().result()["pid"] != pid
