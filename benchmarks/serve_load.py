@@ -1,11 +1,15 @@
 """Load on the Ray Serve endpoint against calling the engine directly, on loopback, in one run.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 24] [--time-limit 900]
+    .venv/bin/python benchmarks/serve_load.py [--requests 24] [--time-limit 900] [key=value ...]
+
+e.g. `model.adapter=runs/x/train/adapter` (the fine-tuned model states its confidence: one engine call per
+batch) or `engine.kind=vllm`; the overrides apply to both paths.
 
 What it measures, with the same judge requests (embedded questions: multiple choice and safe/unsafe judgements,
 en and zh) and the same judgement code (`safeconf.serving.judge_batch`):
 - direct: `judge_batch` on one request at a time in a fresh process, no Ray, no HTTP, no batching;
-- serve: POST /v1/judge to a local Serve app (one replica, auth on) at concurrency 1, 8 and 32.
+- serve: POST /v1/judge to a local Serve app (one replica, auth on) at concurrency 1, 8 and 32, and GET /healthz
+  at concurrency 1 (no model work: the cost of HTTP, the proxy and the replica alone).
 Per level: p50 / p99 latency, requests/s and the count of 5xx (must be 0). Then the ratios the endpoint is held
 to: Serve's p50 at concurrency 1 over the direct p50 (<= 1.2), and requests/s at concurrency 8 over
 concurrency 1 (>= 2, what batching buys).
@@ -59,12 +63,12 @@ def summary(latencies: list[float], seconds: float, errors_5xx: int, other_error
 # --- direct: the engine in this process, one request per call ---
 
 
-def run_direct(count: int, deadline: float) -> dict:
+def run_direct(count: int, deadline: float, overrides: list[str]) -> dict:
     from safeconf.config import load_config
     from safeconf.engines import make_engine
     from safeconf.serving import JudgeRequest, judge_batch, judge_item
 
-    config = load_config(overrides=OVERRIDES)
+    config = load_config(overrides=OVERRIDES + overrides)
     engine = make_engine(config.model, config.engine, seed=config.sampling.seed)
     items = [judge_item(JudgeRequest.model_validate(b)) for b in judge_bodies(count)]
     sampling = config.sampling
@@ -113,7 +117,10 @@ async def load_level(url: str, token: str, bodies: list[dict], concurrency: int,
                     return
                 began = time.perf_counter()
                 try:
-                    response = await client.post("/v1/judge", json=body)
+                    if body is None:  # no model work: what HTTP, the proxy and the replica cost alone
+                        response = await client.get("/healthz")
+                    else:
+                        response = await client.post("/v1/judge", json=body)
                 except httpx.HTTPError:
                     counts["other"] += 1
                     return
@@ -137,17 +144,19 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=900, help="seconds for the whole run (default 900)")
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32; 1 and 8 are needed for the ratios)")
     parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # the child process
-    parser.add_argument("overrides", nargs="*", help="config overrides for the Serve app, e.g. serve.max_batch_size=8")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both paths, e.g. model.adapter=DIR "
+                        "engine.kind=vllm serve.max_batch_size=8")
     args = parser.parse_args()
     deadline = time.time() + args.time_limit
     load_at_start = os.getloadavg()[0]
     if args.direct:
-        print(json.dumps(run_direct(args.requests, deadline)))
+        print(json.dumps(run_direct(args.requests, deadline, args.overrides)))
         return
 
     # Direct first, in a fresh process: its engine's threads and memory are gone before Serve runs.
     child = subprocess.run([sys.executable, __file__, "--direct", "--requests", str(args.requests),
-                            "--time-limit", str(args.time_limit)], capture_output=True, text=True, check=True)
+                            "--time-limit", str(args.time_limit), *args.overrides], capture_output=True, text=True,
+                           check=True)
     results = {"direct, concurrency 1": json.loads(child.stdout.strip().splitlines()[-1])}
 
     token_env, token = "SAFECONF_BENCH_TOKEN", secrets.token_hex(16)
@@ -163,6 +172,7 @@ def main() -> None:
 
     try:
         asyncio.run(load_level(url, token, judge_bodies(WARMUP), 1, deadline))
+        results["serve /healthz, conc. 1"] = asyncio.run(load_level(url, token, [None] * 50, 1, deadline))
         for level in [int(c) for c in args.levels.split(",")]:
             count = args.requests if level == 1 else max(args.requests, 4 * level)
             results[f"serve, concurrency {level}"] = asyncio.run(
@@ -175,7 +185,7 @@ def main() -> None:
 def report(results: dict, args, load: tuple[float, float]) -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, 1-minute load {load[0]:.2f} at start, "
           f"{load[1]:.2f} at end (other work on the machine skews every figure); model: embedded "
-          f"SmolLM2-135M-Instruct (hf engine); overrides: {args.overrides or 'none'}")
+          f"SmolLM2-135M-Instruct; overrides: {' '.join(OVERRIDES + args.overrides)}")
     print(f"{'run':<24}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>8}{'5xx':>5}{'other':>7}")
     for name, r in results.items():
         cut = "  (time limit hit)" if r["time_limit_hit"] else ""

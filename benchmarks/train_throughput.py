@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -163,6 +164,7 @@ def main() -> None:
                                               f"{work}/out-zero{stage}")
             print(json.dumps(results[f"zero{stage}"]), flush=True)
     ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints and adapters of the runs: hundreds of MB
 
     print("\nratios (same run):")
     if results["ray"]:

@@ -202,7 +202,7 @@ class ServeConfig:
     max_ongoing_requests: int = option(64, "Requests a replica holds at once (queued for a batch or running); must be >= max_batch_size.")
     max_queued_requests: int = option(256, "Requests waiting at each proxy for a free replica; beyond this the client gets 503 at once (-1 = no limit).")
     max_batch_size: int = option(16, "Requests of one route answered by one engine call (@serve.batch).")
-    batch_wait_timeout_s: float = option(0.02, "How long the first request of a batch waits for others before the batch runs.")
+    batch_wait_timeout_s: float = option(0.01, "How long the first request of a batch waits for others before the batch runs (a lone request pays it in full).")
     request_timeout_s: float = option(60.0, "A request without an answer after this many seconds gets 504.")
     threshold: float = option(0.5, "Accept a judgement when its confidence is at least this, else defer it (replaced by the calibrated threshold of metrics_path when that is set).")
     metrics_path: str = option("", "metrics.json of `safeconf evaluate`: its selective-judgement threshold (calibrated for error <= eval.alpha) replaces serve.threshold.")

@@ -450,9 +450,19 @@ class JudgeServer:
         sampling = self.config.sampling
         return await self._on_engine(judge_batch, self.engine, items, sampling.max_tokens, sampling.stop)
 
-    async def _on_engine(self, fn, *args):
+    async def _on_engine(self, fn, engine, requests: list, *args):
         self.engine_batches += 1
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        queued = time.perf_counter()
+        answers = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, fn, engine, requests, *args)
+        log.info("%s: %d requests, waited %.2f s for the engine, ran %.2f s", fn.__name__, len(requests),
+                 answers[1] - queued, time.perf_counter() - answers[1])
+        return answers[0]
+
+    @staticmethod
+    def _timed(fn, *args):
+        """(fn's result, when the engine thread started it): the wait for the engine thread is the queueing."""
+        started = time.perf_counter()
+        return fn(*args), started
 
     # chat
 
@@ -517,7 +527,11 @@ JudgeDeployment = serve.deployment(name="SafeConfJudge")(serve.ingress(api)(Judg
 def deployment_options(config: Config) -> dict:
     """Serve options of the deployment, from the config (plain data: checked in tests without a cluster)."""
     serve_cfg, engine = config.serve, config.engine
-    actor = {"num_cpus": engine.num_cpus}
+    # As for the pipeline's engine actors (pipeline.map_on_engines): Ray starts a replica with OMP_NUM_THREADS =
+    # num_cpus (1), which would leave a small node's other cores idle while the engine is its only heavy work;
+    # the value must be in the environment before the process starts (vLLM's CPU kernels check it).
+    threads = engine.cpu_threads or len(os.sched_getaffinity(0))
+    actor = {"num_cpus": engine.num_cpus, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
     if engine.memory_gib:
         actor["memory"] = int(engine.memory_gib * 1024**3)
     options = {
@@ -559,11 +573,22 @@ def build_app(config: Config):
     problems = config.serve.problems()
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    config = _with_absolute_paths(config)
     threshold, source = resolve_threshold(config)
     user_config = {"threshold": threshold, "threshold_source": source,
                    "request_timeout_s": config.serve.request_timeout_s}
     deployment = JudgeDeployment.options(user_config=user_config, **deployment_options(config))
     return deployment.bind(config.to_dict(), auth_token_digest(config))
+
+
+def _with_absolute_paths(config: Config) -> Config:
+    """A copy whose local relative model / adapter paths are absolute: replicas do not run in this directory."""
+    config = config_from_dict(config.to_dict())
+    for section, key in ((config.model, "name"), (config.model, "adapter")):
+        value = getattr(section, key)
+        if value and value != "embedded" and "://" not in value and os.path.exists(value):
+            setattr(section, key, os.path.abspath(value))
+    return config
 
 
 def app_builder(args: dict):

@@ -548,7 +548,9 @@ def _fault_settings(run_name: str) -> dict:
     step = os.environ.get(FAIL_AT_STEP_ENV)
     if not step:
         return {}
-    marker = os.environ.get(FAIL_MARKER_ENV) or os.path.join(tempfile.gettempdir(), f"safeconf-fail-{uuid.uuid4().hex}")
+    # a fresh marker per run_training call unless one is given: the failure fires once per call, not once per attempt
+    marker = os.environ.get(FAIL_MARKER_ENV) or os.path.join(tempfile.gettempdir(),
+                                                             f"safeconf-fail-{run_name}-{uuid.uuid4().hex[:8]}")
     log.warning("fault injection: the last worker fails once at step %s (marker %s)", step, marker)
     return {"fail_at_step": int(step), "fail_mode": os.environ.get(FAIL_MODE_ENV, "raise"), "fail_marker": marker}
 
@@ -652,7 +654,8 @@ def run_training(config: Config, dataset_uri: str, out_uri: str) -> dict:
         "val_loss_per_epoch": [loss for _, loss in state["val_loss"]],
         "train_tokens": state["tokens"],
         # tokens (prompt + target, no padding) over the time in training steps and logging reports, all workers
-        "tokens_per_s": state["tokens"] / (state["train_seconds"] + state["log_seconds"]) if state["train_seconds"] else None,
+        "tokens_per_s": (state["tokens"] / (state["train_seconds"] + state.get("log_seconds", 0.0))
+                         if state["train_seconds"] else None),
         # the median over this attempt's steps: robust to a machine that is busy with other work now and then
         "median_step_tokens_per_s": state.get("median_step_tokens_per_s"),
         "peak_rss_mb_per_worker": state.get("peak_rss_mb"),

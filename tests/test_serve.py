@@ -123,6 +123,7 @@ def test_deployment_options_from_config():
     options = deployment_options(config)
     assert options["autoscaling_config"]["min_replicas"] == 2 and options["autoscaling_config"]["max_replicas"] == 4
     assert options["ray_actor_options"]["num_gpus"] == 1
+    assert options["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
     config.engine.tensor_parallel_size = 2
     tp = deployment_options(config)
     assert tp["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1}, {"GPU": 1}]
