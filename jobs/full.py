@@ -3,6 +3,8 @@
     pipeline  questions -> mutations -> k samples -> confidence -> OUT/sft/
     train     LoRA fine-tuning (Ray Train + DeepSpeed) on OUT/sft/train.parquet -> OUT/train/adapter
     evaluate  every confidence method, base model vs fine-tuned, on the held-out questions -> OUT/eval/report.md
+    --serve   then deploy the fine-tuned model behind the Ray Serve endpoint (safeconf.serving), accepting or
+              deferring judgements at the threshold the evaluation calibrated
 
 Locally: `python jobs/full.py` (the embedded default). On a cluster:
 `ray job submit --working-dir . -- python jobs/full.py --config CONFIG [key=value ...]`.
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config (see `safeconf pipeline --help` for every key)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
     parser.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
+    parser.add_argument("--serve", action="store_true",
+                        help="after the stages, deploy the endpoint with OUT/train/adapter and the threshold of "
+                        "OUT/eval/metrics.json; on a cluster it stays up after the job, locally until Ctrl-C")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,7 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(final, indent=2))
     if "evaluate" in stages:
         print(f"report: {io.join(out, 'eval', 'report.md')}")
+    if args.serve:
+        deploy(config, out)
     return 0
+
+
+def deploy(config, out: str) -> None:
+    """The Serve app on this run's adapter and calibrated threshold. Joined to a cluster (a submitted job, or
+    ray_address set) the app outlives the job; with a Ray this process started, it serves until Ctrl-C."""
+    import os
+
+    from safeconf.serving import run_serve
+
+    config.model.adapter = io.join(out, "train", "adapter")
+    config.serve.metrics_path = io.join(out, "eval", "metrics.json")
+    on_cluster = bool(config.ray_address or os.environ.get("RAY_ADDRESS"))
+    url = run_serve(config, blocking=not on_cluster)
+    if on_cluster:
+        print(f"endpoint: {url} (POST /v1/judge); it stays up after this job (`serve shutdown` removes it)")
 
 
 def _run(stage: str, config, out: str) -> dict:
@@ -84,7 +106,7 @@ def _run(stage: str, config, out: str) -> dict:
     if stage == "train":
         from safeconf.train import run_training
 
-        return run_training(config, io.join(out, "sft"), io.join(out, "train"))
+        return run_training(config, config.train.dataset or io.join(out, "sft"), io.join(out, "train"))
     from safeconf.evaluation import run_evaluation
 
     return run_evaluation(

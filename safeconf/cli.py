@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_options_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--dataset", required=True, help="SFT folder with train.parquet and val.parquet (OUT/sft of a pipeline run)")
+    train.add_argument("--dataset", help="SFT folder with train.parquet and val.parquet (OUT/sft of a pipeline run); "
+                       "default train.dataset")
     train.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
     _add_common(train)
 
@@ -92,7 +93,10 @@ def _run_stage(args, config) -> dict:
     if args.stage == "train":
         from safeconf.train import run_training
 
-        return run_training(config, args.dataset, config.out)
+        dataset = args.dataset or config.train.dataset
+        if not dataset:
+            raise SystemExit("safeconf train: give --dataset DIR or train.dataset=DIR (the SFT folder of a pipeline run)")
+        return run_training(config, dataset, config.out)
     if args.stage == "serve":
         from safeconf.serving import run_serve
 

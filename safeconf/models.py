@@ -88,10 +88,18 @@ def merged_model(model_path: str, adapter: str, cache_dir: str = "") -> str:
     return str(target)
 
 
+def fetch(uri: str, cache_dir: str = "") -> str:
+    """A local folder for a model or adapter on an object store (s3://, gs://), copied once per node; local
+    paths and hub ids pass through."""
+    from safeconf import io
+
+    return io.local_path(uri, cache_root(cache_dir) / "remote")
+
+
 def resolve_model(name: str = EMBEDDED_NAME, cache_dir: str = "") -> str:
     """A path or hub id that `from_pretrained` and vLLM accept."""
     if name != EMBEDDED_NAME:
-        return name
+        return fetch(name, cache_dir)
     root = cache_root(cache_dir) / "models"
     target = root / EMBEDDED_FOLDER
     if (target / "config.json").exists():

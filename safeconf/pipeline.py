@@ -7,6 +7,7 @@ the way through: variants and samples are list columns, so every stage is a map 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from safeconf import io
 from safeconf.config import Config, config_from_dict
 from safeconf.confidence import question_confidence
 from safeconf.data.loaders import read_questions
+from safeconf.engines.base import placement_bundles
 from safeconf.mutations import LLM_OPERATORS, mutate_rules
 from safeconf.prompts import parse_answer, render_messages
 from safeconf.schema import (
@@ -194,6 +196,10 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
     # while the engine is the only heavy work; the thread count must be in place before the process starts,
     # as vLLM's CPU kernels check it against what OpenMP began with.
     threads = engine.cpu_threads or len(os.sched_getaffinity(0))
+    bundles = placement_bundles(engine)
+    tensor_parallel = {}
+    if bundles:  # one placement group per engine actor, made when Ray Data starts it; vLLM's workers fill it
+        tensor_parallel = {"ray_remote_args_fn": functools.partial(engine_placement, bundles)}
     return ds.map_batches(
         stage_class,
         fn_constructor_kwargs={"config": config.to_dict(), **constructor_kwargs},
@@ -201,10 +207,21 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
         batch_size=engine.batch_size,
         batch_format="pyarrow",
         num_cpus=engine.num_cpus,
-        num_gpus=engine.num_gpus,
+        num_gpus=0 if bundles else engine.num_gpus,
         memory=int(engine.memory_gib * 1024**3) or None,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+        **tensor_parallel,
     )
+
+
+def engine_placement(bundles: list[dict]) -> dict:
+    """Ray remote args of one tensor-parallel engine actor: a fresh placement group (see placement_bundles) whose
+    child tasks and actors, vLLM's GPU workers, stay inside it."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group(bundles, strategy="PACK")
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
 
 
 def build_dataset(questions: pa.Table, config: Config):

@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safeconf.config import Config, config_from_dict, load_config
 from safeconf.data.judge import judge_options, judge_question
+from safeconf.engines.base import placement_bundles
 from safeconf.mutations import detect_lang
 from safeconf.prompts import DEFAULT_STYLE, labels_for, parse_answer, render_messages
 
@@ -545,10 +546,9 @@ def deployment_options(config: Config) -> dict:
         "max_queued_requests": serve_cfg.max_queued_requests,
         "ray_actor_options": actor,
     }
-    if engine.tensor_parallel_size > 1:
-        # vLLM starts one Ray worker per GPU itself; the replica only coordinates. The replica sits in the first
-        # bundle, and its workers fill the GPU bundles of the same placement group (captured by default).
-        options["placement_group_bundles"] = [{"CPU": engine.num_cpus}] + [{"GPU": 1}] * engine.tensor_parallel_size
+    bundles = placement_bundles(engine)
+    if bundles:  # the replica coordinates vLLM's own per-GPU workers in one placement group
+        options["placement_group_bundles"] = bundles
     else:
         actor["num_gpus"] = engine.num_gpus
     return options

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -30,6 +31,8 @@ SFT_SCHEMA = pa.schema(
     ]
 )
 SPLITS = ("train", "val")
+
+log = logging.getLogger(__name__)
 
 
 def split_of(question_id: str, val_fraction: float, seed: int = 0) -> str:
@@ -108,4 +111,9 @@ def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig) -> dict:
     finally:
         for writer in [*writers.values(), *question_writers.values()]:
             writer.close()
+    for split in SPLITS:
+        if counts["examples"][split] == 0:  # a small set split by hash can leave a side empty; training then refuses
+            log.warning("the %s split of %s is empty (%d questions, sft.val_fraction=%s): use more questions or "
+                        "another sft.val_fraction / sft.seed", split, out_uri, sum(counts["questions"].values()),
+                        config.val_fraction)
     return counts

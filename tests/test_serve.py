@@ -126,7 +126,9 @@ def test_deployment_options_from_config():
     assert options["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
     config.engine.tensor_parallel_size = 2
     tp = deployment_options(config)
-    assert tp["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1}, {"GPU": 1}]
+    # the replica's CPUs and memory in the first bundle (it must fit in it), one GPU bundle per vLLM worker
+    memory = options["ray_actor_options"]["memory"]
+    assert tp["placement_group_bundles"] == [{"CPU": 1.0, "memory": memory}, {"GPU": 1}, {"GPU": 1}]
     assert "num_gpus" not in tp["ray_actor_options"]
 
 

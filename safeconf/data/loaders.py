@@ -27,6 +27,7 @@ RAW_LIMIT = 2000  # characters of a row kept in RawRecord.raw
 SCHEMA_KEYS = tuple(QUESTION_SCHEMA.names)
 # Columns a columnar source (Parquet, HF datasets) must have; category and answer may be absent (null).
 REQUIRED_COLUMNS = ("id", "source", "lang", "task", "question", "options")
+URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://
 LETTER_INDEX = {letter: i for i, letter in enumerate("abcd")}  # MMLU / CMMLU answer letters
 
 SAFE_UNSAFE = {"safe": 0, "unsafe": 1}  # judge option 0 is the safe side (safeconf.data.judge)
@@ -499,16 +500,26 @@ def _embedded() -> Iterator[RawRecord]:
     return _jsonl_bytes(resource.read_bytes(), str(resource))
 
 
+def fetch(path: str) -> str:
+    """A local path for a data path: an object-store file or folder is copied into the cache first."""
+    from safeconf import io
+    from safeconf.models import cache_root
+
+    return io.local_path(path, cache_root() / "remote")
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
-    """(format, path) of a SPEC; raises ValueError / FileNotFoundError with the known formats."""
+    """(format, local path) of a SPEC; raises ValueError / FileNotFoundError with the known formats."""
     prefix, sep, rest = spec.partition(":")
+    if URI.match(spec):  # a bare s3:// / gs:// URI: the format comes from its extension
+        prefix, sep, rest = "", "", spec
     if sep and prefix in FORMATS:
-        fmt, path = prefix, rest
+        fmt, path = prefix, rest if prefix == "hf" else fetch(rest)
     elif sep and len(prefix) > 1 and re.fullmatch(r"[A-Za-z][\w-]*", prefix) and not Path(spec).exists():
         # a single letter is a Windows drive, not a format
         raise ValueError(f"unknown data format {prefix!r} in {spec!r}; {_known()}")
     else:
-        path = spec
+        path = fetch(spec)
         target = Path(path)
         if not target.exists():
             raise FileNotFoundError(f"no such file or directory: {path} ({_known()})")

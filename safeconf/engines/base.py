@@ -99,15 +99,29 @@ def resolve_engine_kind(kind: str) -> str:
     return kind
 
 
+def placement_bundles(engine: EngineConfig) -> list[dict] | None:
+    """Placement-group bundles of one tensor-parallel vLLM engine; None without tensor parallelism.
+
+    vLLM's Ray executor starts one worker per GPU itself, inside the placement group of the actor that holds the
+    engine, so that actor reserves no GPU: it takes the first bundle (its CPUs and memory) and the workers take
+    one GPU bundle each. Reserving the GPUs on the actor as well would ask for them twice.
+    """
+    if engine.tensor_parallel_size <= 1:
+        return None
+    coordinator = {"CPU": engine.num_cpus} | ({"memory": int(engine.memory_gib * 1024**3)} if engine.memory_gib else {})
+    return [coordinator] + [{"GPU": 1}] * engine.tensor_parallel_size
+
+
 def make_engine(model: ModelConfig, engine: EngineConfig, seed: int = 0) -> Engine:
-    from safeconf.models import resolve_model
+    from safeconf.models import fetch, resolve_model
 
     path = resolve_model(model.name, model.cache_dir)
+    adapter = fetch(model.adapter, model.cache_dir) if model.adapter else ""  # on this node, where it is loaded
     kind = resolve_engine_kind(engine.kind)
     if kind == "vllm":
         from safeconf.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(path, model.dtype, engine, seed=seed, adapter=model.adapter)
+        return VLLMEngine(path, model.dtype, engine, seed=seed, adapter=adapter)
     from safeconf.engines.hf_engine import HFEngine
 
-    return HFEngine(path, model.dtype, engine, seed=seed, adapter=model.adapter)
+    return HFEngine(path, model.dtype, engine, seed=seed, adapter=adapter)
