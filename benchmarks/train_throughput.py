@@ -147,6 +147,7 @@ def main() -> None:
         for repeat in range(args.repeats):  # alternate the order: the machine may be busier at one time than another
             config = load_config(overrides=common + [
                 f"train.max_steps={args.steps}", "train.num_workers=1", f"train.cpus_per_worker={args.threads}",
+                f"train.cpu_threads={args.threads}",
                 "train.micro_batch_size=4", "train.log_every=5", f"train.run_name=throughput-{repeat}"])
             runs = [("plain", lambda: plain_loop(folder, config, args.threads)),
                     ("ray", lambda: ray_run("ray train + deepspeed zero-2, 1 worker", folder, config,

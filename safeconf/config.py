@@ -87,6 +87,7 @@ class TrainConfig:
     num_workers: int = option(1, "Ray Train workers (one model replica / ZeRO shard each).")
     use_gpu: bool = option(False, "Train on GPUs (NCCL, bf16) instead of CPUs (gloo, fp32).")
     cpus_per_worker: float = option(1.0, "CPUs reserved per train worker (leave some for Ray Data on small machines).")
+    cpu_threads: int = option(0, "Torch threads per CPU train worker; 0 = the node's cores shared among the run's workers on that node (a reservation of 1 CPU would otherwise leave the other cores idle).")
     zero_stage: int = option(2, "DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also parameters).")
     offload_optimizer: bool = option(False, "ZeRO: keep optimizer state in CPU memory.")
     offload_params: bool = option(False, "ZeRO-3: keep parameters in CPU memory.")

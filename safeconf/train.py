@@ -365,8 +365,8 @@ def train_loop(loop: dict) -> dict:
     train = config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if not train.use_gpu:
-        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    if not train.use_gpu:  # Ray starts workers with OMP_NUM_THREADS = their CPU reservation; size to the node instead
+        torch.set_num_threads(train.cpu_threads or max(1, len(os.sched_getaffinity(0)) // context.get_local_world_size()))
     # the root logger reaches the driver once (Ray Train tees print() into it, so printing would show twice)
     say = (lambda text: logging.getLogger().info(f"[safeconf train] {text}")) if rank == 0 else (lambda text: None)
 
