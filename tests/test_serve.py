@@ -117,6 +117,48 @@ def test_threshold_from_metrics_json(tmp_path):
         resolve_threshold(config)
 
 
+def test_batches_that_wait_for_a_busy_engine_are_merged_into_one_call():
+    """@serve.batch hands over small batches while the engine is busy; they must reach it as one call, each
+    caller getting its own answers back, in order; a caller that gave up is skipped; an error reaches all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safeconf.serving import JudgeServer
+
+    calls = []
+
+    def echo(engine, requests, tag):
+        calls.append(list(requests))
+        if "boom" in requests:
+            raise RuntimeError("engine failed")
+        time.sleep(0.2 if len(calls) == 1 else 0)  # the first call keeps the engine busy while others queue
+        return [f"{tag}:{r}" for r in requests]
+
+    server = JudgeServer.__new__(JudgeServer)  # the batching state only: no engine, no Serve
+    server.config = load_config(overrides=["serve.max_batch_size=5"])
+    server.executor, server.engine = ThreadPoolExecutor(max_workers=1), object()
+    server.waiting, server.runner, server.engine_batches = [], None, 0
+
+    async def scenario():
+        first = asyncio.create_task(server._on_engine(echo, server.engine, ["a"], "t"))
+        await asyncio.sleep(0.05)  # the engine is now busy with ["a"]
+        queued = [asyncio.create_task(server._on_engine(echo, server.engine, batch, "t"))
+                  for batch in (["b", "c"], ["d"], ["e", "f"], ["g"])]
+        gave_up = asyncio.create_task(server._on_engine(echo, server.engine, ["x"], "t"))
+        await asyncio.sleep(0)
+        gave_up.cancel()
+        answers = await asyncio.gather(first, *queued)
+        failing = [asyncio.create_task(server._on_engine(echo, server.engine, batch, "t"))
+                   for batch in (["boom"], ["y"])]
+        errors = await asyncio.gather(*failing, return_exceptions=True)
+        return answers, errors
+
+    answers, errors = asyncio.run(scenario())
+    assert answers == [["t:a"], ["t:b", "t:c"], ["t:d"], ["t:e", "t:f"], ["t:g"]]
+    # ["a"] alone; the waiting batches merged up to max_batch_size 5; the rest (the cancelled "x" runs, unanswered)
+    assert calls == [["a"], ["b", "c", "d", "e", "f"], ["g", "x"], ["boom", "y"]]
+    assert all(isinstance(e, RuntimeError) for e in errors)
+
+
 def test_deployment_options_from_config():
     config = load_config(overrides=["serve.min_replicas=2", "serve.max_replicas=4", "engine.num_gpus=1",
                                     "serve.max_batch_size=32"])
