@@ -23,46 +23,46 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.k=8")
 
 
+def add_stage(stages, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A stage's subcommand, its help ending with every config key (key=value overrides)."""
+    return stages.add_parser(name, help=help, description=description, epilog=_options_epilog(),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeconf", description="Calibrated LLM safety self-evaluation on Ray.")
     stages = parser.add_subparsers(dest="stage", required=True)
-    pipeline = stages.add_parser(
-        "pipeline",
+    pipeline = add_stage(
+        stages, "pipeline",
         help="questions -> mutations -> k samples -> self-consistency confidence -> fine-tuning set",
         description="Stream safety questions through Ray Data and write a confidence-labelled fine-tuning set: "
         "OUT/confidence/ (one row per question with its variants and samples), OUT/sft/{train,val}.parquet, "
         "OUT/rejects.parquet (rows refused at the door, with the reason) and OUT/summary.json.",
-        epilog=_options_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pipeline.add_argument("--data", help="questions SPEC: a path, format:path or 'embedded' (default: embedded)")
     pipeline.add_argument("--out", help="output directory, local or s3:// / gs:// (default: runs/latest)")
     pipeline.add_argument("--limit", type=int, help="read at most N rows")
     _add_common(pipeline)
 
-    train = stages.add_parser(
-        "train",
+    train = add_stage(
+        stages, "train",
         help="LoRA fine-tuning on the SFT set with Ray Train + DeepSpeed ZeRO",
         description="Fine-tune the model on the set `safeconf pipeline` wrote, across train.num_workers Ray Train "
         "workers, and write OUT/adapter (PEFT LoRA, HF format), OUT/merged with train.merge=true, checkpoints "
         "under train.storage_path (default OUT/checkpoints) and OUT/train_summary.json. Re-running with the same "
         "train.run_name and storage resumes from the last checkpoint.",
-        epilog=_options_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--dataset", help="SFT folder with train.parquet and val.parquet (OUT/sft of a pipeline run); "
                        "default train.dataset")
     train.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
     _add_common(train)
 
-    evaluate = stages.add_parser(
-        "evaluate",
+    evaluate = add_stage(
+        stages, "evaluate",
         help="every confidence method vs the fine-tuned model: metrics, plots, report",
         description="Run every confidence method (verbalized, self-consistency, mutation consistency, token "
         "probability, P(True), and SafeConf with --adapter) on held-out questions and write OUT/metrics.json, "
         "OUT/report.md, OUT/report.html and PNG plots.",
-        epilog=_options_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("--data", help="held-out questions SPEC (default: the data key of the config)")
     evaluate.add_argument("--model", help="model (default: model.name)")
@@ -70,13 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
     _add_common(evaluate)
 
-    serve = stages.add_parser(
-        "serve",
+    serve = add_stage(
+        stages, "serve",
         help="Ray Serve endpoint: calibrated judgements over HTTP (+ OpenAI-style chat)",
         description="Start the SafeConf Ray Serve application on the local Ray or a cluster: POST /v1/judge, "
         "POST /v1/chat/completions, GET /healthz. Importable as safeconf.serving:app for `serve run` / KubeRay.",
-        epilog=_options_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--model", help="model (default: model.name)")
     serve.add_argument("--adapter", help="LoRA adapter folder of the fine-tuned model")

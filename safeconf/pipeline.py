@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 
 import pyarrow as pa
@@ -19,7 +18,7 @@ from safeconf import io
 from safeconf.config import Config, config_from_dict
 from safeconf.confidence import question_confidence
 from safeconf.data.loaders import read_questions
-from safeconf.engines.base import placement_bundles
+from safeconf.engines.base import engine_runtime_env, placement_bundles
 from safeconf.mutations import LLM_OPERATORS, mutate_rules
 from safeconf.prompts import parse_answer, render_messages
 from safeconf.schema import (
@@ -192,10 +191,6 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
     import ray
 
     engine = config.engine
-    # Ray starts actors with OMP_NUM_THREADS = num_cpus (1), which would leave a small node's other cores idle
-    # while the engine is the only heavy work; the thread count must be in place before the process starts,
-    # as vLLM's CPU kernels check it against what OpenMP began with.
-    threads = engine.cpu_threads or len(os.sched_getaffinity(0))
     bundles = placement_bundles(engine)
     tensor_parallel = {}
     if bundles:  # one placement group per engine actor, made when Ray Data starts it; vLLM's workers fill it
@@ -209,7 +204,7 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
         num_cpus=engine.num_cpus,
         num_gpus=0 if bundles else engine.num_gpus,
         memory=int(engine.memory_gib * 1024**3) or None,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+        runtime_env=engine_runtime_env(engine),
         **tensor_parallel,
     )
 

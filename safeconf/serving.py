@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safeconf.config import Config, config_from_dict, load_config
 from safeconf.data.judge import judge_options, judge_question
-from safeconf.engines.base import placement_bundles
+from safeconf.engines.base import engine_runtime_env, placement_bundles
 from safeconf.mutations import detect_lang
 from safeconf.prompts import DEFAULT_STYLE, labels_for, parse_answer, render_messages
 
@@ -451,17 +451,17 @@ class JudgeServer:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _judge_batch(self, items: list[JudgeItem]) -> list[dict]:
         sampling = self.config.sampling
-        return await self._on_engine(judge_batch, self.engine, items, sampling.max_tokens, sampling.stop)
+        return await self._on_engine(judge_batch, items, sampling.max_tokens, sampling.stop)
 
-    async def _on_engine(self, fn, engine, requests: list, *args):
-        """fn(engine, requests, *args) on the engine thread, merged with the batches that queued meanwhile.
+    async def _on_engine(self, fn, requests: list, *args):
+        """fn(self.engine, requests, *args) on the engine thread, merged with the batches that queued meanwhile.
 
         @serve.batch forms its next batch as soon as the previous one is handed over, not when the engine is free,
         so behind a busy engine it queues many small batches; merging what waits into one call keeps the batches
         full (measured on the embedded model at concurrency 8: mostly 1-3 requests per engine call without it).
         """
         done = asyncio.get_running_loop().create_future()
-        self.waiting.append((fn, engine, args, requests, done))
+        self.waiting.append((fn, args, requests, done))
         if self.runner is None or self.runner.done():
             self.runner = asyncio.create_task(self._run_waiting())
         return await done
@@ -469,19 +469,19 @@ class JudgeServer:
     async def _run_waiting(self):
         loop, limit = asyncio.get_running_loop(), self.config.serve.max_batch_size
         while self.waiting:
-            fn, engine, args = self.waiting[0][:3]
+            fn, args = self.waiting[0][:2]
             group, size = [], 0
             for entry in self.waiting:  # same function and settings, up to max_batch_size requests (at least one)
-                if entry[0] is fn and entry[1] is engine and entry[2] == args and (not group or size + len(entry[3]) <= limit):
+                if entry[0] is fn and entry[1] == args and (not group or size + len(entry[2]) <= limit):
                     group.append(entry)
-                    size += len(entry[3])
+                    size += len(entry[2])
             taken = {id(entry) for entry in group}
             self.waiting = [entry for entry in self.waiting if id(entry) not in taken]
-            requests = [request for entry in group for request in entry[3]]
+            requests = [request for entry in group for request in entry[2]]
             self.engine_batches += 1
             started = time.perf_counter()
             try:
-                answers = await loop.run_in_executor(self.executor, fn, engine, requests, *args)
+                answers = await loop.run_in_executor(self.executor, fn, self.engine, requests, *args)
             except Exception as error:  # every request of the call gets the error (each answers 500)
                 for *_, future in group:
                     if not future.done():
@@ -527,7 +527,7 @@ class JudgeServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _chat_batch(self, requests: list[dict]) -> list[dict]:
-        return await self._on_engine(chat_batch, self.engine, requests)
+        return await self._on_engine(chat_batch, requests)
 
 
 def chat_batch(engine, requests: list[dict]) -> list[dict]:
@@ -558,11 +558,7 @@ JudgeDeployment = serve.deployment(name="SafeConfJudge")(serve.ingress(api)(Judg
 def deployment_options(config: Config) -> dict:
     """Serve options of the deployment, from the config (plain data: checked in tests without a cluster)."""
     serve_cfg, engine = config.serve, config.engine
-    # As for the pipeline's engine actors (pipeline.map_on_engines): Ray starts a replica with OMP_NUM_THREADS =
-    # num_cpus (1), which would leave a small node's other cores idle while the engine is its only heavy work;
-    # the value must be in the environment before the process starts (vLLM's CPU kernels check it).
-    threads = engine.cpu_threads or len(os.sched_getaffinity(0))
-    actor = {"num_cpus": engine.num_cpus, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
+    actor = {"num_cpus": engine.num_cpus, "runtime_env": engine_runtime_env(engine)}
     if engine.memory_gib:
         actor["memory"] = int(engine.memory_gib * 1024**3)
     options = {

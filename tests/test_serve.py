@@ -139,15 +139,15 @@ def test_batches_that_wait_for_a_busy_engine_are_merged_into_one_call():
     server.waiting, server.runner, server.engine_batches = [], None, 0
 
     async def scenario():
-        first = asyncio.create_task(server._on_engine(echo, server.engine, ["a"], "t"))
+        first = asyncio.create_task(server._on_engine(echo, ["a"], "t"))
         await asyncio.sleep(0.05)  # the engine is now busy with ["a"]
-        queued = [asyncio.create_task(server._on_engine(echo, server.engine, batch, "t"))
+        queued = [asyncio.create_task(server._on_engine(echo, batch, "t"))
                   for batch in (["b", "c"], ["d"], ["e", "f"], ["g"])]
-        gave_up = asyncio.create_task(server._on_engine(echo, server.engine, ["x"], "t"))
+        gave_up = asyncio.create_task(server._on_engine(echo, ["x"], "t"))
         await asyncio.sleep(0)
         gave_up.cancel()
         answers = await asyncio.gather(first, *queued)
-        failing = [asyncio.create_task(server._on_engine(echo, server.engine, batch, "t"))
+        failing = [asyncio.create_task(server._on_engine(echo, batch, "t"))
                    for batch in (["boom"], ["y"])]
         errors = await asyncio.gather(*failing, return_exceptions=True)
         return answers, errors

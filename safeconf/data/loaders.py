@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from safeconf.data.judge import judge_options, judge_question
+from safeconf.models import fetch  # an object-store data path is copied into the cache and read from there
 from safeconf.schema import QUESTION_SCHEMA, DataFormatError
 
 RAW_LIMIT = 2000  # characters of a row kept in RawRecord.raw
@@ -498,14 +499,6 @@ def _embedded() -> Iterator[RawRecord]:
     if not resource.is_file():
         raise FileNotFoundError(f"the embedded sample is missing: {resource}")
     return _jsonl_bytes(resource.read_bytes(), str(resource))
-
-
-def fetch(path: str) -> str:
-    """A local path for a data path: an object-store file or folder is copied into the cache first."""
-    from safeconf import io
-    from safeconf.models import cache_root
-
-    return io.local_path(path, cache_root() / "remote")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

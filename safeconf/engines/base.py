@@ -92,6 +92,15 @@ def cpu_threads(config: EngineConfig) -> int:
     return config.cpu_threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
 
 
+def engine_runtime_env(engine: EngineConfig) -> dict:
+    """runtime_env of an engine actor (pipeline actor or Serve replica). Ray starts actors with OMP_NUM_THREADS =
+    num_cpus (1), which would leave a small node's other cores idle while the engine is the only heavy work; the
+    count must be in place before the process starts, as vLLM's CPU kernels check it against what OpenMP began
+    with."""
+    threads = engine.cpu_threads or len(os.sched_getaffinity(0))
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+
+
 def resolve_engine_kind(kind: str) -> str:
     """'auto' picks vLLM where it is installed, else transformers."""
     if kind == "auto":
