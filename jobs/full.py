@@ -9,8 +9,15 @@
 Locally: `python jobs/full.py` (the embedded default). On a cluster:
 `ray job submit --working-dir . -- python jobs/full.py --config CONFIG [key=value ...]`.
 
-Each finished stage records itself in OUT/stages/<stage>.json. A rerun skips finished stages (an interrupted
-training resumes from its last Ray Train checkpoint); `--from STAGE` redoes that stage and the ones after it.
+Each finished stage records itself in OUT/stages/<stage>.json with a fingerprint of its inputs (the data it
+reads, the config keys that change its result, the fingerprints of the stages it reads from; see
+safeconf/stages.py). A rerun skips a stage whose fingerprint is unchanged ("stage X up to date (fingerprint
+...)"), and redoes one whose inputs changed, saying which ("inputs changed: sampling.k 4 -> 8"), and through the
+fingerprints every stage after it. An interrupted training resumes from its last Ray Train checkpoint: the run
+is named after its inputs (train.run_name-<key>), so other inputs never restore an old finished run.
+`--from STAGE` redoes that stage and every later one afresh: their outputs and markers are removed first, and
+training starts from step 0. A stage whose input comes from a stage left out by --stages must find that stage
+up to date, else the job stops before running anything, naming what to add.
 """
 
 from __future__ import annotations
@@ -22,21 +29,24 @@ import sys
 import time
 
 from safeconf import io
+from safeconf import stages as stage_runs
 from safeconf.config import load_config
-
-STAGES = ("pipeline", "train", "evaluate")
+from safeconf.stages import STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see `safeconf pipeline --help` for every key)")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
-    parser.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated stages to run (always in the order pipeline, train, evaluate)")
+    parser.add_argument("--from", dest="from_stage", choices=STAGES,
+                        help="redo this stage and every later one afresh (their outputs, markers and, for train, "
+                        "checkpoints are removed first), whatever their fingerprints say")
     parser.add_argument("--serve", action="store_true",
                         help="after the stages, deploy the endpoint with OUT/train/adapter and the threshold of "
                         "OUT/eval/metrics.json; on a cluster it stays up after the job, locally until Ctrl-C")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before and after the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config, args.overrides)
     out = io.normalise_uri(config.out)
@@ -45,25 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
 
-    redo = set(STAGES[STAGES.index(args.from_stage):]) if args.from_stage else set()
-    report, started = {}, time.time()
-    for stage in stages:
-        marker = io.join(out, "stages", f"{stage}.json")
-        if stage not in redo and io.exists(marker):
-            report[stage] = io.read_json(marker)
-            logging.info("stage %s already finished (%s); skipped", stage, marker)
-            continue
-        stage_started = time.time()
-        try:
-            result = _run(stage, config, out)
-        except Exception as error:
-            print(f"jobs/full.py: stage '{stage}' failed: {type(error).__name__}: {error}", file=sys.stderr)
-            print(f"finished stages keep their outputs in {out}; rerun to continue from '{stage}'", file=sys.stderr)
-            raise
-        report[stage] = {"stage_seconds": round(time.time() - stage_started, 1), "finished": time.time()}
-        io.write_json(marker, {**report[stage], "summary": {k: v for k, v in result.items() if k != "config"}})
-        logging.info("stage %s done in %.0f s", stage, report[stage]["stage_seconds"])
+    def failed(stage: str, error: Exception) -> None:
+        print(f"jobs/full.py: stage '{stage}' failed: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"finished stages keep their outputs in {out}; rerun to continue from '{stage}'", file=sys.stderr)
 
+    started = time.time()
+    try:
+        report = stage_runs.run_job(config, stages, args.from_stage, on_failure=failed)
+    except stage_runs.StageOrderError as error:
+        print(f"jobs/full.py: {error}", file=sys.stderr)
+        return 2
+    stages = list(report)  # in pipeline order
     final = {
         "run_dir": out,
         "seconds": round(time.time() - started, 1),
@@ -74,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate": io.join(out, "eval", "report.md"),
         },
     }
+    final["up_to_date"] = [stage for stage in stages if report[stage]["status"] == "up to date"]
     io.write_json(io.join(out, "full_run.json"), final)
     print(json.dumps(final, indent=2))
     if "evaluate" in stages:
         print(f"report: {io.join(out, 'eval', 'report.md')}")
+        metrics = io.join(out, "eval", "metrics.json")
+        for warning in (io.read_json(metrics).get("warnings") or []) if io.exists(metrics) else []:
+            print(f"warning: {warning if isinstance(warning, str) else json.dumps(warning, ensure_ascii=False)}")
     if args.serve:
         deploy(config, out)
     return 0
@@ -96,25 +102,6 @@ def deploy(config, out: str) -> None:
     url = run_serve(config, blocking=not on_cluster)
     if on_cluster:
         print(f"endpoint: {url} (POST /v1/judge); it stays up after this job (`serve shutdown` removes it)")
-
-
-def _run(stage: str, config, out: str) -> dict:
-    if stage == "pipeline":
-        from safeconf.pipeline import run_pipeline
-
-        return run_pipeline(config)
-    if stage == "train":
-        from safeconf.train import run_training
-
-        return run_training(config, config.train.dataset or io.join(out, "sft"), io.join(out, "train"))
-    from safeconf.evaluation import run_evaluation
-
-    return run_evaluation(
-        config,
-        config.eval.data or f"parquet:{io.join(out, 'sft', 'val_questions.parquet')}",
-        io.join(out, "eval"),
-        adapter=io.join(out, "train", "adapter"),
-    )
 
 
 if __name__ == "__main__":

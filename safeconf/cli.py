@@ -49,24 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA fine-tuning on the SFT set with Ray Train + DeepSpeed ZeRO",
         description="Fine-tune the model on the set `safeconf pipeline` wrote, across train.num_workers Ray Train "
         "workers, and write OUT/adapter (PEFT LoRA, HF format), OUT/merged with train.merge=true, checkpoints "
-        "under train.storage_path (default OUT/checkpoints) and OUT/train_summary.json. Re-running with the same "
-        "train.run_name and storage resumes from the last checkpoint.",
+        "under train.storage_path (default OUT/checkpoints) and OUT/train_summary.json. The Ray Train run is "
+        "named train.run_name-<key>, the key a hash of the SFT files and every config key that changes the "
+        "result (safeconf.stages): re-running with the same inputs resumes an interrupted run (or restores the "
+        "finished one), other inputs start a new run; --fresh starts over.",
     )
     train.add_argument("--dataset", help="SFT folder with train.parquet and val.parquet (OUT/sft of a pipeline run); "
-                       "default train.dataset")
+                       "default train.dataset, else RUN/sft with --run")
+    train.add_argument("--run", help="a run directory (jobs/full.py's out, or `safeconf pipeline --out`): train on "
+                       "its sft/ unless --dataset or train.dataset is given")
     train.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
+    train.add_argument("--fresh", action="store_true",
+                       help="remove this run's checkpoints and train from step 0 instead of resuming")
     _add_common(train)
 
     evaluate = add_stage(
         stages, "evaluate",
         help="every confidence method vs the fine-tuned model: metrics, plots, report",
         description="Run every confidence method (verbalized, self-consistency, mutation consistency, token "
-        "probability, P(True), and SafeConf with --adapter) on held-out questions and write OUT/metrics.json, "
-        "OUT/report.md, OUT/report.html and PNG plots.",
+        "probability, P(True), and SafeConf with an adapter) on held-out questions and write OUT/metrics.json, "
+        "OUT/report.md, OUT/report.html and PNG plots. The questions: --data, else eval.data, else the held-out "
+        "split of the run (RUN/sft/val_questions.parquet), never the training questions. The run: --run, else "
+        "the folder above --out when it holds sft/val_questions.parquet (--out RUN/eval, as jobs/full.py "
+        "writes); its adapter RUN/train/adapter is used when present, unless --adapter or model.adapter.",
     )
-    evaluate.add_argument("--data", help="held-out questions SPEC (default: the data key of the config)")
+    evaluate.add_argument("--data", help="held-out questions SPEC (default: eval.data, else RUN/sft/val_questions.parquet)")
+    evaluate.add_argument("--run", help="the run directory to evaluate (default: the folder above --out when it "
+                          "holds sft/val_questions.parquet)")
     evaluate.add_argument("--model", help="model (default: model.name)")
-    evaluate.add_argument("--adapter", help="LoRA adapter folder of the fine-tuned model (OUT/adapter of `safeconf train`)")
+    evaluate.add_argument("--adapter", help="LoRA adapter folder of the fine-tuned model (OUT/adapter of `safeconf "
+                          "train`; default model.adapter, else RUN/train/adapter when present)")
     evaluate.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
     _add_common(evaluate)
 
@@ -83,31 +95,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_stage(args, config) -> dict:
+def evaluation_run(args) -> str | None:
+    """The run directory `safeconf evaluate` evaluates: --run, else the folder above --out when it holds the
+    pipeline's held-out split (--out RUN/eval)."""
+    from safeconf import io, stages
+
+    if args.run:
+        return io.normalise_uri(args.run)
+    parent = io.normalise_uri(args.out).rstrip("/").rsplit("/", 1)[0]
+    return parent if io.exists(stages.val_questions(parent)) else None
+
+
+def stage_plan(args, config):
+    """The StagePlan of the subcommand, with the defaults of safeconf.stages."""
+    from safeconf import io, stages
+
     if args.stage == "pipeline":
-        from safeconf.pipeline import run_pipeline
-
-        return run_pipeline(config)
+        return stages.pipeline_plan(config)
     if args.stage == "train":
-        from safeconf.train import run_training
-
-        dataset = args.dataset or config.train.dataset
+        dataset = args.dataset or config.train.dataset or (io.join(args.run, "sft") if args.run else "")
         if not dataset:
-            raise SystemExit("safeconf train: give --dataset DIR or train.dataset=DIR (the SFT folder of a pipeline run)")
-        return run_training(config, dataset, config.out)
+            raise SystemExit("safeconf train: give --dataset DIR, train.dataset=DIR or --run DIR (the SFT folder "
+                             "of a pipeline run)")
+        return stages.train_plan(config, dataset, config.out)
+    run = evaluation_run(args)
+    data = stages.evaluation_data(config, args.data, run)
+    adapter = args.adapter or config.model.adapter
+    if not adapter and run and io.exists(io.join(run, "train", "adapter")):
+        adapter = io.join(run, "train", "adapter")
+    logging.getLogger(__name__).info("evaluating %s with adapter %s", data, adapter or "(none: baselines only)")
+    return stages.evaluate_plan(config, data, config.out, adapter=adapter, model=args.model)
+
+
+def _run_stage(args, config) -> dict:
     if args.stage == "serve":
         from safeconf.serving import run_serve
 
         return {"url": run_serve(config, port=args.port, blocking=True)}
-    from safeconf.evaluation import run_evaluation
-
-    return run_evaluation(config, config.data, config.out, model=args.model, adapter=args.adapter)
+    return stage_plan(args, config).run(fresh=getattr(args, "fresh", False))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    explicit = {"out": getattr(args, "out", None), "data": getattr(args, "data", None), "limit": getattr(args, "limit", None)}
+    # --data of evaluate names the held-out questions, not the config's data (the pipeline's questions)
+    explicit = {"out": getattr(args, "out", None), "limit": getattr(args, "limit", None),
+                "data": args.data if args.stage == "pipeline" else None}
     if args.stage == "serve":  # the model and adapter options land in the config the replicas are built from
         explicit["model"] = {k: v for k, v in (("name", args.model), ("adapter", args.adapter)) if v}
     try:

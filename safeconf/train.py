@@ -8,9 +8,12 @@ worker   base model + LoRA -> deepspeed.initialize on Ray's process group -> epo
          -> the final checkpoint also holds the LoRA adapter, gathered from the ZeRO-3 partitions first
 driver   OUT/adapter (PEFT, HF format) [+ OUT/merged] + OUT/train_summary.json
 
-Resuming: a run restarted after a worker failure (FailureConfig) or re-run with the same run_name and
-storage_path loads the latest checkpoint and skips exactly the optimizer steps already taken: the data order of
-an epoch is a permutation seeded by (seed, epoch), so the plan is the same on every run.
+Resuming: the Ray Train run is named train.run_name + a key of its inputs (safeconf.stages.train_run_key: the
+result-relevant config, the SFT set's identity, the checkpoint layout). A run restarted after a worker failure
+(FailureConfig), or re-run with the same inputs and storage_path, loads the latest checkpoint and skips exactly
+the optimizer steps already taken: the data order of an epoch is a permutation seeded by (seed, epoch), so the
+plan is the same on every run. Other inputs (a new SFT set, another learning rate) get another run name, so an
+old finished run is never restored for them; fresh=True removes the run's checkpoints and starts over.
 """
 
 from __future__ import annotations
@@ -555,10 +558,12 @@ def _fault_settings(run_name: str) -> dict:
     return {"fail_at_step": int(step), "fail_mode": os.environ.get(FAIL_MODE_ENV, "raise"), "fail_marker": marker}
 
 
-def run_training(config: Config, dataset_uri: str, out_uri: str) -> dict:
+def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = "", fresh: bool = False) -> dict:
     """LoRA fine-tune `config.model.name` on the SFT set in `dataset_uri` (train.parquet, val.parquet) with Ray Train
     and DeepSpeed; write OUT/adapter (PEFT), OUT/merged (with train.merge) and OUT/train_summary.json; return the
-    summary. Re-running with the same train.run_name and storage resumes from the latest checkpoint."""
+    summary. The Ray Train run is named train.run_name-<first 12 hex digits of run_key> in the storage (default
+    run_key: safeconf.stages.train_run_key of this config and the SFT files): the same key resumes from the latest
+    checkpoint (a finished run is restored as it ended); `fresh` removes that run's checkpoints first."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -597,9 +602,20 @@ def run_training(config: Config, dataset_uri: str, out_uri: str) -> dict:
     if train.max_steps:
         total_steps = min(total_steps, train.max_steps)
 
+    from safeconf.stages import sft_identity, train_run_key, train_run_name
+
     storage = io.normalise_uri(train.storage_path) if train.storage_path else io.join(out, "checkpoints")
     if "://" not in storage:
         os.makedirs(storage, exist_ok=True)
+    run_key = run_key or train_run_key(config, sft_identity(dataset))
+    run_name = train_run_name(config, run_key)
+    run_fs, run_path = io.filesystem(io.join(storage, run_name))
+    found = run_fs.get_file_info(run_path).type != pafs.FileType.NotFound
+    if found and fresh:
+        run_fs.delete_dir(run_path)
+    log.info("Ray Train run %s in %s: %s", run_name, storage,
+             "old checkpoints removed, starting over" if found and fresh
+             else "resuming from its checkpoints (same inputs)" if found else "new run")
     # ray.train.report waits for the controller's poll; its default 2 s interval would dominate short steps
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
@@ -607,11 +623,11 @@ def run_training(config: Config, dataset_uri: str, out_uri: str) -> dict:
         train_loop,
         train_loop_config={
             "config": config.to_dict(), "model_path": model_path, "precision": precision, "pad_token_id": pad_token_id,
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, **_fault_settings(train.run_name),
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, **_fault_settings(run_name),
         },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=train.run_name,
+            name=run_name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -666,7 +682,8 @@ def run_training(config: Config, dataset_uri: str, out_uri: str) -> dict:
         "adapter": adapter_uri,
         "merged": merged_uri,
         "checkpoint": result.checkpoint.path,
-        "run": {"name": train.run_name, "storage_path": storage},
+        "run": {"name": run_name, "storage_path": storage, "key": run_key, "fresh": bool(fresh),
+                "resumed": found and not fresh},
         "seconds": round(time.time() - started, 1),
         "config": config.to_dict()["train"],
     }
