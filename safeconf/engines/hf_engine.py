@@ -20,7 +20,6 @@ class HFEngine(Engine):
             dtype = "float32"  # fp16 matmuls are not supported on CPU
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge
-        self.tokenizer.truncation_side = "left"  # an over-long prompt keeps its end: the question and the ask
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
@@ -31,7 +30,14 @@ class HFEngine(Engine):
             self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
         self.model = self.model.to(self.device).eval()
         self.max_prompt_tokens = config.max_prompt_tokens
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.generator_seed = seed
+
+    def prompt_limit(self, max_new_tokens: int) -> int:
+        """engine.max_prompt_tokens, and room for the new tokens within the model's context."""
+        if self.context_length is None:
+            return self.max_prompt_tokens
+        return min(self.max_prompt_tokens, self.context_length - max_new_tokens)
 
     @torch.inference_mode()
     def _next_token_logprobs(self, contexts, targets):
@@ -45,15 +51,8 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def _generate(self, prompts, n, temperature, top_p, max_tokens, stop):
-        texts = [self.render(p) for p in prompts]
-        encoded = self.tokenizer(
-            texts,
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=self.max_prompt_tokens,
-            add_special_tokens=False,
-        ).to(self.device)
+        texts = [self.render(p) for p in prompts]  # already fitted to the context (Engine.generate)
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         torch.manual_seed(self.generator_seed)
         self.generator_seed += 1  # successive batches draw fresh samples, reproducibly
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}

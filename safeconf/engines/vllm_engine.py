@@ -57,12 +57,11 @@ class VLLMEngine(Engine):
             distributed_executor_backend="ray" if multi_gpu else "uni",
         )
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_prompt_tokens = config.max_model_len
+        self.max_model_len = config.max_model_len
 
-    def _prompts(self, texts: list[str], max_tokens: int) -> list[dict]:
-        """Token-id prompts, left-cut to fit the context (vLLM would reject the whole batch otherwise)."""
-        limit = self.max_prompt_tokens - max_tokens
-        return [{"prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)[-limit:]} for t in texts]
+    def prompt_limit(self, max_new_tokens: int) -> int:
+        """The prompt and its new tokens share max_model_len (vLLM would reject the whole batch otherwise)."""
+        return self.max_model_len - max_new_tokens
 
     def _next_token_logprobs(self, contexts, targets):
         from vllm import SamplingParams
@@ -80,8 +79,9 @@ class VLLMEngine(Engine):
 
         # logprobs=0: only the chosen token's log-prob. No per-request seed: with one, all n samples can coincide.
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, stop=stop or None)
-        texts = [self.render(p) for p in prompts]
-        outputs = self.llm.generate(self._prompts(texts, max_tokens), params, use_tqdm=False)
+        # Rendered and tokenized here, as option_logprobs does; the prompts already fit (Engine.generate).
+        ids = [{"prompt_token_ids": self.tokenizer.encode(self.render(p), add_special_tokens=False)} for p in prompts]
+        outputs = self.llm.generate(ids, params, use_tqdm=False)
         results = []
         for output in outputs:
             samples = []

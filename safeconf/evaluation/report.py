@@ -9,6 +9,7 @@ import base64
 import html
 
 from safeconf.evaluation.metrics import coverage_key
+from safeconf.evaluation.selective import min_accepted
 
 METRIC_NAMES = {
     "accuracy": "accuracy", "ece": "ECE", "adaptive_ece": "adaptive ECE", "brier": "Brier", "auroc": "AUROC",
@@ -102,6 +103,11 @@ def build(summary: dict, plots: dict[str, str]) -> Document:
         f"{summary['rows_rejected']} rows rejected at the door. Model: {summary['model']}; "
         f"adapter: {summary['adapter'] or 'none'}."
     )
+    doc.paragraph(_truncation_line(summary.get("truncated_prompts", {})))
+    if summary.get("warnings"):
+        doc.heading("Warnings")
+        for warning in summary["warnings"]:
+            doc.paragraph("- " + warning)
     _methods_table(doc, summary)
     _breakdowns(doc, summary)
     _selective(doc, summary)
@@ -125,17 +131,39 @@ def _metric_title(key: str) -> str:
     return METRIC_NAMES.get(key) or key.replace("accuracy_at_", "acc@") + "%"
 
 
+def _truncation_line(found: dict) -> str:
+    """'Prompts cut to fit the model's context: base model 0 of 52 questions, ...'."""
+    if not found:
+        return "Prompts cut to fit the model's context: not counted."
+    parts = []
+    for role, entry in found.items():
+        if entry["truncated"] is None:
+            parts.append(f"{role} model: not counted (the engine cannot tell)")
+        else:
+            parts.append(f"{role} model {entry['truncated']} of {entry['questions']} questions")
+    return ("Prompts cut to fit the model's context: " + ", ".join(parts)
+            + "; per method in the table below.")
+
+
+def _method_label(method: str, entry: dict) -> str:
+    """The method's name, marked where its confidence says nothing (constant, or always the fallback)."""
+    return f"{method} — {entry['degenerate']}" if entry.get("degenerate") else method
+
+
 def _methods_table(doc: Document, summary: dict):
     keys = _metric_keys(summary)
     doc.heading("Confidence methods on the safety questions")
     doc.paragraph(f"Point estimate [bootstrap 95% interval, {summary['bootstrap_samples']} resamples]. {LOWER_IS_BETTER} "
                   "acc@N%: accuracy on the N% most confident answers. Unanswered: unreadable replies (counted wrong). "
-                  "Fallback: see the notes.")
+                  "Fallback: see the notes. Cut: questions whose prompt was cut to fit the context. A degenerate "
+                  "method (one confidence for every question, or the fallback every time) cannot rank its answers.")
     rows = []
     for method, entry in summary["methods"].items():
-        rows.append([method, entry["role"], str(entry["overall"]["n"])] + [_cell(entry["overall"].get(k)) for k in keys]
-                    + [_percent(entry["unanswered"]), _percent(entry["fallback"])])
-    doc.table(["method", "model", "n"] + [_metric_title(k) for k in keys] + ["unanswered", "fallback"], rows)
+        cut = entry.get("truncated")
+        rows.append([_method_label(method, entry), entry["role"], str(entry["overall"]["n"])]
+                    + [_cell(entry["overall"].get(k)) for k in keys]
+                    + [_percent(entry["unanswered"]), _percent(entry["fallback"]), "–" if cut is None else str(cut)])
+    doc.table(["method", "model", "n"] + [_metric_title(k) for k in keys] + ["unanswered", "fallback", "cut"], rows)
 
 
 def _breakdowns(doc: Document, summary: dict):
@@ -144,7 +172,7 @@ def _breakdowns(doc: Document, summary: dict):
         rows = []
         for method, entry in summary["methods"].items():
             for group, scores in entry[f"by_{key}"].items():
-                rows.append([method, group, str(scores["n"]), _cell(scores["accuracy"]), _cell(scores["ece"]),
+                rows.append([_method_label(method, entry), group, str(scores["n"]), _cell(scores["accuracy"]), _cell(scores["ece"]),
                              _cell(scores["brier"]), _cell(scores["auroc"])])
         doc.table(["method", title, "n", "accuracy", "ECE", "Brier", "AUROC"], rows)
 
@@ -159,14 +187,18 @@ def _selective(doc: Document, summary: dict):
         f"A judgement is accepted when its confidence reaches the threshold, chosen on the calibration split "
         f"({first['calibration_questions']} questions) so that the error rate of accepted judgements is at most "
         f"alpha = {first['alpha']} with probability at least 1 - delta = {1 - first['delta']:.2f} (Clopper-Pearson bound, "
-        f"fixed-sequence testing from high to low thresholds). Test split: {first['test_questions']} questions. "
-        "No threshold: no confidence level is safe enough on this data; every judgement is deferred."
+        f"fixed-sequence testing from high to low thresholds); any threshold needs at least "
+        f"{min_accepted(first['alpha'], first['delta'])} calibration questions. Test split: "
+        f"{first['test_questions']} questions. No threshold: no confidence level is safe enough on this data; every "
+        "judgement is deferred (the endpoint too). The endpoint also defers an unreadable answer, which the "
+        "evaluation counts as wrong."
     )
     rows = []
     for method, entry in summary["methods"].items():
         s = entry["selective"]
-        rows.append([method, _number(s["threshold"], 2), f"{s['calibration_accepted']} / {s['calibration_errors']}",
-                     _number(s["calibration_upper_bound"]), _percent(s["test_coverage"]), _percent(s["test_error"])])
+        rows.append([_method_label(method, entry), _number(s["threshold"], 2),
+                     f"{s['calibration_accepted']} / {s['calibration_errors']}", _number(s["calibration_upper_bound"]),
+                     _percent(s["test_coverage"]), _percent(s["test_error"])])
     doc.table(["method", "threshold", "calibration accepted / wrong", "error bound", "test coverage", "test error"], rows)
 
 

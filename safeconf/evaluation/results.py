@@ -6,13 +6,14 @@ accuracy and calibration. An unreadable answer (choice null) counts as a wrong o
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
 
 from safeconf.config import EvalConfig
 from safeconf.evaluation.metrics import accuracy, metric_suite, score
-from safeconf.evaluation.selective import selective_judgement
+from safeconf.evaluation.selective import min_accepted, selective_judgement
 
 FALLBACK_MEANING = {
     "verbalized": "reply stated no confidence; counted as eval.missing_confidence",
@@ -20,6 +21,11 @@ FALLBACK_MEANING = {
     "p_true": "greedy reply unreadable; the token_prob answer was proposed instead",
 }
 BREAKDOWNS = ("lang", "task", "category")
+# Rules of thumb for small held-out sets (no exact bound exists for these): binned ECE from fewer than about
+# 10 questions a bin is mostly sampling noise and biased upward; a percentile bootstrap from fewer than about 30
+# questions can only repeat the few answers there are, so its intervals come out too narrow.
+ECE_QUESTIONS_PER_BIN = 10
+BOOTSTRAP_MIN_QUESTIONS = 30
 
 
 def correctness(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -55,6 +61,8 @@ def method_summary(rows: list[dict], config: EvalConfig) -> dict:
         "unanswered": _share(rows, lambda r: r["choice"] is None),
         "fallback": _share(rows, lambda r: r["fallback"]),
         "fallback_meaning": FALLBACK_MEANING.get(method),
+        "degenerate": degenerate(rows),
+        "truncated": _count_cut(rows),
         "overall": score_rows(rows, config),
     }
     for key in BREAKDOWNS:
@@ -64,6 +72,97 @@ def method_summary(rows: list[dict], config: EvalConfig) -> dict:
         summary[f"by_{key}"] = {name: score_rows(group, config) for name, group in sorted(groups.items())}
     summary["selective"] = selective(rows, config)
     return summary
+
+
+def degenerate(rows: list[dict]) -> str | None:
+    """Why a method's confidence says nothing about its answers, or None: the same confidence for every
+    evaluated question (it cannot rank them), or the fallback taken on every one."""
+    if not rows:
+        return None
+    found = []
+    confidences = [r["confidence"] for r in rows]
+    if max(confidences) - min(confidences) < 1e-9:
+        found.append(f"degenerate (constant confidence {confidences[0]:.3f})")
+    if all(r["fallback"] for r in rows):
+        found.append("100% fallback")
+    return ", ".join(found) or None
+
+
+def _count_cut(rows: list[dict]) -> int | None:
+    """Rows whose prompt was cut to fit the context; None when the engine could not tell for any of them."""
+    flags = [r.get("truncated") for r in rows]
+    return None if all(flag is None for flag in flags) else sum(1 for flag in flags if flag)
+
+
+def truncated_prompts(predictions: list[dict]) -> dict:
+    """Per role: questions evaluated (all sets), how many had a prompt cut to fit the context, and per method."""
+    found = {}
+    for (role, method), group in _by_role_method(predictions).items():
+        entry = found.setdefault(role, {"questions": set(), "cut": set(), "checked": False, "by_method": {}})
+        entry["by_method"][method] = _count_cut(group)
+        for row in group:
+            question = (row["eval_set"], row["id"])
+            entry["questions"].add(question)
+            entry["checked"] |= row.get("truncated") is not None
+            if row.get("truncated"):
+                entry["cut"].add(question)
+    return {role: {"questions": len(e["questions"]), "truncated": len(e["cut"]) if e["checked"] else None,
+                   "by_method": e["by_method"]} for role, e in found.items()}
+
+
+def sample_size_warnings(summary: dict, config: EvalConfig) -> list[str]:
+    """Plain sentences for metrics.json["warnings"], the report and the job's last lines: where the held-out
+    or calibration set is too small for what is asked of it, and how many questions it would need; degenerate
+    methods; prompts that were cut."""
+    warnings = []
+    needed = min_accepted(config.alpha, config.delta)
+    first = next(iter(summary["methods"].values()), None)
+    if first is not None:
+        calibration, test = first["selective"]["calibration_questions"], first["selective"]["test_questions"]
+        if calibration < needed:
+            total = math.ceil(needed / config.calibration_fraction)
+            warnings.append(
+                f"The calibration split has {calibration} gold-labelled questions, but at eval.alpha={config.alpha} "
+                f"and eval.delta={config.delta} the selective procedure needs at least {needed} to set any threshold "
+                "(with fewer, the Clopper-Pearson bound on the error of accepted judgements stays above alpha even "
+                "without a single error), "
+                f"so no threshold is set and an endpoint serving it defers every judgement. Use at least {needed} "
+                f"calibration questions (about {total} gold-labelled held-out questions at eval.calibration_fraction="
+                f"{config.calibration_fraction}), more where the model makes errors."
+            )
+        if test < needed:
+            warnings.append(
+                f"The test split has {test} gold-labelled questions: fewer than the {needed} that the same bound "
+                f"needs to confirm an error rate at or under alpha={config.alpha}, so the test coverage and error "
+                "of the selective judgement are indicative only."
+            )
+    gold = summary["with_gold"]
+    if first is not None and gold == 0:
+        warnings.append("No held-out question has a gold answer: accuracy, calibration and the selective threshold "
+                        "cannot be measured (questions with `answer` are needed).")
+    ece_needed = ECE_QUESTIONS_PER_BIN * config.ece_bins
+    if 0 < gold < ece_needed:
+        warnings.append(
+            f"ECE and adaptive ECE over {config.ece_bins} bins come from {gold} gold-labelled questions (fewer than "
+            f"{ECE_QUESTIONS_PER_BIN} a bin): they are mostly sampling noise and biased upward; about {ece_needed} "
+            "questions are needed (or fewer eval.ece_bins)."
+        )
+    if config.bootstrap_samples and 0 < gold < BOOTSTRAP_MIN_QUESTIONS:
+        warnings.append(
+            f"The bootstrap intervals come from {gold} gold-labelled questions: below about "
+            f"{BOOTSTRAP_MIN_QUESTIONS} a resample can only repeat the few answers there are and the intervals "
+            f"understate the uncertainty; at least {BOOTSTRAP_MIN_QUESTIONS} questions are needed."
+        )
+    for method, entry in summary["methods"].items():
+        if entry.get("degenerate"):
+            warnings.append(f"{method} is {entry['degenerate']} over its {entry['questions']} questions: its "
+                            "confidence cannot tell right answers from wrong ones."
+                            + (f" Fallback: {entry['fallback_meaning']}." if entry.get("fallback_meaning") else ""))
+    for role, entry in summary.get("truncated_prompts", {}).items():
+        if entry["truncated"]:
+            warnings.append(f"{entry['truncated']} of {entry['questions']} questions had a prompt cut to fit the "
+                            f"{role} model's context (engine.max_prompt_tokens / engine.max_model_len).")
+    return warnings
 
 
 def selective(rows: list[dict], config: EvalConfig) -> dict:

@@ -19,8 +19,15 @@ import pyarrow as pa
 from safeconf import io
 from safeconf.config import Config, ModelConfig
 from safeconf.evaluation import plots, report
-from safeconf.evaluation.methods import METHODS, PREDICTION_SCHEMA, EvalStage
-from safeconf.evaluation.results import correctness, general_ability, method_summary, over_refusal
+from safeconf.evaluation.methods import ADAPTER_METHODS, METHODS, PREDICTION_SCHEMA, EvalStage, engine_method
+from safeconf.evaluation.results import (
+    correctness,
+    general_ability,
+    method_summary,
+    over_refusal,
+    sample_size_warnings,
+    truncated_prompts,
+)
 from safeconf.pipeline import ingest, init_ray, map_on_engines, question_dataset
 from safeconf.schema import QUESTION_FIELDS
 
@@ -44,7 +51,9 @@ def run_evaluation(config: Config, data_spec: str, out_uri: str, model: str | No
     config has one) is the SafeConf fine-tune: its verbalized confidence is the `safeconf` method, and general
     ability and over-refusal are measured with and without it. Writes OUT/metrics.json, OUT/report.md,
     OUT/report.html, the PNG plots, OUT/predictions/{base,adapter}/ (one row per question and method) and
-    OUT/rejects.parquet; returns the metrics.json content.
+    OUT/rejects.parquet; returns the metrics.json content. metrics.json["warnings"] lists, as plain sentences,
+    what the report flags at its top: calibration or held-out sets too small for what is asked of them (and how
+    many questions they need), degenerate methods, prompts cut to fit the context.
     """
     started = time.time()
     config.validate()
@@ -117,7 +126,7 @@ def method_plan(methods: list[str], role: str) -> dict[str, dict[str, str]]:
     if role == "base":
         safety = {m: m for m in methods if m in METHODS}
     else:
-        safety = {"safeconf": "verbalized"} if "safeconf" in methods else {}
+        safety = {m: engine_method(m) for m in methods if m in ADAPTER_METHODS}
     return {"safety": safety, "general": dict(AUX_METHODS), "over_refusal": dict(AUX_METHODS)}
 
 
@@ -200,6 +209,7 @@ def summarise(predictions: list[dict], config: Config, data_spec: str, roles: di
         "coverage_levels": [float(c) for c in ev.coverage_levels],
         "bootstrap_samples": ev.bootstrap_samples,
         "methods": method_summaries(by_method, order, ev),
+        "truncated_prompts": truncated_prompts(predictions),
     }
     for key, name, spec, scorer in (
         ("general_ability", "general", ev.general_data, lambda rows: general_ability(rows, ev)),
@@ -208,6 +218,9 @@ def summarise(predictions: list[dict], config: Config, data_spec: str, roles: di
         rows = [p for p in predictions if p["eval_set"] == name]
         summary[key] = {"data": spec, "results": scorer(rows)} if rows else {"skipped": _skip_reason(notes, name)}
     summary["notes"] = notes
+    summary["warnings"] = sample_size_warnings(summary, ev)
+    for warning in summary["warnings"]:
+        log.warning("%s", warning)
     return summary
 
 
