@@ -265,6 +265,7 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
         # the downstream write sees that batch's output once. Ray Data's default is unbounded (-1 both), so a batch
         # that kills every actor would loop forever: past the bound the run fails with Ray's ActorDiedError,
         # naming the stage's actor (MapWorker(MapBatches(<stage>))).
+        # Ray 2.60 has no named parameter for these yet and warns that **ray_remote_args is deprecated (2.64).
         max_restarts=engine.max_restarts,
         max_task_retries=engine.max_restarts,
         **tensor_parallel,
