@@ -112,7 +112,7 @@ def test_submitted_full_job_fails_cleanly_then_resumes_on_object_store(ray_head,
     (serve_port,) = free_ports(1)
     status, logs = submit(address, env, "safeconf-resumes", ["--serve", *args, f"serve.port={serve_port}"])
     assert status == "SUCCEEDED", logs[-3000:]
-    assert "stage pipeline already finished" in logs
+    assert "stage pipeline up to date" in logs, logs[-3000:]  # same inputs: its fingerprint is unchanged
     assert io.read_json(f"{out}/stages/pipeline.json") == pipeline_marker  # not redone
     for path in ["summary.json", "sft/train.parquet", "sft/val_questions.parquet", "stages/train.json",
                  "train/adapter/adapter_config.json", "stages/evaluate.json", "eval/report.md", "eval/metrics.json",
@@ -131,3 +131,4 @@ def test_submitted_full_job_fails_cleanly_then_resumes_on_object_store(ray_head,
     judgement = reply.json()
     assert judgement["decision"] in ("accept", "defer") and 0.0 <= judgement["confidence"] <= 1.0
     assert judgement["threshold"] == metrics["methods"]["safeconf"]["selective"]["threshold"]
+    assert judgement["method"] == "safeconf"  # the method whose threshold it loaded
