@@ -188,7 +188,9 @@ class _Mention:
     echo: bool = False
 
 
-def _is_cjk(ch: str) -> bool:
+def _is_cjk_or_fullwidth(ch: str) -> bool:
+    # CJK ideographs, CJK punctuation and full-width forms: each ends a label ("答案：B。", "选B，因为");
+    # wider than mutations' ideograph-only pattern, which measures language, not delimiters.
     code = ord(ch)
     return 0x3000 <= code <= 0x303F or 0x3400 <= code <= 0x4DBF or 0x4E00 <= code <= 0x9FFF or 0xFF00 <= code <= 0xFFEF
 
@@ -196,7 +198,7 @@ def _is_cjk(ch: str) -> bool:
 def _delimited(text: str, pos: int, quoted: bool) -> bool:
     """Whether a mention ending at `pos` ends there as a whole answer: the end, a line break, punctuation, a
     closing bracket, Chinese text, or a space before a bracket, a dash or a word that treats it as a noun."""
-    if pos >= len(text) or text[pos] == "\n" or _is_cjk(text[pos]):
+    if pos >= len(text) or text[pos] == "\n" or _is_cjk_or_fullwidth(text[pos]):
         return True
     ch = text[pos]
     if ch in ".,":  # "e.g.", "3.5", "1,000": a point inside a token is no delimiter
@@ -212,7 +214,7 @@ def _delimited(text: str, pos: int, quoted: bool) -> bool:
             or rest[0] == "\n"
             or rest[0] in "([（【-–—:：="
             or rest[0] in _CLOSERS
-            or _is_cjk(rest[0])
+            or _is_cjk_or_fullwidth(rest[0])
             or bool(_FOLLOWERS.match(rest))
         )
     return False
