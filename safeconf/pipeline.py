@@ -19,8 +19,6 @@ from safeconf.config import Config, config_from_dict
 from safeconf.confidence import question_confidence
 from safeconf.data.loaders import read_questions
 from safeconf.engines.base import (
-    ANSWER_PREFIX,
-    answer_text,
     draw_labels,
     engine_runtime_env,
     label_rng,
@@ -28,7 +26,7 @@ from safeconf.engines.base import (
     prompt_cut,
 )
 from safeconf.mutations import LLM_OPERATORS, mutate_rules
-from safeconf.prompts import parse_answer, render_messages
+from safeconf.prompts import ANSWER_PREFIX, answer_text, parse_answer, render_messages
 from safeconf.schema import (
     CONFIDENCE_SCHEMA,
     MUTATED_SCHEMA,

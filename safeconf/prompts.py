@@ -54,10 +54,27 @@ BUCKETS = {
 BUCKET_VALUES = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
+# The heading of the options block after the question text (engines find the question by it when they cut).
+OPTIONS_HEADING = {"en": "Options:", "zh": "选项："}
+# The answer line of the reply format INSTRUCTIONS ask for, up to the label. No trailing space: where labels are
+# scored after it, the label's token carries its own.
+ANSWER_PREFIX = {"en": "Answer:", "zh": "答案："}
+
+
+def answer_separator(prefix: str) -> str:
+    """What stands between the answer prefix and the label: "Answer: B" but "答案：B" (a space only after an
+    ASCII prefix, as the reply format writes it)."""
+    return " " if prefix[-1:].isascii() else ""
+
+
+def answer_text(prefix: str, label: str) -> str:
+    """The answer line of a reply ("Answer: B", "答案：B")."""
+    return prefix + answer_separator(prefix) + label
+
+
 def render_user_prompt(lang: str, question: str, options: list[str], labels: list[str]) -> str:
     option_lines = "\n".join(f"{label}. {text}" for label, text in zip(labels, options))
-    heading = "选项：" if lang == "zh" else "Options:"
-    return f"{question}\n\n{heading}\n{option_lines}\n\n{INSTRUCTIONS[lang]}"
+    return f"{question}\n\n{OPTIONS_HEADING[lang]}\n{option_lines}\n\n{INSTRUCTIONS[lang]}"
 
 
 def render_messages(variant: dict) -> list[dict]:
@@ -77,9 +94,8 @@ def format_target(lang: str, label: str, confidence: float, confidence_format: s
         stated = BUCKETS[lang][index]
     else:
         stated = f"{round(confidence * 100)}%"
-    if lang == "zh":
-        return f"答案：{label}\n置信度：{stated}"
-    return f"Answer: {label}\nConfidence: {stated}"
+    confidence_name = "置信度：" if lang == "zh" else "Confidence: "
+    return f"{answer_text(ANSWER_PREFIX[lang], label)}\n{confidence_name}{stated}"
 
 
 @dataclass

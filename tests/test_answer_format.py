@@ -13,7 +13,6 @@ import pytest
 from safeconf import io
 from safeconf.config import load_config
 from safeconf.engines.base import (
-    ANSWER_PREFIX,
     CUT_MARKER,
     Completion,
     Engine,
@@ -22,6 +21,7 @@ from safeconf.engines.base import (
     label_rng,
 )
 from safeconf.mutations import original_variant
+from safeconf.prompts import ANSWER_PREFIX
 from safeconf.pipeline import EngineStage, confidence_batch, mutate_batch, summarise
 from safeconf.prompts import labels_for, render_messages
 from safeconf.schema import MUTATED_SCHEMA, QUESTION_SCHEMA

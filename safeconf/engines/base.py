@@ -11,10 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from safeconf.config import EngineConfig, ModelConfig
-
-# The assistant turn starts with this when option labels are scored or drawn: the answer line of the reply format
-# the prompts ask for (safeconf.prompts.INSTRUCTIONS). No trailing space: the label token carries its own.
-ANSWER_PREFIX = {"en": "Answer:", "zh": "答案："}
+from safeconf.prompts import OPTIONS_HEADING, answer_separator
 # Room kept after a scored prompt for the answer prefix, the label's tokens and its line end (and the one token
 # vLLM generates), when a scored prompt is fitted to the context or checked against it.
 SCORED_TOKENS = 8
@@ -22,7 +19,7 @@ SCORED_TOKENS = 8
 CUT_MARKER = " [...] "
 # The options block safeconf.prompts.render_user_prompt writes after the question text: what precedes its last
 # occurrence in a message is the question, the part of a prompt that may be cut.
-OPTIONS_HEADINGS = ("\n\nOptions:\n", "\n\n选项：\n")
+OPTIONS_HEADINGS = tuple(f"\n\n{heading}\n" for heading in OPTIONS_HEADING.values())
 
 
 @dataclass
@@ -222,22 +219,19 @@ def prompt_cut(engine, messages: list[dict], max_new_tokens: int) -> bool | None
     return None if fits is None else not fits(messages, max_new_tokens)
 
 
-def answer_separator(prefix: str) -> str:
-    """What stands between the answer prefix and the label: "Answer: B" but "答案：B" (a space only after an
-    ASCII prefix, as the reply format writes it)."""
-    return " " if prefix[-1:].isascii() else ""
-
-
-def answer_text(prefix: str, label: str) -> str:
-    """The reply a drawn label stands for ("Answer: B", "答案：B")."""
-    return prefix + answer_separator(prefix) + label
-
-
 def label_rng(seed: int, variant_id: str) -> random.Random:
     """The RNG of one variant's label draws: seeded by (seed, variant id), so a variant draws the same answers
     whichever batch, actor or order it is sampled in."""
     digest = hashlib.sha256(f"{seed}\0{variant_id}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def softmax(logprobs: list[float], temperature: float = 1.0) -> list[float]:
+    """Probabilities from log-probabilities (renormalised over them), at a temperature > 0."""
+    top = max(logprobs)
+    weights = [math.exp((lp - top) / temperature) for lp in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def label_distribution(logprobs: list[float], temperature: float, top_p: float = 1.0) -> list[float]:
@@ -247,10 +241,7 @@ def label_distribution(logprobs: list[float], temperature: float, top_p: float =
     if temperature <= 0:
         best = max(range(len(logprobs)), key=logprobs.__getitem__)
         return [1.0 if i == best else 0.0 for i in range(len(logprobs))]
-    top = max(logprobs)
-    weights = [math.exp((lp - top) / temperature) for lp in logprobs]
-    total = sum(weights)
-    probs = [w / total for w in weights]
+    probs = softmax(logprobs, temperature)
     kept, mass = set(), 0.0
     for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
         if mass >= top_p and kept:

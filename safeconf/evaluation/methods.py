@@ -23,7 +23,6 @@ the endpoint's answer to a question is the evaluated prediction for it, so the c
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,10 +30,10 @@ import pyarrow as pa
 
 from safeconf.confidence import question_confidence
 from safeconf.config import config_from_dict
-from safeconf.engines.base import ANSWER_PREFIX, SCORED_TOKENS, prompt_cut  # where the engines fit prompts
+from safeconf.engines.base import SCORED_TOKENS, prompt_cut, softmax  # where the engines fit prompts
 from safeconf.mutations import mutate_rules, original_variant
 from safeconf.pipeline import EngineStage
-from safeconf.prompts import FRAMINGS, parse_answer, render_messages, render_user_prompt
+from safeconf.prompts import ANSWER_PREFIX, FRAMINGS, parse_answer, render_messages, render_user_prompt
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +106,6 @@ class Judgement:
 
     def __post_init__(self):
         self.confidence = min(max(float(self.confidence), 0.0), 1.0)
-
-
-def softmax(logprobs: list[float]) -> list[float]:
-    top = max(logprobs)
-    weights = [math.exp(lp - top) for lp in logprobs]
-    total = sum(weights)
-    return [w / total for w in weights]
 
 
 def p_true_messages(variant: dict, proposed: int) -> list[dict]:
