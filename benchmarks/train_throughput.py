@@ -1,18 +1,24 @@
-"""Fine-tuning throughput and memory: Ray Train + DeepSpeed against a plain single-process peft + torch AdamW loop,
-and peak memory per worker under ZeRO-2 and ZeRO-3. All figures come from one run.
+"""Fine-tuning throughput and memory, every figure from one run of this script.
 
-    .venv/bin/python benchmarks/train_throughput.py --examples 48 --steps 12 --threads 2 --repeats 2
+    .venv/bin/python benchmarks/train_throughput.py --examples 96 --steps 24 --threads 2
 
-1. Throughput, one CPU worker: the same SFT examples (the embedded questions, prompt -> "Answer + Confidence"),
-   the same model (SmolLM2-135M-Instruct + LoRA, fp32), micro-batches of 4 in the same order (safeconf.train's epoch
-   plan and collate), the same optimizer steps. The plain loop runs in this process with `--threads` torch threads;
-   the Ray Train worker gets `--threads` CPUs. tokens = prompt + target tokens (no padding). "overall" = tokens over
-   the time in training steps (Ray: plus its logging reports); "median step" = the median of per-step tokens/s,
-   which a machine busy with other work now and then disturbs less. Model loading and start-up count in neither;
-   the Ray run's end-to-end wall time is printed beside it. The pair runs `--repeats` times, order alternated;
-   the ratio compares the best of each.
-2. Memory, two workers (ZeRO-2, then ZeRO-3, micro-batch `--memory-micro-batch`): the high-water mark of each
-   worker's resident memory (getrusage ru_maxrss), model loading included.
+1. Throughput, one CPU worker, SmolLM2-135M-Instruct + LoRA, the same SFT examples (embedded questions, prompt ->
+   "Answer + Confidence", with the project's system turn) and the same number of optimizer steps of 4 examples:
+   - "before": a plain peft + torch AdamW loop with the settings training had before issue 11 (fp32, micro-batches
+     in random order padded to their longest example, transformers' `labels` loss over the LM head at every
+     position). Before issue 11 Ray Train + DeepSpeed ran below this loop (0.78x in BENCHMARKS.md), so the ratio
+     against it understates the speed-up;
+   - "plain": the same loop on what training does now (safeconf.train.data's streamed, length-grouped plan,
+     left-padded batches and the loss over the target positions' logits; the model in bf16 as DeepSpeed's bf16
+     mode computes it);
+   - "ray": `run_training` (Ray Train + DeepSpeed ZeRO-2), default settings (bf16 on this CPU), and again with
+     train.precision=fp32: the loss curves of the two over the same steps show what bf16 costs in accuracy.
+   tokens = prompt + target tokens (no padding), the same count for every run. "overall" = tokens over the time in
+   training steps (Ray: plus its logging reports); model loading and start-up count in neither.
+2. Memory, two workers, ZeRO-2 against ZeRO-3: a randomly initialised model of the Qwen2-1.5B shape (28 layers,
+   hidden 1536, MLP 8960, 12 heads / 2 KV heads; SmolLM2's 49k vocabulary: 1.4B parameters) built from a config, no
+   download; micro-batch 1, `--memory-steps` steps; the high-water mark of each worker's resident memory
+   (getrusage ru_maxrss), model loading included.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import platform
 import shutil
 import tempfile
 import time
+
+import numpy as np
 
 
 def build_sft(folder: str, examples: int) -> str:
@@ -51,57 +59,85 @@ def build_sft(folder: str, examples: int) -> str:
     return folder
 
 
-def plain_loop(folder: str, config, threads: int) -> dict:
-    """peft + torch AdamW in this process, on the same micro-batches as the Ray worker."""
+def old_collate(examples, positions, pad_token_id: int) -> dict:
+    """Training's batches before issue 11: right-padded, labels for transformers' loss over every position."""
+    import torch
+
+    seqs = [examples.ids[i] for i in positions]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for j, (seq, i) in enumerate(zip(seqs, positions)):
+        n, p = len(seq), int(examples.prompt_tokens[i])
+        input_ids[j, :n] = torch.from_numpy(seq)
+        attention_mask[j, :n] = 1
+        labels[j, p:n] = input_ids[j, p:n]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def plain_loop(folder: str, config, threads: int, settings: str) -> dict:
+    """peft + torch AdamW in this process; settings 'before' (issue 11's starting point) or 'now'."""
     import pyarrow.parquet as pq
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from safeconf.models import resolve_model
-    from safeconf.train import Examples, collate, encode_example, end_of_turn, epoch_plan, load_tokenizer, lr_lambda
+    from safeconf.train.data import (Examples, Plan, causal_lm_loss, collate, encode_example, end_of_turn, load_tokenizer,
+                                     stream_order)
+    from safeconf.train.worker import lr_lambda
 
     torch.set_num_threads(threads)
     train = config.train
     path = resolve_model(config.model.name)
     tokenizer = load_tokenizer(path)
     eot = end_of_turn(tokenizer)
-    import numpy as np
-
-    encoded = [encode_example(tokenizer, m, eot) for m in pq.read_table(f"{folder}/train.parquet").column("messages").to_pylist()]
+    table = stream_order(pq.read_table(f"{folder}/train.parquet"), train.seed)  # the order the Ray workers read
+    encoded = [encode_example(tokenizer, m, eot) for m in table.column("messages").to_pylist()]
     examples = Examples([np.asarray(ids) for ids, _ in encoded], np.array([p for _, p in encoded]), np.arange(len(encoded)))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    now = settings == "now"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if now else torch.float32)
+    model.config.use_cache = False
     torch.manual_seed(train.seed)
-    model = get_peft_model(model, LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
-                                             target_modules=list(train.lora_target_modules), task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
+                      target_modules=list(train.lora_target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora, autocast_adapter_dtype=not now)  # now: LoRA in bf16 too, as DeepSpeed's bf16
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.max_steps, train.warmup_ratio))
+    plan = Plan(1, train.micro_batch_size, 1, train.group_window, train.seed)
+    rng = np.random.default_rng(train.seed)
     model.train()
-    tokens, step, epoch, losses, rates = 0, 0, 0, [], []
+    tokens, step, epoch, losses = 0, 0, 0, []
     started = time.perf_counter()
     while step < train.max_steps:
-        for micro_batches in epoch_plan(len(examples), 1, 0, train.micro_batch_size, train.gradient_accumulation,
-                                        train.seed, epoch):
-            step_started, step_tokens = time.perf_counter(), tokens
-            for positions in micro_batches:
+        if now:  # the stream in windows, length-grouped, as the Ray workers read it
+            steps = [[start + m for m in s] for w, start in enumerate(range(0, len(examples), plan.window_rows))
+                     for s in plan.window_steps(examples.lengths[start:start + plan.window_rows], 0, epoch, w)]
+        else:
+            order = rng.permutation(len(examples))
+            steps = [[order[i:i + train.micro_batch_size]] for i in range(0, len(order), train.micro_batch_size)]
+        for (positions,) in steps:
+            if now:
                 batch = collate(examples, positions, tokenizer.pad_token_id)
-                loss = model(**batch).loss / train.gradient_accumulation
-                loss.backward()
-                tokens += int(batch["attention_mask"].sum())
-                losses.append(loss.item() * train.gradient_accumulation)
+                loss, _ = causal_lm_loss(model, batch)
+            else:
+                batch = old_collate(examples, positions, tokenizer.pad_token_id)
+                loss = model(**batch).loss
+            loss.backward()
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(loss.item())
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.gradient_clipping)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            rates.append((tokens - step_tokens) / (time.perf_counter() - step_started))
             step += 1
             if step == train.max_steps:
                 break
         epoch += 1
     seconds = time.perf_counter() - started
-    return {"run": "plain peft + AdamW loop", "steps": step, "tokens": tokens, "seconds": round(seconds, 1),
-            "tokens_per_s": round(tokens / seconds, 1), "median_step_tokens_per_s": round(float(np.median(rates)), 1),
-            "final_loss": round(losses[-1], 3)}
+    return {"run": f"plain peft + AdamW loop, {settings}", "steps": step, "tokens": tokens, "seconds": round(seconds, 1),
+            "tokens_per_s": round(tokens / seconds, 1), "final_loss": round(losses[-1], 3)}
 
 
 def ray_run(label: str, folder: str, config, out: str) -> dict:
@@ -109,23 +145,46 @@ def ray_run(label: str, folder: str, config, out: str) -> dict:
 
     started = time.perf_counter()
     summary = run_training(config, folder, out)
-    return {"run": label, "steps": summary["steps"], "tokens": summary["train_tokens"],
+    return {"run": label, "precision": summary["precision"], "steps": summary["steps"], "tokens": summary["train_tokens"],
             "tokens_per_s": round(summary["tokens_per_s"], 1),
             "median_step_tokens_per_s": round(summary["median_step_tokens_per_s"], 1),
             "end_to_end_seconds": round(time.perf_counter() - started, 1),
-            "final_loss": round(summary["final_train_loss"], 3),
+            "train_loss": [[s, round(v, 4)] for s, v in summary["train_loss"]],
             "peak_rss_mb_per_worker": [round(x) for x in summary["peak_rss_mb_per_worker"]]}
+
+
+def random_qwen2(folder: str) -> str:
+    """A randomly initialised bf16 model of the Qwen2-1.5B shape with SmolLM2's tokenizer (no download)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from safeconf.models import resolve_model
+    from safeconf.train.data import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model("embedded"))
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(f"random Qwen2-1.5B-shaped model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, bf16",
+          flush=True)
+    return folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps of the throughput runs")
-    parser.add_argument("--memory-steps", type=int, default=4, help="optimizer steps of the ZeRO-2/3 memory runs")
+    parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps of the throughput runs")
+    parser.add_argument("--memory-steps", type=int, default=2, help="optimizer steps of the ZeRO-2/3 memory runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop = CPUs of the Ray worker")
-    parser.add_argument("--repeats", type=int, default=2, help="throughput pairs (plain loop, ray run), order alternated")
-    parser.add_argument("--memory-micro-batch", type=int, default=1,
-                        help="micro-batch of the memory runs (small, so parameters weigh more than activations)")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: throughput, memory")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -139,43 +198,55 @@ def main() -> None:
     common = ["train.max_length=512", "train.lora_dropout=0", "train.checkpoint_every=100000",
               "train.storage_path=" + f"{work}/checkpoints", *args.overrides]
     ray.init(address="local", num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False,
-             _temp_dir=f"{work}/ray")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{args.examples} examples, SmolLM2-135M-Instruct + LoRA (fp32)", flush=True)
-    results: dict = {"plain": [], "ray": []}
+             _temp_dir=f"/tmp/rtb{os.getpid()}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
+          f"{args.examples} examples, SmolLM2-135M-Instruct + LoRA", flush=True)
+    results: dict = {}
     if "throughput" not in args.skip:
-        for repeat in range(args.repeats):  # alternate the order: the machine may be busier at one time than another
-            config = load_config(overrides=common + [
+        def config(*extra):
+            return load_config(overrides=common + [
                 f"train.max_steps={args.steps}", "train.num_workers=1", f"train.cpus_per_worker={args.threads}",
-                f"train.cpu_threads={args.threads}",
-                "train.micro_batch_size=4", "train.log_every=5", f"train.run_name=throughput-{repeat}"])
-            runs = [("plain", lambda: plain_loop(folder, config, args.threads)),
-                    ("ray", lambda: ray_run("ray train + deepspeed zero-2, 1 worker", folder, config,
-                                            f"{work}/out-ray-{repeat}"))]
-            for kind, run in runs if repeat % 2 == 0 else runs[::-1]:
-                results[kind].append(run())
-                print(json.dumps(results[kind][-1]), flush=True)
+                f"train.cpu_threads={args.threads}", "train.micro_batch_size=4", "train.log_every=4", *extra])
+        runs = {
+            "before": lambda: plain_loop(folder, config(), args.threads, "before"),
+            "plain": lambda: plain_loop(folder, config(), args.threads, "now"),
+            "ray": lambda: ray_run("ray train + deepspeed zero-2, 1 worker", folder, config("train.run_name=t-bf16"),
+                                   f"{work}/out-ray"),
+            "ray_fp32": lambda: ray_run("the same, train.precision=fp32", folder,
+                                        config("train.precision=fp32", "train.run_name=t-fp32"), f"{work}/out-fp32"),
+        }
+        for kind, run in runs.items():
+            results[kind] = run()
+            print(json.dumps(results[kind]), flush=True)
     if "memory" not in args.skip:
+        model = random_qwen2(f"{work}/qwen2-1.5b-random")
         for stage in (2, 3):
             config = load_config(overrides=common + [
-                f"train.max_steps={args.memory_steps}", "train.num_workers=2", "train.cpus_per_worker=1",
-                f"train.micro_batch_size={args.memory_micro_batch}", f"train.zero_stage={stage}",
+                f"model.name={model}", f"train.max_steps={args.memory_steps}", "train.num_workers=2",
+                "train.cpus_per_worker=1", "train.micro_batch_size=1", f"train.zero_stage={stage}",
                 "train.log_every=100000", f"train.run_name=memory-zero{stage}"])
             results[f"zero{stage}"] = ray_run(f"ray train + deepspeed zero-{stage}, 2 workers", folder, config,
                                               f"{work}/out-zero{stage}")
             print(json.dumps(results[f"zero{stage}"]), flush=True)
     ray.shutdown()
-    shutil.rmtree(work, ignore_errors=True)  # checkpoints and adapters of the runs: hundreds of MB
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints, adapters and the random model: GBs
 
     print("\nratios (same run):")
-    if results["ray"]:
-        for key, name in (("tokens_per_s", "overall"), ("median_step_tokens_per_s", "median step")):
-            plain, ours = (max(r[key] for r in results[k]) for k in ("plain", "ray"))
-            print(f"  throughput ({name}, best of {args.repeats}): ray train + deepspeed {ours} / plain loop {plain} "
-                  f"tokens/s = {ours / plain:.2f} (target >= 0.8)")
+    if "ray" in results:
+        before, plain, ours, fp32 = (results[k]["tokens_per_s"] for k in ("before", "plain", "ray", "ray_fp32"))
+        print(f"  speed-up: ray train + deepspeed now {ours} / plain loop before {before} tokens/s = {ours / before:.2f}x "
+              "(target >= 2)")
+        print(f"  ray train + deepspeed {ours} / plain loop doing the same {plain} tokens/s = {ours / plain:.2f} "
+              "(target >= 0.9)")
+        print(f"  bf16 {ours} / fp32 {fp32} tokens/s (ray) = {ours / fp32:.2f}x")
+        pairs = list(zip(results["ray"]["train_loss"], results["ray_fp32"]["train_loss"]))
+        gaps = [abs(a[1] - b[1]) for a, b in pairs]
+        print("  loss, bf16 vs fp32 at the same steps: " + ", ".join(f"step {a[0]}: {a[1]:.3f} / {b[1]:.3f}" for a, b in pairs)
+              + f"; largest gap {max(gaps):.3f}")
     if "zero3" in results:
         z2, z3 = (max(results[k]["peak_rss_mb_per_worker"]) for k in ("zero2", "zero3"))
         print(f"  memory: zero-3 / zero-2 peak RSS per worker = {z3 / z2:.2f} ({z3} MB vs {z2} MB; target < 1)")
+
 
 if __name__ == "__main__":
     main()

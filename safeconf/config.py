@@ -96,7 +96,8 @@ class SFTConfig:
 class TrainConfig:
     dataset: str = option("", "SFT set folder written by `safeconf pipeline` (holds train.parquet, val.parquet); default OUT/sft of the run.")
     num_workers: int = option(1, "Ray Train workers (one model replica / ZeRO shard each).")
-    use_gpu: bool = option(False, "Train on GPUs (NCCL, bf16) instead of CPUs (gloo, fp32).")
+    use_gpu: bool = option(False, "Train on GPUs (NCCL) instead of CPUs (gloo).")
+    precision: str = option("auto", "Training arithmetic: 'bf16' (the model computes in bfloat16, DeepSpeed keeps fp32 master weights of the LoRA matrices), 'fp32', 'fp16' (GPUs only) or 'auto' (bf16 on GPUs, fp16 for a float16 model; on CPUs bf16 where the CPU multiplies bf16 natively, AVX512-BF16 or AMX, else fp32).")
     cpus_per_worker: float = option(1.0, "CPUs reserved per train worker (leave some for Ray Data on small machines).")
     cpu_threads: int = option(0, "Torch threads per CPU train worker; 0 = the node's cores shared among the run's workers on that node (a reservation of 1 CPU would otherwise leave the other cores idle).")
     zero_stage: int = option(2, "DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also parameters).")
@@ -116,6 +117,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay.")
     gradient_clipping: float = option(1.0, "Clip the gradient norm to this.")
     max_length: int = option(512, "Tokens per example; longer examples are skipped and counted, never cut.")
+    group_by_length: bool = option(True, "Put examples of similar length in the same micro-batch (within a window of the seeded order), so batches carry little padding.")
+    group_window: int = option(16, "Optimizer steps per window: workers stream the SFT set in windows of num_workers x micro_batch_size x gradient_accumulation x this many examples, hold one window at a time and group by length within it.")
     lora_rank: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha.")
     lora_dropout: float = option(0.05, "LoRA dropout.")
@@ -290,6 +293,10 @@ class Config:
             problems.append("engine.batch_size and engine.concurrency must be >= 1")
         if self.train.zero_stage not in (2, 3):
             problems.append(f"train.zero_stage must be 2 or 3, got {self.train.zero_stage}")
+        if self.train.precision not in ("auto", "bf16", "fp32", "fp16"):
+            problems.append(f"train.precision must be auto, bf16, fp32 or fp16, got {self.train.precision!r}")
+        if self.train.group_window < 1:
+            problems.append(f"train.group_window must be at least 1, got {self.train.group_window}")
         if self.train.num_workers < 1 or self.train.micro_batch_size < 1 or self.train.gradient_accumulation < 1:
             problems.append("train.num_workers, train.micro_batch_size and train.gradient_accumulation must be >= 1")
         problems += self.eval.problems()

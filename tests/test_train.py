@@ -13,22 +13,19 @@ import pytest
 from safeconf.config import load_config
 from safeconf.schema import DataFormatError
 from safeconf.sft import SFT_SCHEMA
-from safeconf.train import (
-    FAIL_AT_STEP_ENV,
-    FAIL_MARKER_ENV,
-    FAIL_MODE_ENV,
-    deepspeed_config,
+from safeconf.train import run_training, training_precision
+from safeconf.train.data import (
+    Examples,
+    Plan,
+    causal_lm_loss,
+    collate,
     encode_example,
     end_of_turn,
-    epoch_plan,
     load_tokenizer,
-    lr_lambda,
-    plan_counts,
     read_sft_file,
-    run_training,
     tokenize_batch,
-    training_precision,
 )
+from safeconf.train.worker import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, FAIL_MODE_ENV, deepspeed_config, lr_lambda
 
 SYSTEM = "You are a helpful assistant that evaluates the safety of content."
 
@@ -61,20 +58,61 @@ def tokenizer_path():
 # --- fast: pure functions and validation ---
 
 
-def test_plan_is_deterministic_disjoint_and_equal_per_rank():
+def epoch_steps(plan: Plan, lengths: np.ndarray, rank: int, epoch: int) -> list[list[np.ndarray]]:
+    """A rank's steps of one epoch as stream positions, window after window (as the worker reads them)."""
+    steps = []
+    for w, start in enumerate(range(0, len(lengths), plan.window_rows)):
+        window = lengths[start:start + plan.window_rows]
+        steps += [[start + m for m in step] for step in plan.window_steps(window, rank, epoch, w)]
+    return steps
+
+
+def test_plan_is_deterministic_disjoint_equal_per_rank_and_length_grouped():
     rows, world, mbs, acc = 70, 2, 4, 2
-    steps, left_out = plan_counts(rows, world, mbs, acc)
-    assert (steps, left_out) == (5, 0)  # 35 per rank: 4 full steps of 8 + one of 3 (>= 2 micro-batches)
-    plans = [epoch_plan(rows, world, r, mbs, acc, seed=1, epoch=0) for r in range(world)]
+    plan = Plan(world, mbs, acc, group_window=2, seed=1)  # windows of 32 rows: 32, 32 and a last one of 6
+    lengths = np.random.default_rng(0).integers(20, 400, rows)
+    steps, left_out = plan.epoch_counts(rows)
+    assert (steps, left_out) == (5, 0)  # 2 + 2 full steps, then 3 rows per rank: one short step of 2 micro-batches
+    plans = [epoch_steps(plan, lengths, r, epoch=0) for r in range(world)]
     assert all(len(p) == steps and all(len(step) == acc for step in p) for p in plans)
     seen = np.concatenate([m for p in plans for step in p for m in step])
     assert len(seen) == len(set(seen.tolist())) == 70  # every example once, none twice
-    again = epoch_plan(rows, world, 1, mbs, acc, seed=1, epoch=0)
+    again = epoch_steps(plan, lengths, 1, epoch=0)
     assert all(np.array_equal(a, b) for s1, s2 in zip(plans[1], again) for a, b in zip(s1, s2))
-    other = epoch_plan(rows, world, 1, mbs, acc, seed=1, epoch=1)
-    assert not np.array_equal(np.concatenate(other[0]), np.concatenate(plans[1][0]))  # a new order each epoch
-    assert plan_counts(9, 2, 4, 2) == (1, 1)  # one odd example per epoch, counted
-    assert plan_counts(5, 2, 4, 4) == (0, 5)  # too few: run_training refuses it with a clear error
+    other = epoch_steps(plan, lengths, 1, epoch=1)
+    assert not all(np.array_equal(a, b) for s1, s2 in zip(plans[1], other) for a, b in zip(s1, s2))  # new each epoch
+    # length grouping: the padding of the plan's micro-batches is a fraction of a random split's
+    padded = lambda p: sum(len(m) * lengths[m].max() - lengths[m].sum() for step in p for m in step)  # noqa: E731
+    ungrouped = [[np.array_split(part, acc) for part in np.array_split(np.random.default_rng(2).permutation(64), 8)]]
+    assert padded(plans[0]) + padded(plans[1]) < 0.5 * padded(ungrouped[0])
+    assert Plan(2, 4, 2, 16, 0).epoch_counts(9) == (1, 1)  # one odd example per epoch, counted
+    assert Plan(2, 4, 4, 16, 0).epoch_counts(5) == (0, 5)  # too few: run_training refuses it with a clear error
+    assert Plan(1, 4, 1, 16, 0).epoch_counts(618) == (155, 0)  # 9 full windows of 64 + 42 rows: 10 + 1 short step
+
+
+def test_left_padded_loss_on_the_last_positions_equals_the_full_loss(tokenizer_path):
+    """collate + causal_lm_loss (logits of the last positions only) give transformers' own labels loss."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    eot = end_of_turn(tokenizer)
+    encoded = [encode_example(tokenizer, sft_row(i, target=f"Answer: A\nConfidence: {i}0%")["messages"], eot)
+               for i in (1, 23)] + [encode_example(tokenizer, sft_row(3, user="short?")["messages"], eot)]
+    examples = Examples([np.asarray(ids) for ids, _ in encoded], np.array([p for _, p in encoded]), np.arange(3))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    batch = collate(examples, [0, 1, 2], tokenizer.pad_token_id)
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][2, 0]  # left padding
+    with torch.no_grad():
+        loss, tokens = causal_lm_loss(model, batch)
+        one_by_one = [model(input_ids=torch.tensor([ids]), labels=torch.tensor([[-100] * p + ids[p:]]))
+                      for ids, p in encoded]
+    target_tokens = [len(ids) - p for ids, p in encoded]
+    expected = sum(out.loss * n for out, n in zip(one_by_one, target_tokens)) / sum(target_tokens)
+    assert tokens == sum(target_tokens)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_deepspeed_config_and_precision():
@@ -84,10 +122,15 @@ def test_deepspeed_config_and_precision():
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
     assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
-    assert ds["train_batch_size"] == 4 * 2 * 2 and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["train_batch_size"] == 4 * 2 * 2 and not ds["fp16"]["enabled"]
     assert training_precision(load_config(overrides=["train.use_gpu=true"])) == "bf16"
+    assert training_precision(load_config(overrides=["train.precision=fp32"])) == "fp32"
+    fp32 = deepspeed_config(config.train, world_size=2, precision="fp32")
+    assert not fp32["bf16"]["enabled"] and deepspeed_config(config.train, 2, "bf16")["bf16"]["enabled"]
     with pytest.raises(ValueError, match="fp16 training is not supported on CPU"):
         training_precision(load_config(overrides=["model.dtype=float16"]))
+    with pytest.raises(ValueError, match="train.precision must be"):
+        load_config(overrides=["train.precision=int8"])
     factor = lr_lambda(total_steps=100, warmup_ratio=0.1)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(55) == pytest.approx(0.5) and factor(100) == 0.0
