@@ -240,7 +240,7 @@ class Worker:
         skip = state["steps_done_in_epoch"] if epoch == state["epoch"] else 0
         for epoch in range(epoch, self.train.epochs):
             skip_windows, skip_in_window = divmod(skip, self.plan.group_window)
-            step_in_epoch = skip_windows * self.plan.group_window
+            step_in_epoch = skip
             for w, window in stream_windows(self.shards["train"], self.plan.window_rows, skip_windows):
                 plan = self.plan.window_steps(window.lengths, self.rank, epoch, w, self.train.group_by_length)
                 for micro_batches in plan[skip_in_window if w == skip_windows else 0:]:
