@@ -280,11 +280,12 @@ def engine_placement(bundles: list[dict]) -> dict:
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
 
 
-def build_dataset(questions: pa.Table, config: Config):
-    """The lazy Ray Dataset from accepted questions to confidence rows."""
+def build_dataset(questions: pa.Table, config: Config, stage_class=EngineStage, **stage_kwargs):
+    """The lazy Ray Dataset from accepted questions to confidence rows. `stage_class`: EngineStage or a subclass
+    (benchmarks/pipeline_throughput.py times its engine calls), with its extra constructor arguments."""
     ds = question_dataset(questions, config.engine.batch_size)
     ds = ds.map_batches(mutate_batch, batch_format="pyarrow", fn_kwargs={"config": config.to_dict()})
-    ds = map_on_engines(ds, EngineStage, config)
+    ds = map_on_engines(ds, stage_class, config, **stage_kwargs)
     return ds.map_batches(confidence_batch, batch_format="pyarrow")
 
 

@@ -55,6 +55,9 @@ class VLLMEngine(Engine):
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
             distributed_executor_backend="ray" if multi_gpu else "uni",
+            # Sample log-probs before temperature, penalties and masks: _next_token_logprobs reads them as the
+            # model's own distribution (vLLM's default, stated because the label scores rely on it).
+            logprobs_mode="raw_logprobs",
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = config.max_model_len
@@ -65,14 +68,21 @@ class VLLMEngine(Engine):
 
     def _next_token_logprobs(self, contexts, targets):
         from vllm import SamplingParams
+        from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS
 
-        # Score each (context + candidate) with prompt_logprobs: exact log-probs, and the shared context is
-        # computed once thanks to prefix caching.
-        flat = [context + [token] for context, tokens in zip(contexts, targets) for token in tokens]
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in flat], params, use_tqdm=False)
-        scores = iter(out.prompt_logprobs[-1][ids[-1]].logprob for out, ids in zip(outputs, flat))
-        return [[next(scores) for _ in tokens] for tokens in targets]
+        # One max_tokens=1 request per context: logprob_token_ids gathers the candidates from the sampler's raw
+        # log-probs (log-softmax of the unprocessed logits over the whole vocabulary, logprobs_mode="raw_logprobs"),
+        # so no prompt position is scored and prefix caching stays on. More candidates than vLLM takes per
+        # request go in further requests on the same context (its prefix is cached).
+        chunks = [(row, tokens[i:i + MAX_LOGPROB_TOKEN_IDS]) for row, tokens in enumerate(targets)
+                  for i in range(0, len(tokens), MAX_LOGPROB_TOKEN_IDS)]
+        params = [SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=list(tokens)) for _, tokens in chunks]
+        outputs = self.llm.generate([{"prompt_token_ids": contexts[row]} for row, _ in chunks], params, use_tqdm=False)
+        scores = [[] for _ in targets]
+        for (row, tokens), output in zip(chunks, outputs):
+            (step,) = output.outputs[0].logprobs  # the one generated position: {token id: Logprob}
+            scores[row].extend(step[token].logprob for token in tokens)
+        return scores
 
     def _generate(self, prompts, n, temperature, top_p, max_tokens, stop):
         from vllm import SamplingParams
