@@ -132,7 +132,8 @@ class TrainConfig:
     seed: int = option(0, "Seed of the LoRA initialisation and the data order.")
 
 
-EVAL_METHODS = ["verbalized", "self_consistency", "mutation_consistency", "token_prob", "p_true", "safeconf"]
+EVAL_METHODS = ["verbalized", "self_consistency", "mutation_consistency", "token_prob", "token_prob_temperature",
+                "token_prob_contextual", "token_prob_batch", "p_true", "safeconf"]
 
 
 @dataclass
@@ -146,15 +147,27 @@ class EvalConfig:
         list(EVAL_METHODS),
         "Confidence methods compared on the held-out questions: verbalized (stated confidence, greedy reply), "
         "self_consistency (agreement of sampling.k samples), mutation_consistency (agreement over the mutated "
-        "variants), token_prob (option-label probability over the options), p_true (probability the model gives "
-        "'True' to its own answer), safeconf (verbalized with the fine-tuned adapter; skipped without one).",
+        "variants), token_prob (option-label probability over the options), and token_prob post-hoc calibrated as "
+        "Liu et al. (ICLR 2025) do for guard models, from the same option scores: token_prob_temperature "
+        "(temperature scaling, T fitted by NLL on the calibration split; T in metrics.json), token_prob_contextual "
+        "(divided by the option probabilities of a content-free input, eval.content_free_inputs, renormalised), "
+        "token_prob_batch (divided by the mean option probabilities over the evaluated questions of the same data "
+        "set and option count, renormalised); p_true (probability the model gives 'True' to its own answer), "
+        "safeconf (verbalized with the fine-tuned adapter; skipped without one).",
+    )
+    content_free_inputs: list = option(
+        ["N/A"],
+        "token_prob_contextual: content-free texts put where a question's content stands (the whole question of "
+        "a multiple-choice one; the judged content, after its ask, of a judgement); their option "
+        "probabilities, averaged, are divided out.",
     )
     missing_confidence: float = option(
         1.0,
         "Confidence a verbalized reply counts as when it states none: 1.0 reads an unhedged answer as certain "
         "(the overconfident default); the share of replies that needed it is reported.",
     )
-    ece_bins: int = option(10, "Bins of ECE (equal width) and adaptive ECE (equal mass).")
+    ece_bins: int = option(10, "Bins of ECE (L1, equal width) and adaptive ECE (L1, equal mass).")
+    l2_ece_bins: int = option(15, "Equal-mass bins of the L2 ECE (15: the estimator Liu et al. report).")
     coverage_levels: list = option([0.5, 0.8], "Coverages at which accuracy of the most confident answers is reported.")
     bootstrap_samples: int = option(
         1000,
@@ -187,8 +200,11 @@ class EvalConfig:
             found.append(f"eval.methods: unknown {unknown} or empty; known: {EVAL_METHODS}")
         if not 0 <= self.missing_confidence <= 1:
             found.append("eval.missing_confidence must be in [0, 1]")
-        if self.ece_bins < 1 or self.bootstrap_samples < 0 or self.aux_limit < 0:
-            found.append("eval.ece_bins must be >= 1, eval.bootstrap_samples and eval.aux_limit >= 0")
+        if self.ece_bins < 1 or self.l2_ece_bins < 1 or self.bootstrap_samples < 0 or self.aux_limit < 0:
+            found.append("eval.ece_bins and eval.l2_ece_bins must be >= 1, eval.bootstrap_samples and "
+                         "eval.aux_limit >= 0")
+        if not self.content_free_inputs or not all(isinstance(t, str) for t in self.content_free_inputs):
+            found.append(f"eval.content_free_inputs must be a non-empty list of texts, got {self.content_free_inputs}")
         try:  # `eval.coverage_levels=0.5,0.8` on the command line gives strings
             levels = [float(c) for c in self.coverage_levels]
         except (TypeError, ValueError):

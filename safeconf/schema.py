@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from safeconf.data.judge import JUDGE_OPTIONS, POLARITY_TABLE, UNSAFE
+
 LANGS = ("en", "zh")
 TASKS = ("mcq", "judge")
 MAX_OPTIONS = 26  # option labels go up to Z
@@ -23,6 +25,10 @@ QUESTION_FIELDS = [
     pa.field("question", pa.string()),
     pa.field("options", pa.list_(pa.string())),
     pa.field("answer", pa.int64()),  # index into options; null when unknown
+    # A safe/unsafe judgement: the index of the option that means unsafe (the positive class of guard metrics:
+    # F1, AUPRC, P(unsafe)). Null for multiple choice and for judgements of another kind. Variants do not store
+    # it: their option_map gives it (variant_unsafe_option).
+    pa.field("unsafe_option", pa.int64()),
 ]
 QUESTION_SCHEMA = pa.schema(QUESTION_FIELDS)
 
@@ -132,6 +138,29 @@ def _check_text(value, field: str) -> str | None:
     return None
 
 
+def _normalised_option(text: str) -> str:
+    return text.strip().strip("。.!！").strip().lower()
+
+
+def infer_unsafe_option(question: str, options: list[str]) -> int | None:
+    """The unsafe option of a judgement worded as this project words them, or None: options Safe / Unsafe
+    (安全 / 不安全) under any ask, or an ask of the polarity table with its own options ("Is it harmful?" Yes /
+    No: Yes). For rows that do not carry `unsafe_option` (JSONL written before the field, the embedded sample)."""
+    names = [_normalised_option(o) for o in options]
+    for safe, unsafe in (tuple(_normalised_option(o) for o in pair) for pair in JUDGE_OPTIONS.values()):
+        if sorted(names) == sorted([safe, unsafe]):
+            return names.index(unsafe)
+    entry = POLARITY_TABLE.get(question.partition("\n")[0].strip())
+    if entry is not None and sorted(names) == sorted(_normalised_option(o) for o in entry.options):
+        return names.index(_normalised_option(entry.options[entry.sides.index(UNSAFE)]))
+    return None
+
+
+def variant_unsafe_option(unsafe_option: int | None, option_map: list[int]) -> int | None:
+    """The unsafe option in a variant's order (variant option i is original option option_map[i])."""
+    return None if unsafe_option is None else option_map.index(unsafe_option)
+
+
 def validate_record(record: dict, seen_ids: set[str]) -> tuple[dict | None, tuple[str, str] | None]:
     """Check one raw record against the schema.
 
@@ -174,6 +203,17 @@ def validate_record(record: dict, seen_ids: set[str]) -> tuple[dict | None, tupl
                 return None, ("answer", f"answer must be an integer option index or null, got {answer!r}")
         if not 0 <= answer < len(options):
             return None, ("answer", f"answer index {answer} out of range for {len(options)} options")
+    unsafe = record.get("unsafe_option")
+    if unsafe is not None:
+        if isinstance(unsafe, float) and unsafe.is_integer():
+            unsafe = int(unsafe)
+        if isinstance(unsafe, bool) or not isinstance(unsafe, int) or not 0 <= unsafe < len(options):
+            return None, ("unsafe_option", f"unsafe_option must be an option index below {len(options)} or null, "
+                                           f"got {unsafe!r}")
+        if task != "judge":
+            return None, ("unsafe_option", "only a judgement (task 'judge') has an unsafe option")
+    elif task == "judge":
+        unsafe = infer_unsafe_option(record["question"], [str(o) for o in options])
     if row_id in seen_ids:
         return None, ("id", f"duplicate id {row_id!r}")
     seen_ids.add(row_id)
@@ -186,5 +226,6 @@ def validate_record(record: dict, seen_ids: set[str]) -> tuple[dict | None, tupl
         "question": record["question"],
         "options": [str(o) for o in options],
         "answer": answer,
+        "unsafe_option": unsafe,
     }
     return clean, None

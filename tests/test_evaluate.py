@@ -131,8 +131,10 @@ def by(rows, method):
 
 def test_every_method_on_the_fake_engine():
     rows, engine = run_fake(QUESTIONS)
-    assert {r["method"] for r in rows} == {"verbalized", "self_consistency", "mutation_consistency", "token_prob", "p_true"}
-    assert len(rows) == 5 * len(QUESTIONS)
+    assert {r["method"] for r in rows} == {"verbalized", "self_consistency", "mutation_consistency", "token_prob",
+                                           "token_prob_temperature", "token_prob_contextual", "token_prob_batch",
+                                           "p_true"}
+    assert len(rows) == 8 * len(QUESTIONS)
 
     verbal = by(rows, "verbalized")
     assert [verbal[q]["choice"] for q in ("q1", "q2", "q3", "q4")] == [0, 0, 2, 0]
@@ -156,9 +158,16 @@ def test_every_method_on_the_fake_engine():
             assert (found[q]["choice"], found[q]["confidence"]) == (verbal[q]["choice"], pytest.approx(0.75)), (method, q)
         assert found["q5"]["choice"] is None and found["q5"]["confidence"] == 0.0
 
-    # batched: one greedy call, one sampling call (original + 3 variants per question, n = k), two scoring calls
+    # before the runner calibrates them, the post-hoc rows carry token_prob's judgement and distribution
+    for method in ("token_prob_temperature", "token_prob_batch"):
+        assert {q: (r["choice"], r["option_probs"]) for q, r in by(rows, method).items()} == {
+            q: (r["choice"], r["option_probs"]) for q, r in token.items()}
+    assert token["q2"]["unsafe_option"] is None  # built without it here; the loaders and validation set it
+
+    # batched: one greedy call, one sampling call (original + 3 variants per question, n = k), three scoring
+    # calls (the options, the 5 distinct content-free twins, P(True))
     assert ("generate", 5, 1, 0.0) in engine.calls and ("generate", 5 * 4, 4, 0.7) in engine.calls
-    assert [c for c in engine.calls if c[0] == "option_logprobs"] == [("option_logprobs", 5), ("option_logprobs", 5)]
+    assert [c for c in engine.calls if c[0] == "option_logprobs"] == [("option_logprobs", 5)] * 3
 
 
 def test_missing_confidence_is_a_setting():

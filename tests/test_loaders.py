@@ -79,7 +79,9 @@ def test_safetybench_answers_from_answers_file():
     for item, raw in zip(items, records):
         record = raw.record
         assert record["id"] == f"safetybench-zh-{item['id']}"
-        assert (record["lang"], record["task"], record["source"]) == ("zh", "mcq", "safetybench")
+        # a Yes / No judgement whose ask says which answer is unsafe is a judgement; the rest multiple choice
+        task = "mcq" if record["unsafe_option"] is None else "judge"
+        assert (record["lang"], record["task"], record["source"]) == ("zh", task, "safetybench")
         assert record["options"] == item["options"] and record["category"] == item["category"]
         assert record["answer"] == gold[str(item["id"])]["answer"]
     assert records[0].location == f"{path}:row 1"
@@ -266,7 +268,7 @@ def test_ids_unique_across_all_shared_sets():
 
 def question(i: int, **changes) -> dict:
     row = {"id": f"q{i}", "source": "test", "lang": "en", "task": "mcq", "category": "c",
-           "question": f"Question {i}?", "options": ["yes", "no"], "answer": i % 2}
+           "question": f"Question {i}?", "options": ["yes", "no"], "answer": i % 2, "unsafe_option": None}
     row.update(changes)
     return row
 

@@ -137,7 +137,8 @@ def test_bad_inputs_are_refused():
 
 def test_metric_suite_names():
     suite = M.metric_suite(10, ["0.5", 0.8])  # command-line lists arrive as strings
-    assert list(suite) == ["accuracy", "ece", "adaptive_ece", "brier", "auroc", "aurc", "accuracy_at_50", "accuracy_at_80"]
+    assert list(suite) == ["accuracy", "ece", "adaptive_ece", "l2_ece", "brier", "auroc", "aurc", "accuracy_at_50",
+                           "accuracy_at_80"]
     assert suite["accuracy_at_50"](np.array(CONF4), np.array(RIGHT4)) == pytest.approx(0.5)
 
 

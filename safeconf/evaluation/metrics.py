@@ -1,9 +1,20 @@
-"""How good a confidence is: accuracy, calibration (ECE, adaptive ECE, Brier), discrimination (AUROC) and
-selective prediction (risk-coverage, AURC, accuracy at a coverage), with seeded bootstrap intervals.
+"""How good a confidence is: accuracy, calibration (ECE, adaptive ECE, L2 ECE, Brier), discrimination (AUROC)
+and selective prediction (risk-coverage, AURC, accuracy at a coverage), with seeded bootstrap intervals; and
+the guard-model metrics of the unsafe class (F1, AUPRC).
 
-Every metric takes `confidence` (in [0, 1]) and `correct` (1 right / 0 wrong) for the same questions, and
-returns a float, or None where it is undefined (no questions; AUROC when all answers are right or all wrong).
-scikit-learn computes what it has (Brier score, AUROC); the rest is a few lines of numpy.
+The confidence metrics take `confidence` (in [0, 1]) and `correct` (1 right / 0 wrong) for the same questions;
+the guard metrics take `p_unsafe` (the probability a judgement puts on the unsafe option), `flagged` (1 when it
+chose the unsafe option) and `unsafe` (1 when the gold answer is the unsafe option). Each returns a float, or
+None where it is undefined (no questions; AUROC when all answers are right or all wrong; AUPRC without an
+unsafe question). scikit-learn computes what it has (Brier score, AUROC, F1, average precision); the rest is a
+few lines of numpy.
+
+The calibration errors are of the top-label confidence (the probability of the chosen answer):
+- `ece`: sum over equal-width bins of (bin share) x |accuracy - mean confidence| (L1), bins as sklearn's
+  calibration_curve;
+- `adaptive_ece`: the same over equal-mass bins;
+- `l2_ece`: sqrt of the sum over equal-mass bins of (bin share) x (accuracy - mean confidence)^2, with 15 bins
+  the L2 estimator Liu et al. (ICLR 2025, "On Calibration of LLM-based Guard Models") report.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import brier_score_loss, roc_auc_score
+from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
 
 Metric = Callable[[np.ndarray, np.ndarray], "float | None"]
 
@@ -35,13 +46,13 @@ def accuracy(confidence, correct) -> float | None:
     return float(right.mean()) if right.size else None
 
 
-def _calibration_error(conf: np.ndarray, right: np.ndarray, bin_ids: np.ndarray) -> float:
-    """Sum over bins of (bin share) x |accuracy - mean confidence|."""
+def _calibration_error(conf: np.ndarray, right: np.ndarray, bin_ids: np.ndarray, power: int = 1) -> float:
+    """(Sum over bins of (bin share) x |accuracy - mean confidence|^power)^(1/power): L1 ECE, or L2 with power 2."""
     counts = np.bincount(bin_ids)
     used = counts > 0
     mean_conf = np.bincount(bin_ids, weights=conf)[used] / counts[used]
     mean_right = np.bincount(bin_ids, weights=right)[used] / counts[used]
-    return float(np.sum(counts[used] / conf.size * np.abs(mean_right - mean_conf)))
+    return float(np.sum(counts[used] / conf.size * np.abs(mean_right - mean_conf) ** power) ** (1 / power))
 
 
 def equal_width_bins(conf: np.ndarray, bins: int) -> np.ndarray:
@@ -71,6 +82,14 @@ def adaptive_ece(confidence, correct, bins: int = 10) -> float | None:
     if not conf.size:
         return None
     return _calibration_error(conf, right, equal_mass_bins(conf, bins))
+
+
+def l2_ece(confidence, correct, bins: int = 15) -> float | None:
+    """L2 calibration error over `bins` equal-mass bins (Liu et al.'s estimator at 15 bins)."""
+    conf, right = as_arrays(confidence, correct)
+    if not conf.size:
+        return None
+    return _calibration_error(conf, right, equal_mass_bins(conf, bins), power=2)
 
 
 def brier(confidence, correct) -> float | None:
@@ -129,12 +148,48 @@ def coverage_key(coverage: float) -> str:
     return f"accuracy_at_{round(coverage * 100)}"
 
 
-def metric_suite(bins: int = 10, coverages=(0.5, 0.8)) -> dict[str, Metric]:
+def guard_arrays(p_unsafe, flagged, unsafe) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p = np.asarray(p_unsafe, dtype=float).reshape(-1)
+    flag = np.asarray(flagged, dtype=int).reshape(-1)
+    gold = np.asarray(unsafe, dtype=int).reshape(-1)
+    if not p.size == flag.size == gold.size:
+        raise ValueError(f"p_unsafe, flagged and unsafe differ in length: {p.size}, {flag.size}, {gold.size}")
+    if p.size and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
+        raise ValueError("p_unsafe must be numbers in [0, 1]")
+    if not (np.isin(flag, (0, 1)).all() and np.isin(gold, (0, 1)).all()):
+        raise ValueError("flagged and unsafe must hold only 0 and 1")
+    return p, flag, gold
+
+
+def unsafe_f1(p_unsafe, flagged, unsafe) -> float | None:
+    """F1 of the unsafe class (judged unsafe vs gold unsafe); 0 when nothing is flagged or nothing is unsafe."""
+    _, flag, gold = guard_arrays(p_unsafe, flagged, unsafe)
+    if not gold.size:
+        return None
+    return float(f1_score(gold, flag, pos_label=1, labels=[0, 1], zero_division=0.0))
+
+
+def unsafe_auprc(p_unsafe, flagged, unsafe) -> float | None:
+    """Area under the precision-recall curve of the unsafe class, scored by P(unsafe) (average precision);
+    None without an unsafe question."""
+    p, _, gold = guard_arrays(p_unsafe, flagged, unsafe)
+    if not gold.size or gold.max() == 0:
+        return None
+    return float(average_precision_score(gold, p, pos_label=1))
+
+
+def guard_suite() -> dict[str, Callable]:
+    """The guard-model metrics, by name: over (p_unsafe, flagged, unsafe) of the judgements with an unsafe option."""
+    return {"unsafe_f1": unsafe_f1, "unsafe_auprc": unsafe_auprc}
+
+
+def metric_suite(bins: int = 10, coverages=(0.5, 0.8), l2_bins: int = 15) -> dict[str, Metric]:
     """The metrics of the report, by name, in the order they are shown."""
     suite: dict[str, Metric] = {
         "accuracy": accuracy,
         "ece": lambda c, r: ece(c, r, bins),
         "adaptive_ece": lambda c, r: adaptive_ece(c, r, bins),
+        "l2_ece": lambda c, r: l2_ece(c, r, l2_bins),
         "brier": brier,
         "auroc": auroc,
         "aurc": aurc,
@@ -160,16 +215,23 @@ def score(confidence, correct, metrics: dict[str, Metric], samples: int = 1000, 
     Binned ECE is biased upward in small samples (a resample's duplicates make bins look miscalibrated), so
     for a nearly calibrated method its percentile interval can lie above the point estimate.
     """
-    conf, right = as_arrays(confidence, correct)
-    result = {name: {"value": fn(conf, right), "ci": None} for name, fn in metrics.items()}
-    if samples <= 0 or conf.size < 2:
+    return score_columns(as_arrays(confidence, correct), metrics, samples, seed, level)
+
+
+def score_columns(columns: tuple[np.ndarray, ...], metrics: dict[str, Callable], samples: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> dict[str, dict]:
+    """`score` over any per-question columns of equal length (each metric takes them in order), e.g. the guard
+    metrics' (p_unsafe, flagged, unsafe)."""
+    size = columns[0].size
+    result = {name: {"value": fn(*columns), "ci": None} for name, fn in metrics.items()}
+    if samples <= 0 or size < 2:
         return result
     rng = np.random.default_rng(seed)
     draws = {name: [] for name in metrics}
-    for indices in rng.integers(0, conf.size, size=(samples, conf.size)):
-        c, r = conf[indices], right[indices]
+    for indices in rng.integers(0, size, size=(samples, size)):
+        drawn = tuple(column[indices] for column in columns)
         for name, fn in metrics.items():
-            value = fn(c, r)
+            value = fn(*drawn)
             if value is not None:
                 draws[name].append(value)
     tail = (1 - level) / 2 * 100

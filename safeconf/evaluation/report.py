@@ -12,10 +12,12 @@ from safeconf.evaluation.metrics import coverage_key
 from safeconf.evaluation.selective import min_accepted
 
 METRIC_NAMES = {
-    "accuracy": "accuracy", "ece": "ECE", "adaptive_ece": "adaptive ECE", "brier": "Brier", "auroc": "AUROC",
-    "aurc": "AURC",
+    "accuracy": "accuracy", "ece": "ECE", "adaptive_ece": "adaptive ECE", "l2_ece": "L2 ECE", "brier": "Brier",
+    "auroc": "AUROC", "aurc": "AURC",
 }
-LOWER_IS_BETTER = "ECE, adaptive ECE, Brier and AURC: lower is better; accuracy and AUROC: higher is better."
+GUARD_NAMES = {"unsafe_f1": "F1 (unsafe)", "unsafe_auprc": "AUPRC (unsafe)"}
+LOWER_IS_BETTER = ("ECE, adaptive ECE, L2 ECE, Brier and AURC: lower is better; accuracy, AUROC, F1 and AUPRC: "
+                   "higher is better.")
 
 
 def _number(value, digits: int = 3) -> str:
@@ -109,6 +111,9 @@ def build(summary: dict, plots: dict[str, str]) -> Document:
         for warning in summary["warnings"]:
             doc.paragraph("- " + warning)
     _methods_table(doc, summary)
+    _methods_table(doc, summary, split="test")
+    _estimators(doc, summary)
+    _posthoc(doc, summary)
     _breakdowns(doc, summary)
     _selective(doc, summary)
     _over_refusal(doc, summary)
@@ -150,31 +155,74 @@ def _method_label(method: str, entry: dict) -> str:
     return f"{method} — {entry['degenerate']}" if entry.get("degenerate") else method
 
 
-def _methods_table(doc: Document, summary: dict):
+def _methods_table(doc: Document, summary: dict, split: str = "overall"):
     keys = _metric_keys(summary)
-    doc.heading("Confidence methods on the safety questions")
-    doc.paragraph(f"Point estimate [bootstrap 95% interval, {summary['bootstrap_samples']} resamples]. {LOWER_IS_BETTER} "
-                  "acc@N%: accuracy on the N% most confident answers. Unanswered: unreadable replies (counted wrong). "
-                  "Fallback: see the notes. Cut: questions whose prompt was cut to fit the context. A degenerate "
-                  "method (one confidence for every question, or the fallback every time) cannot rank its answers.")
+    if split == "overall":
+        doc.heading("Confidence methods on the safety questions")
+        doc.paragraph(f"Point estimate [bootstrap 95% interval, {summary['bootstrap_samples']} resamples]. "
+                      f"{LOWER_IS_BETTER} acc@N%: accuracy on the N% most confident answers. F1 and AUPRC: of the "
+                      "unsafe class, over the n(judge) judgements that know their unsafe option. Unanswered: "
+                      "unreadable replies (counted wrong). Fallback: see the notes. Cut: questions whose prompt was "
+                      "cut to fit the context. A degenerate method (one confidence for every question, or the "
+                      "fallback every time) cannot rank its answers.")
+    else:
+        doc.heading("On the test split alone", 3)
+        doc.paragraph("The questions that chose neither the selective threshold nor token_prob_temperature's "
+                      "temperature (both use the calibration split): the fair comparison with the fitted method.")
     rows = []
     for method, entry in summary["methods"].items():
+        scores = entry.get(split) or {}
         cut = entry.get("truncated")
-        rows.append([_method_label(method, entry), entry["role"], str(entry["overall"]["n"])]
-                    + [_cell(entry["overall"].get(k)) for k in keys]
-                    + [_percent(entry["unanswered"]), _percent(entry["fallback"]), "–" if cut is None else str(cut)])
-    doc.table(["method", "model", "n"] + [_metric_title(k) for k in keys] + ["unanswered", "fallback", "cut"], rows)
+        rows.append([_method_label(method, entry), entry["role"], str(scores.get("n", "–"))]
+                    + [_cell(scores.get(k)) for k in keys] + [str(scores.get("guard_n", "–"))]
+                    + [_cell(scores.get(k)) for k in GUARD_NAMES]
+                    + ([_percent(entry["unanswered"]), _percent(entry["fallback"]), "–" if cut is None else str(cut)]
+                       if split == "overall" else []))
+    doc.table(["method", "model", "n"] + [_metric_title(k) for k in keys] + ["n(judge)"] + list(GUARD_NAMES.values())
+              + (["unanswered", "fallback", "cut"] if split == "overall" else []), rows)
+
+
+def _estimators(doc: Document, summary: dict):
+    found = summary.get("estimators")
+    if found:
+        doc.paragraph("Estimators: " + "; ".join(f"{METRIC_NAMES.get(k) or GUARD_NAMES.get(k, k)}: {v}"
+                                                for k, v in found.items()) + ".")
+
+
+def _posthoc(doc: Document, summary: dict):
+    """What the post-hoc calibrations fitted (the temperature; the batch priors)."""
+    lines = []
+    for method, entry in summary["methods"].items():
+        found = entry.get("calibration")
+        if not found:
+            continue
+        if "temperature" in found:
+            before, after = found.get("nll_before"), found.get("nll_after")
+            lines.append(f"{method}: T = {found['temperature']:.3f}, fitted by NLL on {found['fitted_on']} "
+                         f"calibration questions (NLL {_number(before)} -> {_number(after)})")
+        if "priors" in found:
+            lines.append(f"{method}: mean option probabilities divided out, per group: " + "; ".join(
+                f"{group} ({v['questions']} questions) [{', '.join(f'{p:.3f}' for p in v['prior'])}]"
+                for group, v in found["priors"].items()))
+    if lines:
+        doc.paragraph("Post-hoc calibration of token_prob (Liu et al., ICLR 2025): " + " ".join(
+            f"- {line}." for line in lines))
 
 
 def _breakdowns(doc: Document, summary: dict):
-    for key, title in (("lang", "language"), ("task", "task"), ("category", "category")):
+    for key, title in (("source", "data set"), ("lang", "language"), ("task", "task"), ("category", "category")):
+        if not any(f"by_{key}" in entry for entry in summary["methods"].values()):
+            continue  # metrics.json written before this breakdown existed
         doc.heading(f"By {title}", 3)
         rows = []
+        metrics = ["accuracy", "ece", "l2_ece", "brier", "auroc", "aurc"]
         for method, entry in summary["methods"].items():
             for group, scores in entry[f"by_{key}"].items():
-                rows.append([_method_label(method, entry), group, str(scores["n"]), _cell(scores["accuracy"]), _cell(scores["ece"]),
-                             _cell(scores["brier"]), _cell(scores["auroc"])])
-        doc.table(["method", title, "n", "accuracy", "ECE", "Brier", "AUROC"], rows)
+                rows.append([_method_label(method, entry), group, str(scores["n"])]
+                            + [_cell(scores.get(k)) for k in metrics] + [str(scores.get("guard_n", "–"))]
+                            + [_cell(scores.get(k)) for k in GUARD_NAMES])
+        doc.table(["method", title, "n"] + [METRIC_NAMES[k] for k in metrics] + ["n(judge)"]
+                  + list(GUARD_NAMES.values()), rows)
 
 
 def _selective(doc: Document, summary: dict):

@@ -19,8 +19,17 @@ import pyarrow as pa
 from safeconf import io
 from safeconf.config import Config, ModelConfig
 from safeconf.evaluation import plots, report
-from safeconf.evaluation.methods import ADAPTER_METHODS, METHODS, PREDICTION_SCHEMA, EvalStage, engine_method
+from safeconf.evaluation.methods import (
+    ADAPTER_METHODS,
+    METHODS,
+    POSTHOC_METHODS,
+    PREDICTION_SCHEMA,
+    EvalStage,
+    calibrate_posthoc,
+    engine_method,
+)
 from safeconf.evaluation.results import (
+    ESTIMATORS,
     correctness,
     general_ability,
     method_summary,
@@ -63,6 +72,13 @@ def run_evaluation(config: Config, data_spec: str, out_uri: str, model: str | No
     notes = [f"verbalized / safeconf: a reply that states no confidence counts as {config.eval.missing_confidence} "
              "(eval.missing_confidence); the share is the method's fallback rate. An unreadable answer counts as wrong.",
              "p_true: when the greedy reply is unreadable, the token_prob answer is proposed (its fallback rate)."]
+    if "token_prob_temperature" in config.eval.methods:
+        notes.append("token_prob_temperature: its temperature is fitted on the calibration split, which its overall "
+                     "figures include; compare it with the others on the test split alone.")
+    if {"token_prob_batch", "token_prob_contextual"} & set(config.eval.methods):
+        notes.append("token_prob_batch divides by the mean option distribution over every evaluated question of a "
+                     "data set and option count (no labels used); token_prob_contextual by the distribution of a "
+                     f"content-free input ({config.eval.content_free_inputs}) with the same options.")
     if "safeconf" in config.eval.methods and "adapter" not in roles:
         notes.append("safeconf skipped: no adapter given (pass the fine-tuned LoRA folder).")
 
@@ -73,7 +89,7 @@ def run_evaluation(config: Config, data_spec: str, out_uri: str, model: str | No
     questions = pa.Table.from_pylist(safety + general + refusal, schema=pa.schema(EVAL_FIELDS))
 
     init_ray(config.ray_address)
-    predictions = []
+    predictions, fitted = [], {}
     present = set(questions.column("eval_set").to_pylist())
     for role, role_config in roles.items():
         plan = method_plan(config.eval.methods, role)
@@ -81,11 +97,13 @@ def run_evaluation(config: Config, data_spec: str, out_uri: str, model: str | No
             continue  # e.g. methods=[safeconf] without an adapter: nothing for this model to do
         log.info("evaluating %s model on %d questions: %s", role, questions.num_rows, plan)
         began = time.time()
-        predictions += predict(questions, role_config, plan, role, io.join(out, "predictions", role))
+        rows, found = predict(questions, role_config, plan, role, io.join(out, "predictions", role))
+        predictions += rows
+        fitted.update(found)
         log.info("%s model done in %.0f s", role, time.time() - began)
 
     began = time.time()
-    summary = summarise(predictions, config, data_spec, roles, read, rejects, notes)
+    summary = summarise(predictions, config, data_spec, roles, read, rejects, notes, fitted)
     log.info("metrics with %d bootstrap resamples in %.0f s", config.eval.bootstrap_samples, time.time() - began)
     images = write_plots(out, [p for p in predictions if p["eval_set"] == "safety"], summary, config)
     summary["plots"] = {name: PLOTS[name] for name in images}
@@ -123,8 +141,8 @@ def role_configs(config: Config, model: str | None, adapter: str | None) -> dict
 
 def method_plan(methods: list[str], role: str) -> dict[str, dict[str, str]]:
     """{eval set: {reported name: engine method}} for one model."""
-    if role == "base":
-        safety = {m: m for m in methods if m in METHODS}
+    if role == "base":  # the post-hoc calibrations run token_prob's scoring (POSTHOC_METHODS), calibrated after
+        safety = {m: engine_method(m) for m in methods if m in METHODS or m in POSTHOC_METHODS}
     else:
         safety = {m: engine_method(m) for m in methods if m in ADAPTER_METHODS}
     return {"safety": safety, "general": dict(AUX_METHODS), "over_refusal": dict(AUX_METHODS)}
@@ -177,18 +195,28 @@ def load_aux(spec: str, limit: int, name: str, safe_only: bool = False) -> tuple
 # --- the engine passes ---
 
 
-def predict(questions: pa.Table, config: Config, plan: dict, role: str, uri: str) -> list[dict]:
-    """Run EvalStage over the questions on an actor pool; the predictions are written to `uri` and returned."""
+def predict(questions: pa.Table, config: Config, plan: dict, role: str, uri: str) -> tuple[list[dict], dict]:
+    """Run EvalStage over the questions on an actor pool, then the post-hoc calibrations (calibrate_posthoc) over
+    all of its rows; the predictions are written to `uri` and returned, with what the calibrations fitted."""
     ds = map_on_engines(question_dataset(questions, config.engine.batch_size), EvalStage, config, plan=plan, role=role)
     ds.write_parquet(uri, mode="overwrite")  # a re-run replaces the old predictions, never mixes with them
-    return io.read_table(uri).cast(PREDICTION_SCHEMA).to_pylist()
+    rows = io.read_table(uri).cast(PREDICTION_SCHEMA).to_pylist()
+    if not any(r["method"] in POSTHOC_METHODS for r in rows):
+        return rows, {}
+    rows, fitted = calibrate_posthoc(rows)
+    fs, path = io.filesystem(uri)
+    fs.delete_dir_contents(path)  # the calibrated rows replace the engine pass's
+    io.write_table(io.join(uri, "predictions.parquet"), pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA))
+    return rows, fitted
 
 
 # --- numbers, plots, report ---
 
 
 def summarise(predictions: list[dict], config: Config, data_spec: str, roles: dict, read: int, rejected: int,
-              notes: list[str]) -> dict:
+              notes: list[str], fitted: dict | None = None) -> dict:
+    """metrics.json from the predictions; `fitted`: what calibrate_posthoc fitted per method (the temperature,
+    the batch priors), kept in that method's entry under "calibration"."""
     safety = [p for p in predictions if p["eval_set"] == "safety"]
     by_method = {}
     for row in safety:
@@ -209,6 +237,7 @@ def summarise(predictions: list[dict], config: Config, data_spec: str, roles: di
         "coverage_levels": [float(c) for c in ev.coverage_levels],
         "bootstrap_samples": ev.bootstrap_samples,
         "methods": method_summaries(by_method, order, ev),
+        "estimators": ESTIMATORS,
         "truncated_prompts": truncated_prompts(predictions),
     }
     for key, name, spec, scorer in (
@@ -217,6 +246,9 @@ def summarise(predictions: list[dict], config: Config, data_spec: str, roles: di
     ):
         rows = [p for p in predictions if p["eval_set"] == name]
         summary[key] = {"data": spec, "results": scorer(rows)} if rows else {"skipped": _skip_reason(notes, name)}
+    for method, found in (fitted or {}).items():
+        if method in summary["methods"]:
+            summary["methods"][method]["calibration"] = found
     summary["notes"] = notes
     summary["warnings"] = sample_size_warnings(summary, ev)
     for warning in summary["warnings"]:
