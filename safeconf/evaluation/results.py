@@ -15,7 +15,7 @@ import numpy as np
 
 from safeconf.config import EvalConfig
 from safeconf.evaluation.metrics import accuracy, guard_suite, metric_suite, score, score_columns
-from safeconf.evaluation.selective import min_accepted, selective_judgement
+from safeconf.evaluation.selective import cascade, min_accepted, selective_judgement
 
 FALLBACK_MEANING = {
     "verbalized": "reply stated no confidence; counted as eval.missing_confidence",
@@ -196,9 +196,14 @@ def sample_size_warnings(summary: dict, config: EvalConfig) -> list[str]:
 
 
 def selective(rows: list[dict], config: EvalConfig) -> dict:
+    """The selective threshold and its test figures, and the cascade to a stronger judge at that threshold."""
     cal_conf, cal_right = correctness([r for r in rows if r["split"] == "calibration"])
-    test_conf, test_right = correctness([r for r in rows if r["split"] == "test"])
-    return selective_judgement(cal_conf, cal_right, test_conf, test_right, config.alpha, config.delta)
+    test = [r for r in rows if r["split"] == "test"]
+    test_conf, test_right = correctness(test)
+    found = selective_judgement(cal_conf, cal_right, test_conf, test_right, config.alpha, config.delta)
+    answered = [r["choice"] is not None for r in test if r["answer"] is not None]  # as correctness orders them
+    found["cascade"] = cascade(test_conf, test_right, answered, found["threshold"], config.escalation_judge_accuracy)
+    return found
 
 
 def over_refusal(rows: list[dict]) -> dict:

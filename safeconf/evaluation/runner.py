@@ -79,8 +79,13 @@ def run_evaluation(config: Config, data_spec: str, out_uri: str, model: str | No
         notes.append("token_prob_batch divides by the mean option distribution over every evaluated question of a "
                      "data set and option count (no labels used); token_prob_contextual by the distribution of a "
                      f"content-free input ({config.eval.content_free_inputs}) with the same options.")
-    if "safeconf" in config.eval.methods and "adapter" not in roles:
-        notes.append("safeconf skipped: no adapter given (pass the fine-tuned LoRA folder).")
+    adapter_only = [m for m in config.eval.methods if m in ADAPTER_METHODS]
+    if adapter_only and "adapter" not in roles:
+        notes.append(f"{', '.join(adapter_only)} skipped: no adapter given (pass the fine-tuned LoRA folder).")
+    if "adapter_token_prob" in config.eval.methods:
+        notes.append("adapter_token_prob: the fine-tuned model's option-label probability after the answer prefix, on "
+                     "the prompt it was trained on (with the reply-format instruction); answer = the likeliest "
+                     "option. The confidence of an adapter trained with sft.confidence_format=none, which states none.")
 
     safety, read, rejects = load_safety(data_spec, config, out)
     general, general_note = load_aux(config.eval.general_data, config.eval.aux_limit, "general")

@@ -95,3 +95,23 @@ def selective_judgement(cal_confidence, cal_correct, test_confidence, test_corre
         "test_coverage": n_accepted / test_conf.size if test_conf.size else None,
         "test_error": float(1 - test_right[accepted].mean()) if n_accepted else None,
     }
+
+
+def cascade(confidence, correct, answered, threshold: float | None, judge_accuracy: float) -> dict:
+    """SafeConf in front of a stronger judge ("Trust or Escalate"), as the endpoint runs it with serve.escalate_url:
+    a judgement below the threshold, or unreadable, is escalated; the rest SafeConf keeps. Over held-out questions:
+    the share escalated, the accuracy of what SafeConf kept, and the overall accuracy if the stronger judge is right
+    on a share `judge_accuracy` of what it gets (a stated figure, measured elsewhere: it is not re-measured here)."""
+    conf = np.asarray(confidence, dtype=float)
+    right = np.asarray(correct, dtype=int)
+    kept = np.asarray(answered, dtype=bool) & (conf >= threshold - _EPS if threshold is not None else False)
+    n, n_kept = int(conf.size), int(kept.sum())
+    return {
+        "questions": n,
+        "threshold": threshold,
+        "escalated_share": (n - n_kept) / n if n else None,
+        "kept_accuracy": float(right[kept].mean()) if n_kept else None,
+        "judge_accuracy": judge_accuracy,
+        "overall_accuracy": (float(right[kept].sum()) + judge_accuracy * (n - n_kept)) / n if n else None,
+        "safeconf_alone_accuracy": float(right.mean()) if n else None,
+    }

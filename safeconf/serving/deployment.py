@@ -1,0 +1,508 @@
+"""The Serve deployment: one replica holds one engine (one model copy), batches the requests of each route into
+engine calls, escalates the judgements it defers, and answers the routes; and how the application is built
+(build_app, app_builder) and run (run_serve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from safeconf.config import Config, config_from_dict, load_config
+from safeconf.engines.base import engine_runtime_env, placement_bundles
+from safeconf.evaluation.results import UNREADABLE_P_UNSAFE
+from safeconf.serving.app import HEALTH_PATH, Metrics, api
+from safeconf.serving.escalation import EscalationError, EscalationTarget, escalate, with_escalation
+from safeconf.serving.judging import (
+    POLICY_KEYS,
+    JudgeItem,
+    JudgePolicy,
+    adapter_config,
+    check_servable,
+    judge_batch,
+    judge_item,
+    resolve_policy,
+    text_item,
+    with_decision,
+)
+from safeconf.serving.schemas import (
+    MODERATION_CATEGORY,
+    ApiError,
+    ChatRequest,
+    JudgeRequest,
+    ModerationRequest,
+    ModerationResponse,
+    error_response,
+)
+
+log = logging.getLogger("ray.serve")  # the replica's log file, beside Serve's own lines
+
+# @serve.multiplexed takes its bound when the class is defined: a replica imports this module with the variable
+# already in its environment (deployment_options sets it from serve.max_models_per_replica).
+MODELS_PER_REPLICA_ENV = "SAFECONF_MAX_MODELS_PER_REPLICA"
+MAIN = ""  # the name of the main model (model.name + model.adapter) among the served ones
+
+
+class JudgeServer:
+    """One replica: one engine (one model copy), its batches, and the routes.
+
+    A plain module-level class (decorated below, not with @), so Ray pickles it by reference and the
+    replica runs this module's code as imported there.
+    """
+
+    def __init__(self, config: dict, token_digest: str | None):
+        self.config = config_from_dict(config)
+        self.token_digest = token_digest  # SHA-256 of the token: the plain token never enters Ray's state
+        self.model_id = self.config.serve.model_id or self.config.model.name
+        self.metrics = Metrics()
+        self.engine_batches = 0  # calls to the engine thread (judge_batch / chat_batch)
+        self.waiting, self.runner = [], None  # batches waiting for the engine, and the task that feeds it
+        self.policy: JudgePolicy | None = None  # set by reconfigure from build_app's user_config, before traffic
+        self.timeout_s = self.config.serve.request_timeout_s
+        self.escalation: EscalationTarget | None = None  # set by reconfigure (user_config "escalation")
+        self.session = None  # the aiohttp session of escalations, made on the replica's event loop at first use
+        self.adapters = {entry["name"]: entry for entry in self.config.serve.adapters}  # serve.adapters by name
+        self.adapter_policies: dict[str, JudgePolicy] = {}  # set by reconfigure (user_config "adapters")
+        self.engine_loads: list[str] = []  # adapters loaded by this replica, in order (multiplexing)
+        # One thread owns the engine: its calls never overlap (engines are not thread-safe), and the
+        # event loop stays free while the model works (the engine is built there too, so a CPU engine's
+        # thread settings apply to the thread that runs it).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.engine = self.executor.submit(self._make_engine).result()
+        for batched in (self._judge_batch, self._chat_batch):
+            batched.set_max_batch_size(self.config.serve.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
+        log.info("SafeConf replica ready: model %s, adapter %r, engine %s", self.model_id,
+                 self.config.model.adapter, type(self.engine).__name__)
+
+    def _make_engine(self, model=None):
+        from safeconf.engines import make_engine
+
+        return make_engine(model or self.config.model, self.config.engine, seed=self.config.sampling.seed)
+
+    @serve.multiplexed(max_num_models_per_replica=int(os.environ.get(MODELS_PER_REPLICA_ENV, "2")))
+    async def adapter_engine(self, name: str):
+        """The engine of an adapter of serve.adapters, loaded on the engine thread on first use; Serve keeps the
+        most recently used serve.max_models_per_replica of them and drops the others."""
+        model = adapter_config(self.config, self.adapters[name]).model
+        self.engine_loads.append(name)
+        log.info("loading adapter %s (%s)", name, model.adapter)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._make_engine, model)
+
+    def served_model(self, requested: str | None) -> str:
+        """The served model a request's `model` names: an adapter of serve.adapters, or MAIN for none, model_id,
+        or (with no adapters to choose from) any name, as OpenAI-compatible servers of one model answer."""
+        if requested in self.adapter_policies:
+            return requested
+        if requested is None or requested == self.model_id or not self.adapter_policies:
+            return MAIN
+        raise ApiError(404, f"model {requested!r} is not served here; served: "
+                       f"{[self.model_id, *self.adapter_policies]}", "model", "model_not_found")
+
+    def policy_of(self, name: str) -> JudgePolicy:
+        return self.policy if name == MAIN else self.adapter_policies[name]
+
+    async def engine_of(self, name: str):
+        return self.engine if name == MAIN else await self.adapter_engine(name)
+
+    def name_of(self, name: str) -> str:
+        return self.model_id if name == MAIN else name
+
+    def reconfigure(self, user_config: dict):
+        """Serve's user_config: the judging policy (method, threshold, judging settings) and the timeout change
+        without reloading the model; a partial update keeps the rest of the policy."""
+        if POLICY_KEYS & user_config.keys():
+            policy = JudgePolicy.from_user_config(user_config, self.policy)
+            check_servable(policy.method, bool(self.config.model.adapter))
+            self.policy = policy
+            log.info("judging with %s", policy)
+        if "request_timeout_s" in user_config:
+            self.timeout_s = float(user_config["request_timeout_s"])
+        if "adapters" in user_config:
+            policies = {name: JudgePolicy.from_user_config(values) for name, values in user_config["adapters"].items()}
+            for name, policy in policies.items():
+                if name not in self.adapters:
+                    raise ValueError(f"user_config adapters: {name!r} is not in serve.adapters")
+                check_servable(policy.method, True)
+            self.adapter_policies = policies
+        if "escalation" in user_config:
+            self.escalation = EscalationTarget.from_dict(user_config["escalation"])
+            if self.escalation and self.escalation.key_env and not self.escalation.api_key():
+                log.warning("escalating to %s without a key: $%s is not set in the replica", self.escalation.url,
+                            self.escalation.key_env)
+
+    def authorized(self, header: bytes) -> bool:
+        if self.token_digest is None:
+            return True
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        digest = hashlib.sha256(token.strip().encode("utf-8")).hexdigest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(digest, self.token_digest)
+
+    def replica_info(self) -> dict:
+        """For operators and tests, through a deployment handle (not HTTP)."""
+        policy = self.policy
+        return {"pid": os.getpid(), "engine_batches": self.engine_batches, "method": policy.method,
+                "threshold": policy.threshold, "threshold_source": policy.source,
+                "judging": policy.settings.to_dict(), "guarantee": policy.guarantee, "timeout_s": self.timeout_s,
+                "escalation": self.escalation.to_dict() if self.escalation else None,
+                "adapters": {name: p.user_config() for name, p in self.adapter_policies.items()},
+                "engine_loads": list(self.engine_loads)}
+
+    # routes
+
+    @api.get(HEALTH_PATH)
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.model_id}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "safeconf"}
+                                           for name in (self.model_id, *self.adapter_policies)]}
+
+    @api.post("/v1/judge")
+    async def judge(self, body: JudgeRequest) -> JSONResponse:
+        return await self._answer("/v1/judge", self._judge(body))
+
+    @api.post("/v1/moderations")
+    async def moderations(self, body: ModerationRequest) -> JSONResponse:
+        return await self._answer("/v1/moderations", self._moderate(body))
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest) -> JSONResponse:
+        return await self._answer("/v1/chat/completions", self._chat(body))
+
+    async def _answer(self, path: str, work) -> JSONResponse:
+        """Run a route's work under the timeout; map every outcome to JSON (never a trace) and count it."""
+        started = time.perf_counter()
+        try:
+            response = JSONResponse(await asyncio.wait_for(work, self.timeout_s))
+        except ApiError as e:
+            response = error_response(e.status, e.kind, e.message, e.param)
+        except asyncio.TimeoutError:
+            response = error_response(504, "timeout", f"no answer within {self.timeout_s} s (serve.request_timeout_s)")
+        except Exception:
+            log.exception("error answering %s", path)
+            response = error_response(500, "internal_error", "internal error; see the server log")
+        self.metrics.count(path, response.status_code, time.perf_counter() - started)
+        return response
+
+    # judge
+
+    async def _judge(self, body: JudgeRequest) -> dict:
+        self._check_judge_limits(body)
+        name = self.served_model(body.model)
+        [answer] = await self._verdicts(name, [judge_item(body)], time.monotonic() + self.timeout_s)
+        return {**answer, "model": self.name_of(name)}
+
+    async def _verdicts(self, name: str, items: list[JudgeItem], deadline: float) -> list[dict]:
+        """The judgements of the items by served model `name` (batched with other requests'), their decisions and
+        tiers, and the deferred ones escalated where serve.escalate_url is set; `deadline` (time.monotonic())
+        bounds escalation."""
+        policy = self.policy_of(name)
+        answers = await asyncio.gather(*[self._judge_batch((name, item)) for item in items])
+        answers = [with_decision(answer, policy.threshold) for answer in answers]
+        answers = await asyncio.gather(*[self._escalated(answer, item, deadline)
+                                         for answer, item in zip(answers, items)])
+        for answer in answers:
+            self.metrics.judgements.inc(tags={"method": answer["method"], "decision": answer["decision"],
+                                              "confidence_source": answer["confidence_source"],
+                                              "tier": str(answer["tier"]), "decided_by": answer["decided_by"]})
+        return [{**answer, "guarantee": policy.guarantee} for answer in answers]
+
+    async def _escalated(self, answer: dict, item: JudgeItem, deadline: float) -> dict:
+        """A deferred answer sent to the stronger judge; an accepted one, or any without a target, as it is. A
+        failed escalation never fails the request: SafeConf's answer stays (tier uncertain), with the error."""
+        target = self.escalation
+        if target is None or answer["decision"] == "accept":
+            return {**answer, "decided_by": "safeconf", "escalation_error": None}
+        if self.session is None:
+            import aiohttp
+
+            self.session = aiohttp.ClientSession()
+        margin = min(0.5, 0.1 * self.timeout_s)  # leave time to answer before the request's own timeout
+        try:
+            verdict = await escalate(self.session, target, item, deadline - margin)
+        except EscalationError as e:
+            log.warning("escalation failed: %s", e)
+            return with_escalation(answer, error=str(e))
+        return with_escalation(answer, verdict)
+
+    # moderations
+
+    async def _moderate(self, body: ModerationRequest) -> dict:
+        """OpenAI's moderation shape: each input judged as a text; flagged = tier unsafe, and tier uncertain too
+        under serve.moderation_flag_uncertain (the default: what SafeConf cannot vouch for is flagged)."""
+        limits = self.config.serve
+        texts = body.texts()
+        if len(texts) > limits.max_moderation_inputs:
+            raise ApiError(422, f"input: at most {limits.max_moderation_inputs} texts, got {len(texts)}", "input")
+        for i, text in enumerate(texts):
+            if len(text) > limits.max_text_chars:
+                raise ApiError(422, f"input.{i}: longer than {limits.max_text_chars} characters", f"input.{i}")
+        name = self.served_model(body.model)
+        answers = await self._verdicts(name, [text_item(None, "text", text) for text in texts],
+                                       time.monotonic() + self.timeout_s)
+        results = []
+        for answer in answers:
+            flagged = answer["tier"] == "unsafe" or (answer["tier"] == "uncertain" and limits.moderation_flag_uncertain)
+            score = UNREADABLE_P_UNSAFE if answer["p_unsafe"] is None else answer["p_unsafe"]
+            results.append({
+                "flagged": flagged, "categories": {MODERATION_CATEGORY: flagged},
+                "category_scores": {MODERATION_CATEGORY: score},
+                "category_applied_input_types": {MODERATION_CATEGORY: ["text"]},
+                "p_unsafe": answer["p_unsafe"], "tier": answer["tier"], "confidence": answer["confidence"],
+                "decided_by": answer["decided_by"], "escalation_error": answer.get("escalation_error"),
+            })
+        response = ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=self.name_of(name), results=results)
+        return response.model_dump()
+
+    def _check_judge_limits(self, body: JudgeRequest):
+        limits = self.config.serve
+        for name in ("question", "text", "prompt"):
+            value = getattr(body, name)
+            if value is not None and len(value) > limits.max_text_chars:
+                raise ApiError(422, f"{name}: longer than {limits.max_text_chars} characters", name)
+        if body.options is not None:
+            if len(body.options) > limits.max_options:
+                raise ApiError(422, f"options: at most {limits.max_options} options, got {len(body.options)}", "options")
+            if any(len(option) > limits.max_option_chars for option in body.options):
+                raise ApiError(422, f"options: an option is longer than {limits.max_option_chars} characters", "options")
+
+    # The sizes from the config are set in __init__. Several formed batches may wait at once: _on_engine merges them.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
+    async def _judge_batch(self, requests: list[tuple[str, JudgeItem]]) -> list[dict]:
+        async def judged(name, items):
+            policy = self.policy_of(name)
+            return await self._on_engine(judge_batch, await self.engine_of(name), items, policy.method,
+                                         policy.settings)
+
+        return await self._per_model(requests, judged)
+
+    @staticmethod
+    async def _per_model(requests: list[tuple[str, object]], work) -> list:
+        """work(name, items) for the items of each served model in a batch of (model name, item), in the batch's
+        order (a batch mixes the models its requests named)."""
+        groups: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(requests):
+            groups.setdefault(name, []).append(i)
+        found = await asyncio.gather(*[work(name, [requests[i][1] for i in members]) for name, members in groups.items()])
+        answers = [None] * len(requests)
+        for members, answered in zip(groups.values(), found):
+            for i, answer in zip(members, answered):
+                answers[i] = answer
+        return answers
+
+    async def _on_engine(self, fn, engine, requests: list, *args):
+        """fn(engine, requests, *args) on the engine thread, merged with the batches that queued meanwhile.
+
+        @serve.batch forms its next batch as soon as the previous one is handed over, not when the engine is free,
+        so behind a busy engine it queues many small batches; merging what waits into one call keeps the batches
+        full (measured on the embedded model at concurrency 8: mostly 1-3 requests per engine call without it).
+        """
+        done = asyncio.get_running_loop().create_future()
+        self.waiting.append((fn, engine, args, requests, done))
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.create_task(self._run_waiting())
+        return await done
+
+    async def _run_waiting(self):
+        loop, limit = asyncio.get_running_loop(), self.config.serve.max_batch_size
+        while self.waiting:
+            fn, engine, args = self.waiting[0][:3]
+            group, size = [], 0
+            for entry in self.waiting:  # same function, engine and settings, up to max_batch_size requests (>= 1)
+                if entry[0] is fn and entry[1] is engine and entry[2] == args and (
+                        not group or size + len(entry[3]) <= limit):
+                    group.append(entry)
+                    size += len(entry[3])
+            taken = {id(entry) for entry in group}
+            self.waiting = [entry for entry in self.waiting if id(entry) not in taken]
+            requests = [request for entry in group for request in entry[3]]
+            self.engine_batches += 1
+            started = time.perf_counter()
+            try:
+                answers = await loop.run_in_executor(self.executor, fn, engine, requests, *args)
+            except Exception as error:  # every request of the call gets the error (each answers 500)
+                for *_, future in group:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            log.info("%s: %d requests in one engine call (%d batches merged), %.2f s", fn.__name__, len(requests),
+                     len(group), time.perf_counter() - started)
+            offset = 0
+            for *_, batch, future in group:
+                if not future.done():  # a request that timed out was cancelled: its answer is dropped
+                    future.set_result(answers[offset:offset + len(batch)])
+                offset += len(batch)
+
+    # chat
+
+    async def _chat(self, body: ChatRequest) -> dict:
+        request = self._chat_item(body)
+        name = self.served_model(body.model)
+        answer = await self._chat_batch((name, request))
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": "length" if len(c.token_ids) >= request["max_tokens"] else "stop"}
+                   for i, c in enumerate(answer["completions"])]
+        completion_tokens = sum(len(c.token_ids) for c in answer["completions"])
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.name_of(name), "choices": choices,
+            "usage": {"prompt_tokens": answer["prompt_tokens"], "completion_tokens": completion_tokens,
+                      "total_tokens": answer["prompt_tokens"] + completion_tokens},
+        }
+
+    def _chat_item(self, body: ChatRequest) -> dict:
+        limits = self.config.serve
+        if len(body.messages) > limits.max_chat_messages:
+            raise ApiError(422, f"messages: at most {limits.max_chat_messages} messages", "messages")
+        messages = [m.plain() for m in body.messages]
+        if any(len(m["content"]) > limits.max_text_chars for m in messages):
+            raise ApiError(422, f"messages: a message is longer than {limits.max_text_chars} characters", "messages")
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, limits.max_chat_tokens)
+        if max_tokens > limits.max_chat_tokens:
+            raise ApiError(422, f"max_tokens: at most {limits.max_chat_tokens}", "max_tokens")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return {"messages": messages, "n": body.n, "temperature": body.temperature, "top_p": body.top_p,
+                "max_tokens": max_tokens, "stop": stop}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
+    async def _chat_batch(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        async def completed(name, items):
+            return await self._on_engine(chat_batch, await self.engine_of(name), items)
+
+        return await self._per_model(requests, completed)
+
+
+def chat_batch(engine, requests: list[dict]) -> list[dict]:
+    """Completions of a batch of chat requests: one generate call per distinct sampling setting."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        key = json.dumps([r["n"], r["temperature"], r["top_p"], r["max_tokens"], r["stop"]])
+        groups.setdefault(key, []).append(i)
+    answers: list[dict] = [{} for _ in requests]
+    for members in groups.values():
+        first = requests[members[0]]
+        outputs = engine.generate([requests[i]["messages"] for i in members], n=first["n"],
+                                  temperature=first["temperature"], top_p=first["top_p"],
+                                  max_tokens=first["max_tokens"], stop=first["stop"] or None)
+        for i, completions in zip(members, outputs):
+            prompt = engine.render(requests[i]["messages"])
+            prompt_tokens = len(engine.tokenizer.encode(prompt, add_special_tokens=False))
+            answers[i] = {"completions": completions, "prompt_tokens": prompt_tokens}
+    return answers
+
+
+JudgeDeployment = serve.deployment(name="SafeConfJudge")(serve.ingress(api)(JudgeServer))
+
+
+# --- building and running the application ---
+
+
+def deployment_options(config: Config) -> dict:
+    """Serve options of the deployment, from the config (plain data: checked in tests without a cluster)."""
+    serve_cfg, engine = config.serve, config.engine
+    actor = {"num_cpus": engine.num_cpus, "runtime_env": engine_runtime_env(engine)}
+    actor["runtime_env"]["env_vars"][MODELS_PER_REPLICA_ENV] = str(serve_cfg.max_models_per_replica)
+    if engine.memory_gib:
+        actor["memory"] = int(engine.memory_gib * 1024**3)
+    options = {
+        "autoscaling_config": {
+            "min_replicas": serve_cfg.min_replicas,
+            "initial_replicas": serve_cfg.min_replicas,
+            "max_replicas": serve_cfg.max_replicas,
+            "target_ongoing_requests": serve_cfg.target_ongoing_requests,
+        },
+        "max_ongoing_requests": serve_cfg.max_ongoing_requests,
+        "max_queued_requests": serve_cfg.max_queued_requests,
+        "ray_actor_options": actor,
+    }
+    bundles = placement_bundles(engine)
+    if bundles:  # the replica coordinates vLLM's own per-GPU workers in one placement group
+        options["placement_group_bundles"] = bundles
+    else:
+        actor["num_gpus"] = engine.num_gpus
+    return options
+
+
+def auth_token_digest(config: Config) -> str | None:
+    """SHA-256 of the token in the variable serve.auth_token_env, read where the app is built (the CLI, or
+    Serve's app-building task under `serve run` / RayService); None when auth is off."""
+    name = config.serve.auth_token_env
+    token = os.environ.get(name, "").strip() if name else ""
+    if not token:
+        if config.serve.require_auth:
+            raise ValueError(f"serve.require_auth is set but ${name or '(serve.auth_token_env empty)'} holds no token")
+        log.warning("SafeConf endpoint without auth: $%s is not set", name)
+        return None
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def build_app(config: Config):
+    """The Serve application of the config (`serve.run(build_app(config))`)."""
+    config.validate()
+    problems = config.serve.problems()
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    config = _with_absolute_paths(config)
+    target = EscalationTarget.of(config.serve)
+    adapters = {entry["name"]: resolve_policy(adapter_config(config, entry)).user_config()
+                for entry in config.serve.adapters}  # each judged as its own evaluation calibrated it
+    user_config = {**resolve_policy(config).user_config(), "request_timeout_s": config.serve.request_timeout_s,
+                   "escalation": target.to_dict() if target else None, "adapters": adapters}
+    options = deployment_options(config)
+    if target and target.api_key():  # replicas read the key from their environment: hand it to them
+        env = options["ray_actor_options"].setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env[target.key_env] = target.api_key()
+    deployment = JudgeDeployment.options(user_config=user_config, **options)
+    return deployment.bind(config.to_dict(), auth_token_digest(config))
+
+
+def _with_absolute_paths(config: Config) -> Config:
+    """A copy whose local relative model / adapter paths are absolute: replicas do not run in this directory."""
+    config = config_from_dict(config.to_dict())
+    places = [(config.model, "name"), (config.model, "adapter")] + [(entry, key) for entry in config.serve.adapters
+                                                                    for key in ("adapter", "metrics_path")]
+    for place, key in places:
+        value = place.get(key) if isinstance(place, dict) else getattr(place, key)
+        if value and value != "embedded" and "://" not in value and os.path.exists(value):
+            if isinstance(place, dict):
+                place[key] = os.path.abspath(value)
+            else:
+                setattr(place, key, os.path.abspath(value))
+    return config
+
+
+def run_serve(config: Config, port: int | None = None, blocking: bool = True) -> str:
+    """Start Serve (on config.ray_address, or a local Ray) with the SafeConf application; returns its URL.
+
+    blocking=True keeps this process (and a local Ray it started) alive until Ctrl-C, then deletes the app.
+    """
+    from safeconf.pipeline import init_ray
+
+    init_ray(config.ray_address)
+    port = port or config.serve.port
+    serve.start(http_options={"host": config.serve.host, "port": port})
+    serve.run(build_app(config), name=config.serve.app_name, route_prefix=config.serve.route_prefix)
+    url = f"http://{config.serve.host}:{port}{config.serve.route_prefix.rstrip('/')}"
+    log.info("SafeConf endpoint at %s (POST /v1/judge, POST /v1/moderations, POST /v1/chat/completions, "
+             "GET /healthz)", url)
+    if not blocking:
+        return url
+    print(f"SafeConf endpoint at {url}; Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(config.serve.app_name)
+    return url

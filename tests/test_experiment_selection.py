@@ -1,0 +1,115 @@
+"""The experiment's questions (experiments/shared_data_run.py) on the real ../shared/data: at least 1,000 train and
+500 held-out questions, balanced over sets and gold answers, zh and en, both tasks, seeded, train and held-out
+disjoint; the learning curve's subsets nested and balanced like the whole."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import REPO, shared_data
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("shared_data_run", REPO / "experiments" / "shared_data_run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def chosen(script):
+    for folder in ("diasafety", "cold", "safetybench", "xstest", "general"):
+        shared_data(folder)
+    return script.select(shared_data(), seed=0)
+
+
+def test_sizes_languages_and_tasks(chosen):
+    train, heldout = chosen["train"], chosen["heldout"]
+    assert len(train) >= 1000 and len(heldout) >= 500
+    for rows in (train, heldout):
+        assert {r["lang"] for r in rows} == {"en", "zh"} and {r["task"] for r in rows} == {"judge", "mcq"}
+    assert {r["source"] for r in train} == {"diasafety", "cold", "safetybench", "xstest"}
+    assert {r["source"] for r in heldout} == {"diasafety", "cold", "safetybench", "safetybench-dev", "xstest"}
+    # the held-out SafetyBench: every dev question (35 en + 35 zh) and a part of the zh subset
+    assert Counter(r["lang"] for r in heldout if r["source"] == "safetybench-dev") == {"en": 35, "zh": 35}
+    assert len(chosen["general"]) == 100 and {r["source"] for r in chosen["general"]} == {"mmlu", "cmmlu"}
+
+
+def test_each_set_is_balanced_over_its_gold_answers(chosen, script):
+    for side in ("train", "heldout"):
+        groups = Counter((r["source"], *script.balance_key(r)) for r in chosen[side]
+                         if r["source"] != "safetybench-dev")  # all 70 dev questions, as they are
+        for source in {s for s, *_ in groups}:
+            counts = {key: n for key, n in groups.items() if key[0] == source}
+            assert len(set(counts.values())) == 1, (side, counts)
+    judged = Counter(r["answer"] == r["unsafe_option"] for r in chosen["train"] if r["task"] == "judge")
+    assert judged[True] == judged[False]  # as many unsafe as safe judgements
+
+
+def test_train_and_evaluated_questions_are_disjoint(chosen, script):
+    train_ids = {r["id"] for r in chosen["train"]}
+    train_texts = {script.text_of(r) for r in chosen["train"]}
+    for side in ("heldout", "over_refusal"):
+        assert not train_ids & {r["id"] for r in chosen[side]}
+        assert not train_texts & {script.text_of(r) for r in chosen[side]}
+    assert len(train_ids) == len(chosen["train"])
+    assert len({r["id"] for r in chosen["heldout"]}) == len(chosen["heldout"])
+    assert chosen["over_refusal"] and all(r["answer"] == 0 and r["source"] == "xstest" for r in chosen["over_refusal"])
+    with pytest.raises(AssertionError, match="overlap"):
+        script.check_disjoint(chosen["train"], chosen["heldout"] + chosen["train"][:1])
+
+
+def test_selection_is_seeded(chosen, script):
+    ids = {side: [r["id"] for r in chosen[side]] for side in ("train", "heldout")}
+    again = script.select(shared_data(), seed=0)
+    assert {side: [r["id"] for r in again[side]] for side in ids} == ids
+    other = script.select(shared_data(), seed=1)
+    assert set(r["id"] for r in other["train"]) != set(ids["train"])
+
+
+def test_learning_curve_subsets_are_nested_and_balanced(chosen, script):
+    order = script.nested_order(chosen["train"], seed=0)
+    assert sorted(order) == sorted(r["id"] for r in chosen["train"])
+    assert order == script.nested_order(chosen["train"], 0)
+    quarter, half = set(script.subset(order, 0.25)), set(script.subset(order, 0.5))
+    assert quarter < half < set(order) and len(half) == len(order) // 2
+    source = {r["id"]: r["source"] for r in chosen["train"]}
+    whole = Counter(source.values())
+    for part in (quarter, half):
+        shares = Counter(source[i] for i in part)
+        for name, n in whole.items():
+            assert shares[name] / len(part) == pytest.approx(n / len(order), abs=0.02)
+
+
+def test_an_ablations_sft_set_is_rebuilt_only_when_its_inputs_change(tmp_path, script):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from safeconf.config import load_config
+    from safeconf.schema import CONFIDENCE_SCHEMA
+    from test_ablations import confidence_row
+
+    rows = [confidence_row(f"q{i}", i % 4, [[i % 4] * 4] * 4) for i in range(20)]
+    (tmp_path / "main" / "confidence").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=CONFIDENCE_SCHEMA), tmp_path / "main" / "confidence" / "0.parquet")
+    config = load_config(overrides=["sft.val_fraction=0.3", "sft.confidence_format=none"])
+    ids = [f"q{i}" for i in range(20)]
+    build = lambda config, ids: script.sft_build(str(tmp_path / "main"), str(tmp_path / "m"), config, ids, "fp")  # noqa: E731
+    first = build(config, ids)
+    assert first["status"] == "ran" and sum(first["counts"]["questions"].values()) == 20
+    assert build(config, ids)["status"] == "up to date"
+    assert build(config, ids[:10])["status"] == "ran"  # another subset
+    config.sft.confidence_format = "percent"
+    assert build(config, ids[:10])["status"] == "ran"  # another setting
+    targets = pq.read_table(tmp_path / "m" / "sft" / "train.parquet").column("target").to_pylist()
+    assert all("Confidence" in t for t in targets)
