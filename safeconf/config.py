@@ -106,7 +106,12 @@ class SFTConfig:
         "from the same samples, so no new sampling). With sft.target=majority the majority answer comes from the same samples.",
     )
     val_fraction: float = option(0.1, "Share of original questions (with all their variants) held out as validation.")
-    include_variants: bool = option(True, "Also train on each variant's prompt, labelled with the question's confidence.")
+    include_variants: bool = option(
+        False,
+        "Also train on each variant's prompt, labelled with the question's confidence (about 4x the examples and "
+        "the training time; the 7B/8B configs in cluster/configs do). Off by default: one example per question, "
+        "the original prompt, which keeps the embedded job on a 2-core machine under 15 minutes (BENCHMARKS.md).",
+    )
     seed: int = option(0, "Seed of the train/val split by question id.")
 
 

@@ -42,7 +42,7 @@ ROW_PICKS = [[2, 2, 2, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
 
 def test_confidence_format_none_targets_state_the_answer_only():
     row = confidence_row("q", 2, ROW_PICKS)
-    examples, skipped = sft_examples(row, SFTConfig(confidence_format="none"))
+    examples, skipped = sft_examples(row, SFTConfig(confidence_format="none", include_variants=True))
     assert skipped is None and len(examples) == 4
     for example, variant in zip(examples, row["variants"]):
         assert example["target"] == f"Answer: {example['answer_label']}"

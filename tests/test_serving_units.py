@@ -116,9 +116,14 @@ def test_guarantee_comes_from_metrics_json_and_goes_with_a_manual_threshold(tmp_
     policy = resolve_policy(load_config(overrides=[f"serve.metrics_path={metrics}"]))
     assert policy.guarantee == {"alpha": 0.1, "delta": 0.05, "calibration_size": 40}
     assert JudgePolicy.from_user_config(json.loads(json.dumps(policy.user_config()))) == policy
-    assert JudgePolicy.from_user_config({"method": "token_prob"}, policy).guarantee == policy.guarantee
+    assert JudgePolicy.from_user_config({"request_timeout_s": 5}, policy).guarantee == policy.guarantee
+    assert JudgePolicy.from_user_config({"threshold": 0.83}, policy).guarantee == policy.guarantee  # the same one
     moved = JudgePolicy.from_user_config({"threshold": 0.5}, policy)  # an operator's threshold: no guarantee
     assert (moved.threshold, moved.source, moved.guarantee) == (0.5, "user_config", None)
+    # the guarantee is the calibrated method's and settings': another method or setting carries none
+    assert JudgePolicy.from_user_config({"method": "token_prob"}, policy).guarantee is None
+    assert JudgePolicy.from_user_config({"judging": {**policy.settings.to_dict(), "max_tokens": 8}},
+                                        policy).guarantee is None
     assert resolve_policy(load_config(overrides=["serve.threshold=0.4"])).guarantee is None
 
 

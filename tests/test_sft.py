@@ -25,13 +25,20 @@ def confidence_row(qid, answer, picks):
 
 def test_gold_target_names_the_right_option_in_each_variants_labels():
     row = confidence_row("q", answer=2, picks=[2, 2, 1, 2])
-    examples, skipped = sft_examples(row, SFTConfig(target="gold"))
+    examples, skipped = sft_examples(row, SFTConfig(target="gold", include_variants=True))
     assert skipped is None and len(examples) == 4
     for example, variant in zip(examples, row["variants"]):
         assert example["confidence"] == 0.75 and example["target"].endswith("Confidence: 75%")
         assert [m["role"] for m in example["messages"]] == ["system", "user", "assistant"]
         parsed = parse_answer(example["target"], variant["options"], variant["labels"])
         assert variant["option_map"][parsed.choice] == 2
+
+
+def test_by_default_one_example_per_question_on_its_original_prompt():
+    row = confidence_row("q", answer=2, picks=[2, 2, 1, 2])
+    (example, *rest), _ = sft_examples(row, SFTConfig())
+    assert not rest and example["variant_id"] == row["variants"][0]["variant_id"]
+    assert example["mutation"] == "original" and example["confidence"] == 0.75  # measured over every variant
 
 
 def test_majority_target_needs_no_labels_and_uses_agreement():
@@ -54,7 +61,7 @@ def test_build_sft_keeps_every_variant_of_a_question_on_one_side(tmp_path):
     rows = [confidence_row(f"q{i}", answer=i % 4, picks=[i % 4] * 4) for i in range(60)]
     rows.append(confidence_row("nogold", answer=None, picks=[0] * 4))
     pq.write_table(pa.Table.from_pylist(rows, schema=CONFIDENCE_SCHEMA), tmp_path / "confidence.parquet")
-    counts = build_sft(str(tmp_path / "confidence.parquet"), str(tmp_path / "sft"), SFTConfig(val_fraction=0.3))
+    counts = build_sft(str(tmp_path / "confidence.parquet"), str(tmp_path / "sft"), SFTConfig(val_fraction=0.3, include_variants=True))
     train = pq.read_table(tmp_path / "sft" / "train.parquet").to_pylist()
     val = pq.read_table(tmp_path / "sft" / "val.parquet").to_pylist()
     assert not {r["question_id"] for r in train} & {r["question_id"] for r in val}

@@ -162,19 +162,24 @@ class JudgePolicy:
     @classmethod
     def from_user_config(cls, values: dict, current: "JudgePolicy | None" = None) -> "JudgePolicy":
         """The policy a user_config sets: its keys over the current policy's. A threshold set without its source
-        is an operator's choice: it carries no calibration guarantee."""
+        is an operator's choice; and a guarantee holds only for the method, threshold and settings it was
+        calibrated with: an update that changes any of them without giving its guarantee carries none."""
         merged = {**(current.user_config() if current else {}), **values}
         if "threshold" in values and "threshold_source" not in values:
             merged["threshold_source"] = "user_config"
-            merged["guarantee"] = values.get("guarantee")
         missing = sorted(POLICY_KEYS - merged.keys())
         if missing:
             raise ValueError(f"user_config lacks {missing}: build the application with safeconf.serving.build_app")
         judging = merged["judging"]
         settings = JudgeSettings(int(judging["max_tokens"]), tuple(judging["stop"]), float(judging["missing_confidence"]),
                                  tuple(judging.get("content_free") or JudgeSettings.content_free))
-        return cls(merged["method"], merged["threshold"], merged.get("threshold_source", "user_config"), settings,
-                   merged.get("guarantee"))
+        policy = cls(merged["method"], merged["threshold"], merged.get("threshold_source", "user_config"), settings,
+                     merged.get("guarantee"))
+        calibrated = current is not None and (current.method, current.threshold, current.settings) == (
+            policy.method, policy.threshold, policy.settings)
+        if "guarantee" not in values and not calibrated:
+            policy.guarantee = None
+        return policy
 
 
 POLICY_KEYS = {"method", "threshold", "judging"}

@@ -1,0 +1,181 @@
+"""experiments/write_results.py: the headline names the right best baseline, the difference and the verdicts, on
+synthetic results.json files (a win and losses) and on runs/smoke when a smoke run is there."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "runs" / "smoke"
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("write_results", REPO / "experiments" / "write_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+wr = load_module()
+
+
+def scores(acc, ece, n=200, test_ece=None):
+    return {"n": n, "accuracy": {"value": acc, "ci": [acc - 0.05, acc + 0.05]},
+            "ece": {"value": ece, "ci": [max(0.0, ece - 0.03), ece + 0.03]},
+            "l2_ece": {"value": ece + 0.02, "ci": None}, "brier": {"value": 0.2, "ci": [0.18, 0.22]},
+            "auroc": {"value": None, "ci": None}, "aurc": {"value": 0.3, "ci": [0.25, 0.35]}, "guard_n": 150,
+            "unsafe_f1": {"value": 0.6, "ci": [0.5, 0.7]}, "unsafe_auprc": {"value": 0.7, "ci": [0.6, 0.8]}}
+
+
+def method(acc, ece, test_ece=None, role="base", **extra):
+    return {"role": role, "questions": 200, "fallback": 0.0, "degenerate": None, "unanswered": 0.0,
+            "overall": scores(acc, ece), "test": scores(acc, ece if test_ece is None else test_ece, n=100),
+            "by_source": {"cold": scores(acc, ece, n=100), "xstest": scores(acc - 0.1, ece, n=100)},
+            "selective": {"alpha": 0.1, "delta": 0.1, "calibration_questions": 100, "calibration_accepted": 40,
+                          "calibration_errors": 1, "calibration_upper_bound": 0.09, "threshold": 0.8,
+                          "test_questions": 100, "test_accepted": 38, "test_coverage": 0.38, "test_error": 0.05},
+            **extra}
+
+
+def results(safeconf=(0.72, 0.08, None), general=(0.50, 0.49), temperature_test_ece=0.11):
+    baselines = {
+        "verbalized": method(0.40, 0.60, fallback_meaning="reply stated no confidence",
+                             degenerate="degenerate (constant confidence 1.000), 100% fallback"),
+        "token_prob": method(0.60, 0.20),
+        "self_consistency": method(0.65, 0.15),
+        "token_prob_temperature": method(0.60, 0.12, test_ece=temperature_test_ece,
+                                         calibration={"temperature": 1.7, "fitted_on": 100}),
+    }
+    baselines["verbalized"]["fallback"] = 1.0
+    acc, ece, test_ece = safeconf
+    models = {
+        "safeconf_50": {"train_fraction": 0.5, "train_questions": 500,
+                        "methods": {"safeconf": method(acc - 0.02, ece + 0.01, role="adapter")}},
+        "safeconf": {"train_fraction": 1.0, "train_questions": 1000,
+                     "methods": {"safeconf": method(acc, ece, test_ece, role="adapter"),
+                                 "adapter_token_prob": method(0.6, 0.2, role="adapter")}},
+        "no_confidence": {"train_fraction": 0.5, "train_questions": 500, "compare_with": "safeconf_50",
+                          "sft_settings": {"confidence_format": "none"}, "description": "(a) gold answers only",
+                          "methods": {"adapter_token_prob": method(0.61, 0.18, role="adapter")}},
+    }
+    return {
+        "command": ["experiments/shared_data_run.py", "--out", "runs/experiment"], "seeds": {"selection": 0},
+        "sizes": {"train": 1000, "heldout": 200}, "baselines": baselines, "models": models,
+        "general_ability": {"data": "mmlu+cmmlu", "results": {
+            "base": {"token_prob": {"overall": {"n": 100, "value": general[0], "ci": None}, "unanswered": 0.0}},
+            "adapter": {"token_prob": {"overall": {"n": 100, "value": general[1], "ci": None}, "unanswered": 0.0}}}},
+        "over_refusal": {"skipped": "eval.over_refusal_data is empty"},
+        "estimators": {"ece": "L1 over 10 equal-width bins"}, "warnings": [], "notes": [],
+        "steps": {"select": 1.0}, "wall_seconds": 4000.0,
+    }
+
+
+def write_run(tmp_path, data) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(data))
+    return run
+
+
+def test_safeconf_wins_every_target():
+    facts = wr.headline(results())
+    assert facts["best"] == "self_consistency"  # highest accuracy; the temperature baseline has the lowest ECE
+    assert facts["best_calibrated"] == "token_prob_temperature"
+    assert facts["accuracy"]["difference"] == pytest.approx(0.07)
+    assert facts["ece"]["difference"] == pytest.approx(-0.07)
+    assert {k: t["verdict"] for k, t in facts["targets"].items()} == {"accuracy": "met", "ece": "met",
+                                                                       "general": "met"}
+    assert "7.0 points above self_consistency" in wr.verdict_line(facts)
+
+
+def test_safeconf_loses_each_target():
+    # +3 points (target +5.9), ECE above the temperature baseline's, general ability 3 points down
+    facts = wr.headline(results(safeconf=(0.68, 0.13, None), general=(0.50, 0.47)))
+    assert facts["best"] == "self_consistency"
+    assert facts["accuracy"]["difference"] == pytest.approx(0.03)
+    targets = facts["targets"]
+    assert {k: t["verdict"] for k, t in targets.items()} == {"accuracy": "not met", "ece": "not met",
+                                                             "general": "not met"}
+    assert "token_prob_temperature 0.120" in targets["ece"]["why"]
+    assert "self_consistency" not in targets["ece"]["why"]  # 0.15 is above SafeConf's 0.13
+
+
+def test_temperature_compared_on_the_test_split():
+    # lower overall ECE than every baseline, but the temperature baseline is better where its fit saw nothing
+    facts = wr.headline(results(safeconf=(0.72, 0.10, 0.12), temperature_test_ece=0.11))
+    assert facts["targets"]["ece"]["verdict"] == "not met"
+    assert "on the test split" in facts["targets"]["ece"]["why"]
+    assert wr.headline(results(safeconf=(0.72, 0.10, 0.10)))["targets"]["ece"]["verdict"] == "met"
+
+
+def test_tie_goes_to_the_first_and_is_named():
+    data = results()
+    data["baselines"]["token_prob"]["overall"]["accuracy"]["value"] = 0.65
+    facts = wr.headline(data)
+    assert facts["best"] == "token_prob" and facts["tied"] == ["self_consistency"]
+
+
+def test_missing_general_ability_is_na_with_its_reason():
+    data = results()
+    data["general_ability"] = {"skipped": "eval.general_data is empty"}
+    target = wr.headline(data)["targets"]["general"]
+    assert target["verdict"] == "n/a" and target["why"] == "eval.general_data is empty"
+
+
+def test_paired_difference_uses_the_same_questions():
+    a = [{"id": str(i), "source": "s", "answer": 0, "choice": 0, "confidence": 0.9} for i in range(10)]
+    b = [{"id": str(i), "source": "s", "answer": 0, "choice": int(i < 4), "confidence": 0.9} for i in range(10)]
+    b.append({"id": "only-b", "source": "s", "answer": 0, "choice": 1, "confidence": 0.9})
+    found = wr.paired_difference(a, b, bins=10, samples=200, seed=0)
+    assert found["n"] == 10
+    assert found["accuracy"]["value"] == pytest.approx(0.4)
+    low, high = found["accuracy"]["ci"]
+    assert 0 < low <= 0.4 <= high
+    assert wr.paired_difference(a, None, 10, 200, 0) is None
+
+
+def test_report_renders_headline_first(tmp_path):
+    run = write_run(tmp_path, results(safeconf=(0.68, 0.13, None), general=(0.50, 0.47)))
+    out = tmp_path / "site"
+    written = wr.write(run, out)
+    text = (out / "RESULTS.md").read_text()
+    headline = text.index("## Headline")
+    assert headline < text.index("## Every method") < text.index("## Learning curve") < text.index("## Ablations")
+    head = text[headline:text.index("## Every method")]
+    assert "3.0 points above self_consistency" in head
+    assert "+3.0 points" in head and head.count("| NOT MET |") == 3
+    assert "bootstrap 95% interval, n/a resamples" in head  # no metrics.json in this run: not made up
+    assert "verbalized | 200" in text and "DEGENERATE (constant confidence 1.000)" in text
+    assert "Over-refusal: n/a (eval.over_refusal_data is empty)" in text
+    assert "no_confidence | adapter_token_prob | safeconf_50 / safeconf" in text  # its compare_with partner
+    assert "Reliability plot: n/a" in head  # no predictions in this synthetic run
+    assert "learning_curve.png" in text  # two training sizes: a curve
+    html = (out / "RESULTS.html").read_text()
+    assert html.index("Headline") < html.index("Every method") and "<table>" in html
+    assert written["headline"]["best"] == "self_consistency"
+
+
+def test_report_of_a_win(tmp_path):
+    wr.write(write_run(tmp_path, results()), tmp_path / "site")
+    text = (tmp_path / "site" / "RESULTS.md").read_text()
+    head = text[text.index("## Headline"):text.index("## Every method")]
+    assert head.count("| MET |") == 3 and "NOT MET" not in head
+    assert "7.0 points above self_consistency in accuracy and better calibrated" in head
+
+
+def test_smoke_run(tmp_path):
+    if not (SMOKE / "results.json").exists():
+        pytest.skip(f"no smoke run at {SMOKE} (experiments/shared_data_run.py --out runs/smoke --scale 0.02 ...)")
+    data = json.loads((SMOKE / "results.json").read_text())
+    written = wr.write(SMOKE, tmp_path)
+    facts = written["headline"]
+    accuracy = {m: e["overall"]["accuracy"]["value"] for m, e in data["baselines"].items()}
+    assert facts["best"] == max(accuracy, key=accuracy.get)
+    ours = data["models"]["safeconf"]["methods"]["safeconf"]["overall"]["accuracy"]["value"]
+    assert facts["accuracy"]["difference"] == pytest.approx(ours - accuracy[facts["best"]])
+    if (SMOKE / "main" / "eval" / "predictions").exists():
+        assert facts["accuracy"]["difference_ci"] is not None
+        assert (tmp_path / "docs" / "results" / "reliability.png").stat().st_size > 1000
+    assert "## Headline" in (tmp_path / "RESULTS.md").read_text()
