@@ -75,7 +75,7 @@ def test_reruns_skip_redo_and_train_afresh_as_they_say(local_ray, tmp_path, capl
     out = tmp_path / "run"
     tiny = [f"out={out}", "limit=2", "engine.kind=hf", "sampling.k=1", "sampling.temperature=0.7",
             "mutation.operators=shuffle", "mutation.variants_per_question=1", "sft.val_fraction=0.5",
-            "sft.seed=2",  # splits the first two embedded questions one each way
+            "sft.seed=2", "sft.include_variants=true",  # one question each way; 2 examples (original + variant) to train on
             "train.max_steps=1", "train.micro_batch_size=2", "train.log_every=1", "model.dtype=float32"]
     assert job.main(["--stages", "pipeline,train", *tiny]) == 0
     marker = json.loads((out / "stages" / "pipeline.json").read_text())

@@ -69,6 +69,8 @@ def test_pipeline_end_to_end_on_smollm2(local_ray, questions_file, tmp_path):
 
     train = pq.read_table(out / "sft" / "train.parquet").to_pylist()
     val = pq.read_table(out / "sft" / "val.parquet").to_pylist()
-    assert len(train) + len(val) == sum(summary["sft"]["examples"].values()) == sum(len(r["variants"]) for r in rows)
+    # by default one example per question (sft.include_variants=false), on its original prompt
+    assert len(train) + len(val) == sum(summary["sft"]["examples"].values()) == len(rows)
+    assert all(e["mutation"] == "original" for e in train + val)
     assert all(e["messages"][-1]["role"] == "assistant" and e["messages"][-1]["content"] == e["target"] for e in train + val)
     assert json.loads((out / "summary.json").read_text())["rows_read"] == 6
