@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from safeconf.engines import Completion
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SAFECONF_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -80,3 +82,43 @@ def local_s3(tmp_path_factory):
     server.terminate()
     server.wait(timeout=30)
     log.close()
+
+
+def save_random_adapter(folder, rank: int) -> str:
+    """A LoRA adapter on SmolLM2 with random (non-zero) B matrices, so it really changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from safeconf.models import resolve_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(folder)
+    return str(folder)
+
+
+class FakeEngine:
+    """An engine for the serving tests: replies from a script ({question substring: reply text}); option log-probs
+    favour the last option; `calls` records each call and its batch size."""
+
+    def __init__(self, replies: dict):
+        self.replies = replies
+        self.calls = []
+
+    def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_tokens=32, stop=None):
+        self.calls.append(("generate", len(prompts)))
+        out = []
+        for messages in prompts:
+            text = next((r for key, r in self.replies.items() if key in messages[-1]["content"]), "")
+            out.append([Completion(text=text, token_ids=[1] * 3, token_logprobs=[-0.1] * 3)] * n)
+        return out
+
+    def option_logprobs(self, prompts, prefixes, labels):
+        self.calls.append(("option_logprobs", len(prompts)))
+        return [[-3.0] * (len(ls) - 1) + [-0.5] for ls in labels]

@@ -3,6 +3,7 @@
 import importlib.util
 
 import pytest
+from conftest import save_random_adapter
 
 from safeconf.config import EngineConfig, ModelConfig
 from safeconf.data.judge import judge_options, judge_question
@@ -65,23 +66,7 @@ def option_scores(engine):
 
 @pytest.fixture(scope="module")
 def random_adapter(tmp_path_factory):
-    """A LoRA adapter on SmolLM2 with random (non-zero) B matrices, so it really changes the outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from safeconf.models import resolve_model
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(folder)
-    return str(folder)
+    return save_random_adapter(tmp_path_factory.mktemp("adapter"), rank=8)
 
 
 @pytest.mark.slow

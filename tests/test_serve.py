@@ -16,10 +16,10 @@ import socket
 import time
 
 import pytest
+from conftest import FakeEngine, save_random_adapter
 from pydantic import ValidationError
 
 from safeconf.config import load_config
-from safeconf.engines import Completion
 from safeconf.evaluation.methods import JudgeSettings
 from safeconf.serving import (
     JudgeItem,
@@ -35,27 +35,6 @@ from safeconf.serving import (
 )
 
 # --- fast: no Ray, no model ---
-
-
-class FakeEngine:
-    """Replies from a script: {question substring: reply text}; option log-probs favour the last option."""
-
-    def __init__(self, replies: dict):
-        self.replies = replies
-        self.calls = []
-
-    def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_tokens=32, stop=None):
-        self.calls.append(("generate", len(prompts)))
-        out = []
-        for messages in prompts:
-            text = next((r for key, r in self.replies.items() if key in messages[-1]["content"]), "")
-            out.append([Completion(text=text, token_ids=[1] * 3, token_logprobs=[-0.1] * 3)] * n)
-        return out
-
-    def option_logprobs(self, prompts, prefixes, labels):
-        self.calls.append(("option_logprobs", len(prompts)))
-        return [[-3.0] * (len(ls) - 1) + [-0.5] for ls in labels]
-
 
 SETTINGS = JudgeSettings(max_tokens=24, stop=("\n\n",), missing_confidence=0.25)
 ITEMS = [
@@ -674,23 +653,7 @@ def test_dead_replica_gives_an_error_not_a_hang_and_is_replaced(client, endpoint
 
 @pytest.fixture(scope="module")
 def random_adapter(tmp_path_factory):
-    """A LoRA adapter on SmolLM2 with random (non-zero) B matrices, so it really changes the outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from safeconf.models import resolve_model
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(folder)
-    return str(folder)
+    return save_random_adapter(tmp_path_factory.mktemp("adapter"), rank=4)
 
 
 @pytest.mark.slow

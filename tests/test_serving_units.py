@@ -14,10 +14,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import FakeEngine
 from pydantic import ValidationError
 
 from safeconf.config import load_config
-from safeconf.engines import Completion
 from safeconf.evaluation.methods import JudgeSettings
 from safeconf.evaluation.results import selective
 from safeconf.evaluation.selective import cascade
@@ -37,23 +37,6 @@ from safeconf.serving import (
     with_decision,
 )
 from safeconf.serving.escalation import with_escalation
-
-
-class FakeEngine:
-    """Replies from a script: {question substring: reply text}; option log-probs favour the last option."""
-
-    def __init__(self, replies: dict):
-        self.replies = replies
-
-    def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_tokens=32, stop=None):
-        out = []
-        for messages in prompts:
-            text = next((r for key, r in self.replies.items() if key in messages[-1]["content"]), "")
-            out.append([Completion(text=text, token_ids=[1] * 3, token_logprobs=[-0.1] * 3)] * n)
-        return out
-
-    def option_logprobs(self, prompts, prefixes, labels):
-        return [[-3.0] * (len(ls) - 1) + [-0.5] for ls in labels]
 
 
 SETTINGS = JudgeSettings(max_tokens=24, stop=("\n\n",), missing_confidence=0.25)
