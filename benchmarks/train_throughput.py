@@ -17,8 +17,10 @@
    training steps (Ray: plus its logging reports); model loading and start-up count in neither.
 2. Memory, two workers, ZeRO-2 against ZeRO-3: a randomly initialised model of the Qwen2-1.5B shape (28 layers,
    hidden 1536, MLP 8960, 12 heads / 2 KV heads; SmolLM2's 49k vocabulary: 1.4B parameters) built from a config, no
-   download; micro-batch 1, `--memory-steps` steps; the high-water mark of each worker's resident memory
-   (getrusage ru_maxrss), model loading included.
+   download, saved in 500 MB shards as published checkpoints are; micro-batch 1, `--memory-steps` steps; the
+   high-water mark of each worker's resident memory (getrusage ru_maxrss), model loading included, and each
+   worker's resident memory after loading and at the last report (anonymous vs file-backed, with the high-water
+   mark so far: which phase sets the peak).
 """
 
 from __future__ import annotations
@@ -150,7 +152,8 @@ def ray_run(label: str, folder: str, config, out: str) -> dict:
             "median_step_tokens_per_s": round(summary["median_step_tokens_per_s"], 1),
             "end_to_end_seconds": round(time.perf_counter() - started, 1),
             "train_loss": [[s, round(v, 4)] for s, v in summary["train_loss"]],
-            "peak_rss_mb_per_worker": [round(x) for x in summary["peak_rss_mb_per_worker"]]}
+            "peak_rss_mb_per_worker": [round(x) for x in summary["peak_rss_mb_per_worker"]],
+            "memory_mb_per_worker": summary["memory_mb_per_worker"]}
 
 
 def random_qwen2(folder: str) -> str:
@@ -172,7 +175,7 @@ def random_qwen2(folder: str) -> str:
         model = Qwen2ForCausalLM(config)
     finally:
         torch.set_default_dtype(torch.float32)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size="500MB")  # sharded as published checkpoints are (loading is per shard)
     tokenizer.save_pretrained(folder)
     print(f"random Qwen2-1.5B-shaped model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, bf16",
           flush=True)
@@ -246,6 +249,11 @@ def main() -> None:
     if "zero3" in results:
         z2, z3 = (max(results[k]["peak_rss_mb_per_worker"]) for k in ("zero2", "zero3"))
         print(f"  memory: zero-3 / zero-2 peak RSS per worker = {z3 / z2:.2f} ({z3} MB vs {z2} MB; target < 1)")
+        for phase in ("after_load", "last_report"):
+            r2, r3 = ([w[phase]["rss"] for w in results[k]["memory_mb_per_worker"]] for k in ("zero2", "zero3"))
+            peaks = ([w[phase]["peak"] for w in results[k]["memory_mb_per_worker"]] for k in ("zero2", "zero3"))
+            print(f"  {phase}: resident per worker zero-2 {r2} MB, zero-3 {r3} MB (max ratio {max(r3) / max(r2):.2f}); "
+                  f"high-water marks so far zero-2, zero-3: {' '.join(map(str, peaks))}")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,12 @@ class TrainConfig:
         "ZeRO-3: parameters with fewer elements than this stay whole on every rank (DeepSpeed's "
         "stage3_param_persistence_threshold); 0 partitions every parameter, LoRA matrices included.",
     )
+    zero3_max_live_parameters: int = option(
+        100_000_000,
+        "ZeRO-3: at most this many gathered parameters live on a rank at once (DeepSpeed's "
+        "stage3_max_live_parameters and stage3_max_reuse_distance). DeepSpeed's default, 1e9, keeps most of a "
+        "1-2B model gathered after the first forward pass, so ZeRO-3 would save nothing; lower costs more gathers.",
+    )
     epochs: int = option(1, "Passes over the training set.")
     max_steps: int = option(0, "Stop after this many optimizer steps (0 = run all epochs).")
     micro_batch_size: int = option(4, "Examples per worker per forward pass.")
@@ -390,6 +396,8 @@ class Config:
             problems.append("engine.batch_size and engine.concurrency must be >= 1")
         if self.train.zero_stage not in (2, 3):
             problems.append(f"train.zero_stage must be 2 or 3, got {self.train.zero_stage}")
+        if self.train.zero3_max_live_parameters < 1:
+            problems.append(f"train.zero3_max_live_parameters must be at least 1, got {self.train.zero3_max_live_parameters}")
         if self.train.precision not in ("auto", "bf16", "fp32", "fp16"):
             problems.append(f"train.precision must be auto, bf16, fp32 or fp16, got {self.train.precision!r}")
         if self.train.group_window < 1:

@@ -122,6 +122,11 @@ def test_deepspeed_config_and_precision():
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
     assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    # gathered parameters are bounded (DeepSpeed's default of 1e9 keeps a 1-2B model gathered: no saving)
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 100_000_000
+    assert zero["stage3_prefetch_bucket_size"] <= zero["stage3_max_live_parameters"]
+    with pytest.raises(ValueError, match="train.zero3_max_live_parameters must be at least 1"):
+        load_config(overrides=["train.zero3_max_live_parameters=0"])
     assert ds["train_batch_size"] == 4 * 2 * 2 and not ds["fp16"]["enabled"]
     assert training_precision(load_config(overrides=["train.use_gpu=true"])) == "bf16"
     assert training_precision(load_config(overrides=["train.precision=fp32"])) == "fp32"
@@ -288,6 +293,11 @@ def test_zero2_run_learns_and_counts_skips(zero2_run):
     assert train["skipped"]["too_long"]["count"] == LONG_ROWS and train["skipped"]["too_long"]["rows"] == [5, 20, 41]
     assert summary["examples"]["left_out_per_epoch"] == 1
     assert summary["tokens_per_s"] > 0 and len(summary["peak_rss_mb_per_worker"]) == 2
+    memory = summary["memory_mb_per_worker"]  # every worker's snapshots, in the order training reaches them
+    assert len(memory) == 2 and all(set(m) == {"after_load", "after_initialize", "last_report"} for m in memory)
+    for worker in memory:
+        assert all(0 < p["anon"] <= p["rss"] <= p["peak"] for p in worker.values())
+        assert worker["after_load"]["peak"] <= worker["last_report"]["peak"]
     assert json.loads((out / "train_summary.json").read_text())["steps"] == TOTAL_STEPS
 
 

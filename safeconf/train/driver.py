@@ -214,6 +214,8 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         # the median over this attempt's steps: robust to a machine that is busy with other work now and then
         "median_step_tokens_per_s": state.get("median_step_tokens_per_s"),
         "peak_rss_mb_per_worker": state.get("peak_rss_mb"),
+        # resident memory after loading, after DeepSpeed's set-up and at the last report, anonymous vs file-backed
+        "memory_mb_per_worker": state.get("memory_mb_per_worker"),
         "examples": {**examples, "left_out_per_epoch": left_out},
         "num_workers": train.num_workers,
         "zero_stage": train.zero_stage,

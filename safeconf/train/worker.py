@@ -32,6 +32,9 @@ def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dic
     if train.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = train.zero3_persistence_threshold
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # we gather the LoRA weights ourselves
+        zero["stage3_max_live_parameters"] = train.zero3_max_live_parameters
+        zero["stage3_max_reuse_distance"] = train.zero3_max_live_parameters
+        zero["stage3_prefetch_bucket_size"] = min(50_000_000, train.zero3_max_live_parameters // 2)
         if train.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
     return {
@@ -120,6 +123,33 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
+def _release_freed_blocks() -> None:
+    """Fix glibc's mmap threshold at 1 MB, so that freed tensors above it go back to the system. ZeRO-3 gathers
+    and frees whole layers at every step; with glibc's default (a threshold that rises to the largest block freed)
+    those blocks come from the heap and stay resident once freed, and a ZeRO-3 worker ends up holding as much as a
+    ZeRO-2 one (measured in BENCHMARKS.md, "ZeRO-2 vs ZeRO-3 memory")."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and "libc.so" in name:  # glibc or compatible; elsewhere nothing to set
+        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
+
+
+def _memory_now_mb() -> dict:
+    """This process's resident memory now and its high-water mark so far, MB; now split as the kernel counts
+    it: anonymous (tensors, heap) and file-backed (mmapped safetensors, libraries: page cache that every process
+    mapping the file shares, so a peak RSS overstates what a worker alone costs)."""
+    fields = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
+    memory = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in fields:
+                memory[fields[key]] = round(int(value.split()[0]) / 1024)
+    return memory
+
+
 class Worker:
     """One rank's run: set up, restore, train the plan's steps, validate, report, checkpoint."""
 
@@ -142,13 +172,17 @@ class Worker:
         self.plan = Plan(self.world, train.micro_batch_size, train.gradient_accumulation, train.group_window, train.seed)
         self.shards = {split: ray.train.get_dataset_shard(split) for split in ("train", "val")}
         ds_config = deepspeed_config(train, self.world, loop["precision"])
+        if train.zero_stage == 3:
+            _release_freed_blocks()
         model, keep_alive = build_model(loop["model_path"], train, loop["precision"], ds_config)
+        self.memory = {"after_load": _memory_now_mb()}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=train.learning_rate, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(loop["total_steps"], train.warmup_ratio))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
                                                     config=ds_config)
         del keep_alive
+        self.memory["after_initialize"] = _memory_now_mb()
         self.device = self.engine.device
         # Position and history; a checkpoint overrides them.
         self.state = {"global_step": 0, "epoch": 0, "steps_done_in_epoch": 0, "train_loss": [], "val_loss": [],
@@ -294,11 +328,22 @@ class Worker:
         step_tokens = self.all_sum([float(t) for t, _ in step_records]) if step_records else []
         step_rates = [t / s for t, (_, s) in zip(step_tokens, step_records)]  # all ranks, over rank 0's step time
         result = {**state, "start_step": start_step, "world_size": self.world,
-                  "median_step_tokens_per_s": float(np.median(step_rates)) if step_rates else None}
+                  "median_step_tokens_per_s": float(np.median(step_rates)) if step_rates else None,
+                  "memory_mb_per_worker": self.gather_memory()}
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()  # ZeRO-3 can abort at interpreter exit otherwise
         return result if self.rank == 0 else None
+
+    def gather_memory(self) -> list[dict]:
+        """Every rank's memory snapshots ({phase: {rss, anon, file, peak so far}}), for the summary."""
+        phases = [p for p in ("after_load", "after_initialize", "last_report") if p in self.memory]
+        fields = ("rss", "anon", "file", "peak")
+        mine = [float(self.memory[p][f]) for p in phases for f in fields]
+        values = [0.0] * (len(mine) * self.world)
+        values[self.rank * len(mine):(self.rank + 1) * len(mine)] = mine
+        values = iter(self.all_sum(values))
+        return [{p: {f: round(next(values)) for f in fields} for p in phases} for _ in range(self.world)]
 
     def report(self, window: dict, epoch: int, step_in_epoch: int, steps_per_epoch: int, epoch_end: bool,
                do_checkpoint: bool, done: bool) -> None:
@@ -321,6 +366,7 @@ class Worker:
         rss = [0.0] * self.world
         rss[self.rank] = _peak_rss_mb()
         metrics["peak_rss_mb"] = state["peak_rss_mb"] = self.all_sum(rss)
+        self.memory["last_report"] = _memory_now_mb()
         self.say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                           if k != "peak_rss_mb"))
         if do_checkpoint:
