@@ -16,6 +16,7 @@ from typing import Callable
 
 from safeconf.data.judge import JUDGE_OPTIONS, POLARITY_TABLE, PolarAsk, judge_options
 from safeconf.prompts import DEFAULT_STYLE, FRAMINGS, LABEL_STYLES, labels_for
+from safeconf.schema import QUESTION_SCHEMA
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
@@ -421,5 +422,5 @@ def mutate_rules(q: dict, operators: list[str], variants_per_question: int, seed
 
 
 def original_of(q: dict) -> dict:
-    """The question fields of a row (the original, without variants)."""
-    return {key: q[key] for key in ("id", "source", "lang", "task", "category", "question", "options", "answer")}
+    """The question fields of a row (the original, without variants), every field of the question schema."""
+    return {key: q.get(key) for key in QUESTION_SCHEMA.names}

@@ -60,6 +60,8 @@ def test_split_is_by_question_and_stable():
 def test_build_sft_keeps_every_variant_of_a_question_on_one_side(tmp_path):
     rows = [confidence_row(f"q{i}", answer=i % 4, picks=[i % 4] * 4) for i in range(60)]
     rows.append(confidence_row("nogold", answer=None, picks=[0] * 4))
+    for i, row in enumerate(rows[:60]):
+        row["unsafe_option"] = i % 2 if i % 3 else None  # carried to the held-out questions (guard metrics read it)
     pq.write_table(pa.Table.from_pylist(rows, schema=CONFIDENCE_SCHEMA), tmp_path / "confidence.parquet")
     counts = build_sft(str(tmp_path / "confidence.parquet"), str(tmp_path / "sft"), SFTConfig(val_fraction=0.3, include_variants=True))
     train = pq.read_table(tmp_path / "sft" / "train.parquet").to_pylist()
@@ -71,3 +73,6 @@ def test_build_sft_keeps_every_variant_of_a_question_on_one_side(tmp_path):
     for split, examples in (("train", train), ("val", val)):
         questions = pq.read_table(tmp_path / "sft" / f"{split}_questions.parquet").to_pylist()
         assert sorted(q["id"] for q in questions) == sorted({e["question_id"] for e in examples})
+        for q in questions:
+            i = int(q["id"][1:])
+            assert q["unsafe_option"] == (i % 2 if i % 3 else None) and q["answer"] == i % 4
