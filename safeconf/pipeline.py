@@ -255,9 +255,7 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
         compute=ray.data.ActorPoolStrategy(size=engine.concurrency),
         batch_size=engine.batch_size,
         batch_format="pyarrow",
-        num_cpus=engine.num_cpus,
-        num_gpus=0 if bundles else engine.num_gpus,
-        memory=int(engine.memory_gib * 1024**3) or None,
+        **engine_actor_resources(engine),
         runtime_env=engine_runtime_env(engine),
         # A dead actor process (OOM kill, segfault, lost node) is restarted and the batch it held is retried on it;
         # the downstream write sees that batch's output once. Ray Data's default is unbounded (-1 both), so a batch
@@ -268,6 +266,13 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
         max_task_retries=engine.max_restarts,
         **tensor_parallel,
     )
+
+
+def engine_actor_resources(engine) -> dict:
+    """What one engine actor of map_on_engines reserves, as Ray remote args. With tensor parallelism its GPUs are
+    in its placement group's bundles (placement_bundles), not on the actor. safeconf.cluster_check reads this."""
+    return {"num_cpus": engine.num_cpus, "num_gpus": 0 if placement_bundles(engine) else engine.num_gpus,
+            "memory": int(engine.memory_gib * 1024**3) or None}
 
 
 def engine_placement(bundles: list[dict]) -> dict:

@@ -122,3 +122,17 @@ class FakeEngine:
     def option_logprobs(self, prompts, prefixes, labels):
         self.calls.append(("option_logprobs", len(prompts)))
         return [[-3.0] * (len(ls) - 1) + [-0.5] for ls in labels]
+
+
+@pytest.fixture
+def local_multinode():
+    """A head (0 CPUs) and two worker nodes on loopback, each its own `ray start` with its own temp dir, ports,
+    CPUs and custom resource (node_a: 1 CPU, node_b: 2 CPUs), failure detection in ~2 s; stopped by their pids.
+    Yields the safeconf.testing.local_cluster.LocalCluster; clients run with its `env` (its auth token)."""
+    from safeconf.testing.local_cluster import FAST_FAILURE_DETECTION, LocalCluster
+
+    cluster = LocalCluster({"node_a": 1, "node_b": 2}, system_config=FAST_FAILURE_DETECTION).start(timeout=120)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

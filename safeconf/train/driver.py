@@ -36,6 +36,12 @@ from safeconf.train.worker import ADAPTER_DIR, FAIL_AT_STEP_ENV, FAIL_MARKER_ENV
 log = logging.getLogger(__name__)
 
 
+def worker_resources(train) -> dict:
+    """Ray resources of one Ray Train worker (ScalingConfig.resources_per_worker); safeconf.cluster_check reads
+    this."""
+    return {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
+
+
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """Whether this machine's CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 beats fp32."""
@@ -155,7 +161,7 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
              else "resuming from its checkpoints (same inputs)" if found else "new run")
     # ray.train.report waits for the controller's poll; its default 2 s interval would dominate short steps
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
+    resources = worker_resources(train)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={

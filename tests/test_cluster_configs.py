@@ -1,0 +1,172 @@
+"""The run configs under cluster/configs against the node types of the cluster files, by what the code asks Ray for.
+
+safeconf.cluster_check reads what each stage requests from the functions that make the request (the engine
+actors' remote args and placement-group bundles, Ray Train's resources_per_worker, Serve's deployment options) and
+the node types of cluster/aws.yaml, cluster/gcp.yaml and cluster/kuberay/*.yaml. No Ray is started.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safeconf import cluster_check
+from safeconf.cluster_check import Cluster, NodeType, Request, check, check_files, kuberay_cluster, launcher_cluster
+from safeconf.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+CLUSTER_FILES = ["aws.yaml", "gcp.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml"]
+CONFIGS = sorted(p.name for p in (CLUSTER / "configs").glob("*.yaml"))
+GIB = 1024**3
+
+# Ray Serve's own schema module warns about its pydantic usage on import; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
+
+
+def _yaml(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text(encoding="utf-8"))
+
+
+def test_every_cluster_file_is_listed():
+    found = {str(p.relative_to(CLUSTER)) for p in CLUSTER.rglob("*.yaml")
+             if p.parent.name != "configs" and p.name != "runtime_env.yaml"}
+    assert found == set(CLUSTER_FILES), "a new cluster file: add it to CLUSTER_FILES so its node types are checked"
+
+
+@pytest.mark.parametrize("cluster_file", CLUSTER_FILES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_shipped_config_fits_the_cluster(cluster_file, config):
+    cluster, fits = check_files(CLUSTER / cluster_file, CLUSTER / "configs" / config)
+    problems = [p for fit in fits for p in fit.problems]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_is_checked_somewhere(config):
+    """Each config has stages that some cluster file runs, so the fit test above checks something for it."""
+    checked = set()
+    for cluster_file in CLUSTER_FILES:
+        _, fits = check_files(CLUSTER / cluster_file, CLUSTER / "configs" / config)
+        checked |= {fit.request.stage for fit in fits}
+    sections = cluster_check.config_sections(CLUSTER / "configs" / config)
+    expected = ({"serve replicas"} if "serve" in sections else set()) | (
+        {"engine actors", "train workers"} if sections & cluster_check.RUN_SECTIONS else set())
+    assert expected and expected <= checked
+
+
+def test_the_requests_come_from_the_code_that_makes_them():
+    """The GPU run config: 8 engine actors of 1 GPU, 4 CPUs, 24 GiB; 8 train workers of 1 GPU and 8 CPUs; and the
+    serve config's replicas as Serve is given them. If the code's request changes, the check follows it."""
+    from safeconf.pipeline import engine_actor_resources
+    from safeconf.serving.deployment import deployment_options
+    from safeconf.train.driver import worker_resources
+
+    run = load_config(str(CLUSTER / "configs" / "qwen2.5-7b.yaml"))
+    engines, train = cluster_check.stage_requests(run, ["engine", "train"])
+    assert (engines.count, engines.bundles) == (8, [{"CPU": 4.0, "GPU": 1.0, "memory": 24.0 * GIB}])
+    assert engine_actor_resources(run.engine) == {"num_cpus": 4.0, "num_gpus": 1.0, "memory": 24 * GIB}
+    assert (train.count, train.bundles) == (8, [{"CPU": 8.0, "GPU": 1.0}]) and worker_resources(run.train) == {
+        "CPU": 8.0, "GPU": 1}
+    served = load_config(str(CLUSTER / "configs" / "qwen2.5-7b-serve.yaml"))
+    [replicas] = cluster_check.stage_requests(served, ["serve"])
+    actor = deployment_options(served)["ray_actor_options"]
+    assert replicas.count == served.serve.max_replicas
+    assert replicas.bundles == [{"CPU": actor["num_cpus"], "GPU": actor["num_gpus"], "memory": actor["memory"]}]
+
+
+def test_tensor_parallel_engine_is_checked_as_its_placement_group():
+    config = load_config(str(CLUSTER / "configs" / "qwen2.5-7b.yaml"),
+                         ["engine.tensor_parallel_size=4", "engine.concurrency=2"])
+    [engines] = cluster_check.stage_requests(config, ["engine"])
+    assert engines.bundles == [{"CPU": 4.0, "memory": 24.0 * GIB}] + [{"GPU": 1.0}] * 4
+    [fit] = check(cluster_check.load_cluster(CLUSTER / "aws.yaml"), [engines])
+    assert fit.per_node == {"gpu_8x": 2} and fit.capacity == 4 and not fit.problems
+
+
+# --- misfits are reported, naming the stage and the resource ---
+
+
+def test_a_gpu_stage_on_a_cluster_without_gpus_fails_naming_stage_and_resource():
+    doc = copy.deepcopy(_yaml("aws.yaml"))
+    for name in [n for n, t in doc["available_node_types"].items() if t["resources"].get("GPU")]:
+        del doc["available_node_types"][name]
+    cluster = launcher_cluster(doc, "aws-without-gpus.yaml")
+    config = load_config(str(CLUSTER / "configs" / "qwen2.5-7b.yaml"))
+    fits = check(cluster, cluster_check.stage_requests(config, ["engine", "train"]))
+    problems = {fit.request.stage: fit.problems for fit in fits}
+    for stage in ("engine actors", "train workers"):
+        [problem] = problems[stage]
+        assert f"stage '{stage}'" in problem and "GPU 1 (the most any node type has: 0)" in problem, problem
+    report = cluster_check.report(cluster, "qwen2.5-7b.yaml", fits)
+    assert report.count("MISFIT") == 2
+
+
+def test_a_placement_group_larger_than_any_node_fails():
+    """16 GPU bundles in one PACK group: each bundle fits a GPU node, the group fits none."""
+    config = load_config(str(CLUSTER / "configs" / "qwen2.5-7b.yaml"), ["engine.tensor_parallel_size=16"])
+    [fit] = check(cluster_check.load_cluster(CLUSTER / "gcp.yaml"), cluster_check.stage_requests(config, ["engine"]))
+    [problem] = fit.problems
+    assert "stage 'engine actors'" in problem and "as one placement group" in problem
+    assert "GPU 16 (the most any node type has: 8)" in problem and "tensor_parallel_size" in problem
+
+
+def test_more_requests_at_once_than_the_cluster_scales_to_fails():
+    config = load_config(str(CLUSTER / "configs" / "qwen2.5-7b.yaml"), ["train.num_workers=9"])
+    [fit] = check(cluster_check.load_cluster(CLUSTER / "kuberay" / "rayjob.yaml"),
+                  cluster_check.stage_requests(config, ["train"]))
+    [problem] = fit.problems
+    assert "stage 'train workers'" in problem and "asks for 9 at once" in problem and "at most 8" in problem
+
+
+def test_memory_is_checked_where_declared_and_the_launcher_cap_counts():
+    request = Request("engine actors", [{"CPU": 4.0, "GPU": 1.0, "memory": 48.0 * GIB}], 3, "engine.memory_gib")
+    declared = Cluster("c", "launcher", [NodeType("g", {"CPU": 16, "GPU": 1, "memory": 42.0 * GIB}, 8)])
+    [fit] = check(declared, [request])
+    assert "memory 48.0 GiB (the most any node type has: 42.0 GiB)" in fit.problems[0]
+    undeclared = Cluster("c", "launcher", [NodeType("g", {"CPU": 16, "GPU": 1}, 8)], max_workers=2)
+    [fit] = check(undeclared, [request])
+    assert fit.per_node == {"g": 1} and fit.capacity == 2 and "at most 2" in fit.problems[0]
+
+
+def test_kuberay_custom_resources_and_ray_start_params():
+    doc = copy.deepcopy(_yaml("kuberay/rayjob.yaml"))
+    gpu = next(g for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    gpu["rayStartParams"] = {"num-cpus": "10", "resources": '"{\\"node_a\\": 2}"'}
+    cluster = kuberay_cluster(doc)
+    types = {n.name: n for n in cluster.node_types}
+    assert types["gpu"].resources == {"CPU": 10.0, "GPU": 1.0, "memory": 56.0 * GIB, "node_a": 2.0}
+    assert types["head"].resources["CPU"] == 0.0  # num-cpus "0": nothing scheduled on the head
+    wants = Request("train workers", [{"CPU": 1.0, "node_a": 1.0}], 20, "x")
+    [fit] = check(cluster, [wants])
+    assert fit.per_node == {"gpu": 2} and fit.capacity == 16 and "asks for 20 at once" in fit.problems[0]
+    [fit] = check(cluster, [Request("serve replicas", [{"CPU": 1.0, "node_b": 1.0}], 1, "x")])
+    assert "node_b 1 (the most any node type has: 0)" in fit.problems[0]
+
+
+def test_cli_prints_the_fit_and_exits_nonzero_on_a_misfit(tmp_path, capsys):
+    assert cluster_check.main([str(CLUSTER / "aws.yaml"), str(CLUSTER / "configs" / "qwen2.5-7b.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "engine actors: 8 x {CPU: 4, GPU: 1, memory: 24.0 GiB} -> fits gpu_1x: 1 per node x 8" in out
+    bad = tmp_path / "cpu-cluster-gpu-train.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"use_gpu": True, "num_workers": 2}}))
+    cpu_only = tmp_path / "cpu-only.yaml"
+    doc = _yaml("aws.yaml")
+    doc["available_node_types"] = {k: v for k, v in doc["available_node_types"].items() if not v["resources"].get("GPU")}
+    cpu_only.write_text(yaml.safe_dump(doc))
+    assert cluster_check.main([str(cpu_only), str(bad)]) == 1
+    assert "MISFIT stage 'train workers'" in capsys.readouterr().out
+    assert cluster_check.main([str(tmp_path / "missing.yaml"), str(bad)]) == 2
+
+
+def test_module_runs_as_a_script():
+    run = subprocess.run([sys.executable, "-m", "safeconf.cluster_check", "cluster/kuberay/rayservice.yaml",
+                          "cluster/configs/qwen2.5-7b-serve.yaml"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "serve replicas: 4 x" in run.stdout and "OK" in run.stdout

@@ -1,0 +1,101 @@
+"""Several Ray nodes on one machine (safeconf.testing.local_cluster): tasks land on the node they are pinned to, and
+a node whose raylet is killed is reported dead within a bounded wait, while the rest of the cluster keeps working.
+
+The driver runs in a child process with the cluster's env (its auth token), so this test does not depend on, or
+disturb, a Ray this pytest process may already hold (the session's local_ray fixture).
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DRIVER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    address, folder = sys.argv[1], Path(sys.argv[2])
+    ray.init(address=address, log_to_driver=False)
+
+    @ray.remote(num_cpus=1)
+    def where():
+        return ray.get_runtime_context().get_node_id()
+
+    def on(name, timeout):
+        return ray.get(where.options(resources={name: 1}).remote(), timeout=timeout)
+
+    by_resource = {name: n["NodeID"] for n in ray.nodes() for name in ("node_a", "node_b") if name in n["Resources"]}
+    ran = {name: on(name, 60) for name in ("node_a", "node_b")}
+    (folder / "phase1.json").write_text(json.dumps({"ran": ran, "by_resource": by_resource,
+                                                    "cpus": ray.cluster_resources().get("CPU")}))
+
+    deadline = time.monotonic() + 60  # the test kills node_b's raylet, then writes this file
+    while not (folder / "killed").exists():
+        assert time.monotonic() < deadline, "the test never said it killed the node"
+        time.sleep(0.1)
+    start = time.monotonic()
+    alive = None
+    while time.monotonic() - start < 30:  # bounded: a lost node must show up as dead, not hang the driver
+        alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+        if alive.get(by_resource["node_b"]) is False:
+            break
+        time.sleep(0.2)
+    seen_dead_s = time.monotonic() - start
+    still_a = on("node_a", 60)  # the surviving node still runs work
+    try:
+        on("node_b", 3)  # nothing offers node_b any more: the task waits, and a bounded get says so
+        orphan = "ran"
+    except GetTimeoutError:
+        orphan = "timed out"
+    print("RESULT " + json.dumps({"alive": alive, "seen_dead_s": seen_dead_s, "still_a": still_a, "orphan": orphan}), flush=True)
+""")
+
+
+def test_tasks_pinned_to_nodes_and_a_lost_node_reported_dead(local_multinode, tmp_path):
+    cluster = local_multinode
+    ids = cluster.wait_for({"head": True, "node_a": True, "node_b": True}, timeout=10)
+    assert len(set(ids.values())) == 3
+
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, cluster.address, str(tmp_path)], env=cluster.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "phase1.json").exists():
+            assert driver.poll() is None, driver.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the driver did not run its pinned tasks within 120 s"
+            time.sleep(0.2)
+        time.sleep(0.1)  # the file is written in one call; let it land
+        phase1 = json.loads((tmp_path / "phase1.json").read_text())
+        assert phase1["cpus"] == 3.0  # head 0 + node_a 1 + node_b 2
+        # each task ran on the node its resource pins it to: the node ids differ, and match the GCS's node table
+        assert phase1["ran"] == phase1["by_resource"] == {"node_a": ids["node_a"], "node_b": ids["node_b"]}
+        assert phase1["ran"]["node_a"] != phase1["ran"]["node_b"]
+
+        raylet = cluster.kill_raylet("node_b")
+        killed_at = time.monotonic()
+        (tmp_path / "killed").write_text(str(raylet))
+        cluster.wait_for({"node_b": False, "node_a": True, "head": True}, timeout=30)
+        detected_s = time.monotonic() - killed_at
+        out, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, err[-3000:]
+    [line] = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["alive"][ids["node_b"]] is False and result["alive"][ids["node_a"]] is True, result
+    assert result["seen_dead_s"] < 30 and detected_s < 30
+    assert result["still_a"] == ids["node_a"]
+    assert result["orphan"] == "timed out"
+    # the lost node's `ray start --block` notices its raylet is gone and ends the node; the others stay up
+    node_b = cluster.nodes["node_b"].process
+    node_b.wait(timeout=30)
+    assert cluster.nodes["node_a"].process.poll() is None and cluster.head.process.poll() is None
