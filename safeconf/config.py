@@ -269,10 +269,11 @@ class ServeConfig:
     max_replicas: int = option(1, "Autoscaling: most replicas.")
     target_ongoing_requests: float = option(16.0, "Autoscaling: ongoing requests per replica to aim for (about max_batch_size keeps batches full).")
     max_ongoing_requests: int = option(64, "Requests a replica holds at once (queued for a batch or running); must be >= max_batch_size.")
-    max_queued_requests: int = option(256, "Requests waiting at each proxy for a free replica; beyond this the client gets 503 at once (-1 = no limit).")
+    max_queued_requests: int = option(256, "Requests waiting at each front replica for a free engine replica; beyond this the client gets 503 with Retry-After at once (-1 = no limit).")
     max_batch_size: int = option(16, "Requests of one route answered by one engine call (@serve.batch).")
     batch_wait_timeout_s: float = option(0.01, "How long the first request of a batch waits for others before the batch runs (a lone request pays it in full).")
-    request_timeout_s: float = option(60.0, "A request without an answer after this many seconds gets 504.")
+    request_timeout_s: float = option(60.0, "A request without an answer after this many seconds gets 504; 503 with Retry-After when part of that time went waiting for a replica (none up, or all busy).")
+    retry_after_s: float = option(5.0, "Retry-After (seconds, rounded up) sent with a 503: a replica died or restarts, or none is free; about the time a replacement needs to come up.")
     threshold: float = option(0.5, "Accept a judgement when its confidence is at least this, else defer it (replaced by the calibrated threshold of metrics_path when that is set).")
     metrics_path: str = option("", "metrics.json of `safeconf evaluate`: its selective-judgement threshold (calibrated for error <= eval.alpha) replaces serve.threshold.")
     threshold_method: str = option("", "The evaluated method the endpoint answers with, and whose threshold it reads from metrics_path: verbalized, token_prob, p_true (base model) or safeconf / adapter_token_prob (model.adapter); empty = 'safeconf' when model.adapter is set, else 'verbalized' with metrics_path and 'token_prob' without.")
@@ -304,6 +305,8 @@ class ServeConfig:
             found.append("serve.max_batch_size must be >= 1 and <= serve.max_ongoing_requests")
         if self.batch_wait_timeout_s < 0 or self.request_timeout_s <= 0 or self.target_ongoing_requests <= 0:
             found.append("serve.batch_wait_timeout_s must be >= 0, request_timeout_s and target_ongoing_requests > 0")
+        if not 0 < self.retry_after_s <= 3600:
+            found.append(f"serve.retry_after_s must be in (0, 3600] seconds, got {self.retry_after_s!r}")
         if not 2 <= self.max_options <= 26:
             found.append("serve.max_options must be in [2, 26]")
         if min(self.max_text_chars, self.max_option_chars, self.max_chat_messages, self.max_chat_tokens,

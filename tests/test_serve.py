@@ -1,8 +1,9 @@
 """The Ray Serve endpoint (safeconf.serving).
 
 Fast tests: the judgement logic on a fake engine, the threshold from metrics.json, the deployment options, the
-request models. Slow tests: real HTTP against one Serve app on the real embedded SmolLM2 (hf engine), started
-once for the module: answers, the defer rule, batching, the OpenAI client, auth, the bad-input matrix, timeouts.
+request models. Slow tests: real HTTP against one Serve app (front + engine deployments) on the real embedded
+SmolLM2 (hf engine), started once for the module: answers, the defer rule, batching, the OpenAI client, auth, the
+bad-input matrix, timeouts, an engine replica killed under load.
 """
 
 from __future__ import annotations
@@ -263,12 +264,14 @@ def test_app_builder_and_module_app(tmp_path, monkeypatch):
     path = tmp_path / "serve.yaml"
     path.write_text("serve:\n  threshold: 0.3\n  max_replicas: 3\n")
     app = serving.app_builder({"config": str(path), "serve.threshold": "0.6"})
-    deployment = app._bound_deployment
+    assert app._bound_deployment.name == "SafeConfFront"
+    deployment = app._bound_deployment.init_args[0]._bound_deployment  # the engine, behind the front
     assert deployment._deployment_config.user_config["threshold"] == 0.6  # the override wins over the file
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     monkeypatch.setenv("SAFECONF_CONFIG", str(path))
     monkeypatch.delattr(serving, "app", raising=False)
-    assert serving.app._bound_deployment._deployment_config.user_config["threshold"] == 0.3
+    engine = serving.app._bound_deployment.init_args[0]._bound_deployment
+    assert engine._deployment_config.user_config["threshold"] == 0.3
 
 
 # --- slow: real HTTP on a local Serve app with the real SmolLM2 ---
@@ -290,9 +293,16 @@ ENDPOINT_OVERRIDES = [
 ]
 
 
+def engine_handle(app_name: str):
+    """The engine deployment's handle (replica_info, reconfigure of the judging policy), not the HTTP front's."""
+    from ray import serve
+
+    return serve.get_deployment_handle("SafeConfJudge", app_name=app_name)
+
+
 @pytest.fixture(scope="module")
 def endpoint(local_ray):
-    """(base URL, deployment handle) of one SafeConf app for the whole module; Serve shut down at the end."""
+    """(base URL, engine deployment handle) of one SafeConf app for the whole module; Serve shut down at the end."""
     from ray import serve
 
     os.environ["SAFECONF_TEST_TOKEN"] = TOKEN  # read by build_app in this process
@@ -301,7 +311,7 @@ def endpoint(local_ray):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="safeconf-test", route_prefix="/", blocking=False)
     try:
-        yield f"http://127.0.0.1:{port}", serve.get_app_handle("safeconf-test")
+        yield f"http://127.0.0.1:{port}", engine_handle("safeconf-test")
     finally:
         serve.shutdown()
         os.environ.pop("SAFECONF_TEST_TOKEN", None)
@@ -613,42 +623,84 @@ def test_http_answers_equal_the_evaluation_predictions(client, endpoint):
 
 
 @pytest.mark.slow
-def test_dead_replica_gives_an_error_not_a_hang_and_is_replaced(client, endpoint):
-    """The replica process is killed while it answers: the client gets a 5xx promptly; Serve starts a new one."""
-    import signal
+def test_a_replica_killed_under_load_gives_503_with_retry_after_and_comes_back(endpoint):
+    """A bounded loopback load (4 clients in a loop, and a long chat completion) while the engine replica is killed
+    (ray.kill on its actor): every request answers within the bound, with 200 or 503 + Retry-After in the error
+    shape, never another 5xx, a dropped connection or a hang; the requests the replica held get 503; Serve starts a
+    new replica and requests answer 200 again."""
     import threading
 
-    pid = endpoint[1].replica_info.remote().result()["pid"]
-    result = {}
+    import httpx
+    import ray
+    from ray import serve
 
-    def ask():
+    from safeconf.serving.app import ENGINE_GRACE_S
+
+    url, handle = endpoint
+    front = serve.get_app_handle("safeconf-test")
+    before = handle.replica_info.remote().result()
+    timeout_s = 8.0  # the front's: a request no replica takes in time gets 503, so the window is answered too
+    front.reconfigure.remote({"request_timeout_s": timeout_s}).result()
+    bound = timeout_s + ENGINE_GRACE_S + 5  # + the HTTP round trip on a busy 2-core machine
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    results, stop, kill = [], threading.Event(), {"at": float("inf")}
+
+    def send(client, path, body):
         began = time.time()
         try:
-            result["status"] = client.post("/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 200,
-                "temperature": 0.7}).status_code
-        except Exception as e:  # a dropped connection is an error too, as long as it does not hang
-            result["status"] = type(e).__name__
-        result["seconds"] = time.time() - began
+            response = client.post(path, json=body)
+            results.append({"path": path, "began": began, "seconds": time.time() - began,
+                            "status": response.status_code, "retry_after": response.headers.get("retry-after"),
+                            "text": response.text})
+        except Exception as e:  # a dropped connection or a client timeout (a hang): both fail the test below
+            results.append({"path": path, "began": began, "seconds": time.time() - began,
+                            "status": type(e).__name__, "retry_after": None, "text": str(e)})
 
-    asker = threading.Thread(target=ask)
-    asker.start()
-    time.sleep(1.0)  # the request is in the engine by now (200 tokens take several seconds)
-    os.kill(pid, signal.SIGKILL)
-    asker.join(timeout=60)
-    assert not asker.is_alive(), "the in-flight request hung"
-    assert result["status"] != 200 and (not isinstance(result["status"], int) or result["status"] >= 500), result
-    deadline = time.time() + 90
-    while time.time() < deadline:  # a replacement replica loads the model again
-        try:
-            if client.post("/v1/judge", json={"text": "Back again?"}).status_code == 200:
-                break
-        except Exception:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail("no replacement replica within 90 s")
-    assert endpoint[1].replica_info.remote().result()["pid"] != pid
+    def load(i):
+        with httpx.Client(base_url=url, headers=headers, timeout=bound + 30) as c:
+            n = 0
+            while not stop.is_set():
+                send(c, "/v1/judge", {"text": f"Load text {i}-{n}."})
+                n += 1
+
+    def long_chat():  # in the engine when it dies: 200 tokens take several seconds
+        with httpx.Client(base_url=url, headers=headers, timeout=bound + 30) as c:
+            send(c, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Write a long story."}],
+                                             "max_tokens": 200, "temperature": 0.7})
+
+    def recovered():  # a 200 to a request sent after the kill: only a new replica can answer it
+        return any(r["status"] == 200 and r["began"] > kill["at"] for r in list(results))
+
+    clients = [threading.Thread(target=load, args=(i,)) for i in range(4)] + [threading.Thread(target=long_chat)]
+    try:
+        for t in clients:
+            t.start()
+        time.sleep(2.0)  # the load and the chat are in the replica by now
+        ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)
+        kill["at"] = time.time()
+        deadline = time.time() + 180  # Serve notices the death and the new replica loads the model
+        while time.time() < deadline and not recovered():
+            time.sleep(0.5)
+        time.sleep(2.0)  # a little load on the new replica
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(timeout=bound + 60)
+        front.reconfigure.remote({"request_timeout_s": 60}).result()
+    assert not any(t.is_alive() for t in clients), "a request hung"
+    for r in results:
+        label = {k: r[k] for k in ("path", "status", "seconds", "retry_after")} | {"text": r["text"][:200]}
+        assert r["status"] in (200, 503), label  # no other 5xx, no dropped connection, no client timeout
+        assert r["seconds"] <= bound, label
+        if r["status"] == 503:
+            error = json.loads(r["text"])["error"]
+            assert (error["type"], error["code"]) == ("service_unavailable", 503), label
+            assert r["retry_after"] == "5", label  # serve.retry_after_s
+            assert "Traceback" not in r["text"], label
+    [chat] = [r for r in results if r["path"] == "/v1/chat/completions"]
+    assert chat["status"] == 503, chat  # held by the replica that died
+    assert recovered(), "no 200 from a replacement replica within 180 s"
+    assert handle.replica_info.remote().result()["pid"] != before["pid"]
 
 
 @pytest.fixture(scope="module")
@@ -669,7 +721,7 @@ def test_several_adapters_on_one_endpoint(endpoint, random_adapter):
                               "threshold_method": "adapter_token_prob"}
                              for name, threshold in (("policy-a", 0.0), ("policy-b", 1.01))]
     serve.run(build_app(config), name="safeconf-adapters", route_prefix="/mx", blocking=False)
-    handle = serve.get_app_handle("safeconf-adapters")
+    handle = engine_handle("safeconf-adapters")
     try:
         with httpx.Client(base_url=endpoint[0] + "/mx", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as c:
             body = {"text": "The weather is nice today."}
@@ -711,7 +763,7 @@ def test_vllm_engine_in_the_replica(endpoint):
     config = load_config(overrides=[o for o in ENDPOINT_OVERRIDES if not o.startswith("engine.")]
                          + ["engine.kind=vllm", "engine.memory_gib=3", "engine.cpu_kvcache_gib=1"])
     serve.run(build_app(config), name="safeconf-vllm", route_prefix="/vllm", blocking=False)
-    handle = serve.get_app_handle("safeconf-vllm")
+    handle = engine_handle("safeconf-vllm")
     try:
         headers = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -1,5 +1,5 @@
-"""Fast tests of the endpoint's guard-model answers, the moderation bodies, escalation and the cascade report:
-no Ray, no model. Escalation talks to a stub judge (http.server in a thread on loopback) that answers, is slow,
+"""Fast tests of the endpoint's guard-model answers, the moderation bodies, escalation, the cascade report, and
+the front's answers when the engine fails (503 + Retry-After): no Ray cluster, no model. Escalation talks to a stub judge (http.server in a thread on loopback) that answers, is slow,
 is down, fails, or answers garbage; tests/test_serve.py reuses the stub over real HTTP through Serve.
 """
 
@@ -40,6 +40,11 @@ from safeconf.serving.escalation import with_escalation
 
 
 SETTINGS = JudgeSettings(max_tokens=24, stop=("\n\n",), missing_confidence=0.25)
+
+
+def engine_deployment(app):
+    """The engine deployment of build_app's application (bound as the front's first argument)."""
+    return app._bound_deployment.init_args[0]._bound_deployment
 
 
 def item(**body) -> JudgeItem:
@@ -145,13 +150,14 @@ def test_build_app_carries_the_escalation_target_and_its_key(monkeypatch):
     monkeypatch.setenv("JUDGE_KEY_TEST", "k-123")
     app = build_app(load_config(overrides=["serve.escalate_url=http://127.0.0.1:9/v1", "serve.escalate_model=big",
                                            "serve.escalate_key_env=JUDGE_KEY_TEST"]))
-    deployment = app._bound_deployment
+    deployment = engine_deployment(app)
     target = deployment._deployment_config.user_config["escalation"]
     assert target == {"url": "http://127.0.0.1:9/v1/chat/completions", "model": "big", "key_env": "JUDGE_KEY_TEST",
                       "timeout_s": 10.0, "retries": 1}
     assert "k-123" not in json.dumps(target)  # the key is not in the user_config, only in the replicas' env
     assert deployment.ray_actor_options["runtime_env"]["env_vars"]["JUDGE_KEY_TEST"] == "k-123"
-    assert build_app(load_config())._bound_deployment._deployment_config.user_config["escalation"] is None
+    assert engine_deployment(build_app(load_config()))._deployment_config.user_config["escalation"] is None
+    assert "k-123" not in json.dumps(app._bound_deployment.ray_actor_options)  # the front never escalates
 
 
 # --- escalation against a stub judge on loopback ---
@@ -359,7 +365,7 @@ def test_build_app_gives_each_adapter_its_own_calibrated_policy(tmp_path, monkey
     config = load_config(overrides=["serve.threshold=0.4", "serve.max_models_per_replica=3"])
     config.serve.adapters = [{"name": "zh", "adapter": "zh", "metrics_path": "zh-metrics.json"},
                              {"name": "en", "adapter": "/somewhere/en", "threshold": 0.9}]
-    deployment = build_app(config)._bound_deployment
+    deployment = engine_deployment(build_app(config))
     user_config = deployment._deployment_config.user_config
     assert (user_config["method"], user_config["threshold"]) == ("token_prob", 0.4)  # the main model
     zh, en = user_config["adapters"]["zh"], user_config["adapters"]["en"]
@@ -371,17 +377,17 @@ def test_build_app_gives_each_adapter_its_own_calibrated_policy(tmp_path, monkey
 
 
 def test_a_request_names_its_served_model():
-    from safeconf.serving import JudgeServer
+    from safeconf.serving import JudgeFront, JudgeServer
     from safeconf.serving.schemas import ApiError
 
-    server = JudgeServer.__new__(JudgeServer)  # the model choice only: no engine, no Serve
-    server.model_id, server.adapter_policies = "embedded", {}
-    assert server.served_model(None) == server.served_model("anything") == ""  # one model answers every name
-    server.adapter_policies = {"zh": object()}
-    assert server.served_model("zh") == "zh"
-    assert server.served_model(None) == server.served_model("embedded") == ""
+    front = JudgeFront.__new__(JudgeFront)  # the model choice only: no engine, no Serve
+    front.model_id, front.adapter_names = "embedded", []
+    assert front.served_model(None) == front.served_model("anything") == ""  # one model answers every name
+    front.adapter_names = ["zh"]
+    assert front.served_model("zh") == "zh"
+    assert front.served_model(None) == front.served_model("embedded") == ""
     with pytest.raises(ApiError, match="'zh-policy' is not served") as refused:
-        server.served_model("zh-policy")  # with adapters to choose from, a typo is not the main model
+        front.served_model("zh-policy")  # with adapters to choose from, a typo is not the main model
     assert (refused.value.status, refused.value.kind) == (404, "model_not_found")
     batch = [("a", 1), ("", 2), ("a", 3), ("b", 4)]
 
@@ -389,3 +395,207 @@ def test_a_request_names_its_served_model():
         return [f"{name}{i}" for i in items]
 
     assert asyncio.run(JudgeServer._per_model(batch, work)) == ["a1", "2", "a3", "b4"]
+
+
+# --- the front: engine failures become 503 + Retry-After, never a trace ---
+
+
+def unavailable_cases():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    return [ActorDiedError(), ActorUnavailableError("replica unreachable", None), RayActorError(),
+            BackPressureError(num_queued_requests=256, max_queued_requests=256),
+            DeploymentUnavailableError(DeploymentID(name="SafeConfJudge", app_name="safeconf")),
+            ReplicaUnavailableError("replica-1"),
+            RayTaskError("judge", "Traceback (most recent call last): ...", ActorDiedError())]
+
+
+def test_engine_failures_that_give_503_with_retry_after_and_those_that_give_500():
+    from ray.exceptions import RayTaskError
+
+    from safeconf.serving import failure_response
+
+    for error in unavailable_cases():
+        response = failure_response(error, retry_after_s=4.2)
+        body = json.loads(response.body)
+        assert response.status_code == 503, type(error).__name__
+        assert response.headers["retry-after"] == "5", type(error).__name__  # whole seconds, rounded up
+        assert body["error"]["type"] == "service_unavailable" and body["error"]["code"] == 503
+        assert "Traceback" not in response.body.decode()
+    for error in (ValueError("bad"), RuntimeError("engine failed"),
+                  RayTaskError("judge", "Traceback (most recent call last): ...", KeyError("x"))):
+        response = failure_response(error, retry_after_s=4.2)
+        assert response.status_code == 500 and "retry-after" not in response.headers, type(error).__name__
+        assert json.loads(response.body)["error"]["type"] == "internal_error"
+        assert "Traceback" not in response.body.decode() and "bad" not in response.body.decode()
+
+
+class FakeResponse:
+    """What a DeploymentHandle call returns: awaitable, cancellable."""
+
+    def __init__(self, work):
+        self.work, self.cancelled = work, False
+
+    def __await__(self):
+        return self.work().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeHandle:
+    """The engine's DeploymentHandle: records each call's options and arguments; `answer` says what it does."""
+
+    def __init__(self, answer, options=None, calls=None):
+        self.answer, self.option_values, self.calls = answer, options or {}, calls if calls is not None else []
+
+    def options(self, **values):
+        return FakeHandle(self.answer, values, self.calls)
+
+    def remote(self, *args, **kwargs):
+        self.calls.append((self.option_values, args, kwargs))
+        response = FakeResponse(lambda: self.answer(*args, **kwargs))
+        self.calls[-1] += (response,)
+        return response
+
+
+class NoMetrics:
+    def __init__(self):
+        self.counted = []
+
+    def count(self, path, status, seconds=None):
+        self.counted.append((path, status))
+
+
+def front_with(answer, timeout_s=5.0, adapters=()):
+    from safeconf.serving import JudgeFront
+
+    front = JudgeFront.__new__(JudgeFront)  # the request path only: no Serve
+    config = load_config(overrides=[f"serve.request_timeout_s={timeout_s}", "serve.retry_after_s=3"])
+    front.config, front.model_id, front.adapter_names = config, "embedded", list(adapters)
+    front.timeout_s, front.retry_after_s = timeout_s, config.serve.retry_after_s
+    front.engine, front.handles, front.metrics = FakeHandle(answer), {}, NoMetrics()
+    return front
+
+
+def ask(front, body: dict):
+    return asyncio.run(front.judge(JudgeRequest.model_validate(body)))
+
+
+def test_the_front_maps_each_engine_outcome_to_its_answer(monkeypatch):
+    """Through the front's own request path with a fake engine handle: an answer is a 200 (the request's model sent
+    as Serve's multiplexed model id, with a deadline); a dead or unavailable replica a 503 with Retry-After; an
+    engine that takes no request before the deadline a 503 too (its call cancelled), bounded; the engine's own
+    504 / 422 / 500 pass through without Retry-After."""
+    from ray.exceptions import ActorDiedError
+
+    import safeconf.serving.app as front_module
+
+    async def answers(name, items, deadline):
+        return {"result": [{"label": "safe", "kind": items[0].kind}]}
+
+    front = front_with(answers, adapters=["policy-a"])
+    response = ask(front, {"text": "hello", "model": "policy-a"})
+    assert response.status_code == 200 and json.loads(response.body)["model"] == "policy-a"
+    options, args, kwargs, _ = front.engine.calls[-1]
+    assert options == {"method_name": "judge", "multiplexed_model_id": "policy-a"} and args[0] == "policy-a"
+    assert 0 < kwargs["deadline"] - time.time() <= 5.0
+    ask(front, {"text": "hello"})
+    assert front.engine.calls[-1][0]["multiplexed_model_id"] == ""  # the main model: no multiplexing
+    missing = ask(front, {"text": "hello", "model": "policy-z"})
+    assert missing.status_code == 404 and len(front.engine.calls) == 2  # refused before the engine
+
+    async def dies(name, items, deadline):
+        raise ActorDiedError()
+
+    died = ask(front_with(dies), {"text": "hello"})
+    assert (died.status_code, died.headers["retry-after"]) == (503, "3")
+    assert json.loads(died.body)["error"]["type"] == "service_unavailable"
+
+    async def never(name, items, deadline):
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(front_module, "ENGINE_GRACE_S", 0.2)
+    stuck = front_with(never, timeout_s=0.3)
+    began = time.perf_counter()
+    waited = ask(stuck, {"text": "hello"})
+    assert time.perf_counter() - began < 2.0  # bounded: timeout + grace, not the engine's 60 s
+    assert (waited.status_code, waited.headers["retry-after"]) == (503, "3")
+    assert stuck.engine.calls[-1][-1].cancelled  # the queued call is dropped, not left waiting for a replica
+    assert stuck.metrics.counted == [("/v1/judge", 503)]
+
+    for status, kind in ((504, "timeout"), (422, "invalid_request_error"), (500, "internal_error"),
+                         (503, "service_unavailable")):
+        async def refuses(name, items, deadline, status=status, kind=kind):
+            return {"error": {"status": status, "type": kind, "message": "from the engine", "param": None}}
+
+        response = ask(front_with(refuses), {"text": "hello"})
+        assert response.status_code == status and json.loads(response.body)["error"]["type"] == kind
+        assert ("retry-after" in response.headers) == (status == 503)
+
+    async def breaks(name, items, deadline):
+        raise TypeError("not an infrastructure failure")
+
+    broken = ask(front_with(breaks), {"text": "hello"})
+    assert broken.status_code == 500 and "not an infrastructure" not in broken.body.decode()
+
+
+def test_the_engine_answers_envelopes_within_the_requests_deadline():
+    """The engine side of the same contract: its answer or error as data (no exception crosses to the front);
+    504 when the work outlasts the replica's whole timeout, 503 when the request spent its time (or part of it)
+    waiting for a replica."""
+    from safeconf.serving import JudgeServer
+    from safeconf.serving.schemas import ApiError
+
+    server = JudgeServer.__new__(JudgeServer)
+    server.timeout_s = 0.2
+
+    async def quick(ends):
+        return {"ok": True}
+
+    async def slow(ends):
+        await asyncio.sleep(5)
+
+    async def refused(ends):
+        raise ApiError(422, "text: too long", "text")
+
+    async def broken(ends):
+        raise RuntimeError("engine failed")
+
+    def run(work, deadline):
+        return asyncio.run(server._answered(work, deadline))
+
+    soon = time.time() + 10
+    assert run(quick, soon) == {"result": {"ok": True}}
+    assert run(slow, soon)["error"]["status"] == 504  # this replica had its whole timeout (0.2 s): too slow
+    server.timeout_s = 5.0
+    waited = run(slow, time.time() + 0.3)  # most of the request's time went waiting for a replica
+    assert (waited["error"]["status"], waited["error"]["type"]) == (503, "service_unavailable")
+    server.timeout_s = 0.2
+    assert run(refused, soon)["error"] == {"status": 422, "type": "invalid_request_error", "message": "text: too long",
+                                           "param": "text"}
+    assert run(broken, soon)["error"] == {"status": 500, "type": "internal_error",
+                                          "message": "internal error; see the server log", "param": None}
+    assert run(quick, time.time() - 1)["error"]["status"] == 503
+
+
+def test_front_options_and_retry_after_config(monkeypatch):
+    from safeconf.serving import deployment_options, front_options
+
+    config = load_config(overrides=["serve.retry_after_s=7.5", "serve.min_replicas=2", "serve.max_replicas=3"])
+    assert config.serve.problems() == []
+    front = front_options(config)
+    assert front["ray_actor_options"] == {"num_cpus": 0.1} and front["num_replicas"] == 2  # no model, no GPU
+    assert front["user_config"] == {"request_timeout_s": 60.0, "retry_after_s": 7.5}
+    # the front holds what the engine replicas hold and queue, so the engine's queue bound answers first
+    assert front["max_ongoing_requests"] > 3 * config.serve.max_ongoing_requests + config.serve.max_queued_requests
+    for options in (front, deployment_options(config)):  # Serve's own 503s (queues full) carry Retry-After too
+        assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 7.5}
+    for bad in ("0", "-1", "7200"):
+        problems = load_config(overrides=[f"serve.retry_after_s={bad}"]).serve.problems()
+        assert any("serve.retry_after_s" in p for p in problems), bad
+    monkeypatch.delenv("SAFECONF_API_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="retry_after_s"):
+        build_app(load_config(overrides=["serve.retry_after_s=0"]))

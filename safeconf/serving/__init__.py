@@ -39,20 +39,26 @@ Several adapters (serve.adapters, each with its own calibration) on one endpoint
 each replica keeps at most serve.max_models_per_replica loaded (Serve model multiplexing, least recently used
 dropped).
 
-Under load: requests of a route are batched (`@serve.batch`, one engine call per batch), replicas autoscale,
-each proxy queues at most serve.max_queued_requests (then 503 at once), and a request without an answer after
-serve.request_timeout_s gets 504. Engine calls run on one thread per replica, so the replica's event loop keeps
-answering health checks, auth refusals and timeouts while the model works.
+Two deployments: a light front (SafeConfFront, the ingress: routes, auth, validation, limits, HTTP metrics; no
+model, a small CPU share) and the engine (SafeConfJudge: one model copy per replica), which the front calls
+through a DeploymentHandle, with the request's `model` as Serve's multiplexed model id.
+
+Under load: requests of a route are batched (`@serve.batch`, one engine call per batch), engine replicas
+autoscale, each front replica queues at most serve.max_queued_requests for them (then 503 at once), and a request
+without an answer after serve.request_timeout_s gets 504. Engine calls run on one thread per replica, so the
+replica's event loop keeps answering while the model works.
 
 Bad input never reaches the model: the bearer token (when set) and the body size are checked before the body
 is read (401 / 413), the body is validated by pydantic models in strict mode (422 naming the field), and the
-configured limits apply (422). Anything unexpected gives a 500 without internals; the replica logs it and
-keeps serving. A replica that dies (out of memory, a killed process) is replaced by Serve's controller; the
-requests it held get an error response from the proxy (500), not a hang, and new requests go to live replicas.
+configured limits apply (422), all in the front. Anything unexpected gives a 500 without internals; the replica
+logs it and keeps serving. An engine replica that dies (out of memory, a killed process) is replaced by Serve's
+controller; the requests it held, and those that find no replica up within serve.request_timeout_s, get 503
+with `Retry-After: serve.retry_after_s` in the error shape (never a hang, never a bare 500), and new requests
+go to live replicas.
 
 The package: `schemas` (request and response bodies, errors), `judging` (JudgeItem, judge_batch, decisions,
-tiers, the policy and its threshold), `escalation`, `app` (the FastAPI app, middleware, metrics), `deployment`
-(the replica, build_app, run_serve).
+tiers, the policy and its threshold), `escalation`, `app` (the front: the FastAPI app, routes, middleware,
+metrics, the 503 mapping), `deployment` (the engine replica, build_app, run_serve).
 
 Run it: `safeconf serve`, `run_serve(config, port)`, `serve run safeconf.serving:app` (config from the YAML
 named by $SAFECONF_CONFIG), or `serve run safeconf.serving:app_builder config=FILE key=value ...` (also the
@@ -64,12 +70,15 @@ from __future__ import annotations
 import os
 
 from safeconf.config import load_config
+from safeconf.serving.app import JudgeFront, failure_response, is_unavailable
 from safeconf.serving.deployment import (
+    FrontDeployment,
     JudgeDeployment,
     JudgeServer,
     build_app,
     chat_batch,
     deployment_options,
+    front_options,
     run_serve,
 )
 from safeconf.serving.escalation import EscalationError, EscalationTarget, escalate
@@ -106,5 +115,6 @@ def __getattr__(name: str):
 
 __all__ = ["JudgeRequest", "ChatRequest", "ModerationRequest", "ModerationResponse", "build_app", "app_builder",
            "run_serve", "judge_batch", "judge_item", "text_item", "decide", "with_decision", "resolve_policy",
-           "JudgePolicy", "JudgeItem", "deployment_options", "JudgeDeployment", "JudgeServer", "chat_batch",
+           "JudgePolicy", "JudgeItem", "deployment_options", "front_options", "JudgeDeployment", "JudgeServer",
+           "FrontDeployment", "JudgeFront", "failure_response", "is_unavailable", "chat_batch",
            "EscalationTarget", "EscalationError", "escalate"]

@@ -1,27 +1,24 @@
-"""The Serve deployment: one replica holds one engine (one model copy), batches the requests of each route into
-engine calls, escalates the judgements it defers, and answers the routes; and how the application is built
-(build_app, app_builder) and run (run_serve).
+"""The Serve deployments: the engine (JudgeServer: one replica holds one engine, one model copy, batches the
+requests of each route into engine calls, and escalates the judgements it defers), behind the HTTP front
+(safeconf.serving.app.JudgeFront, the ingress, which calls it through a DeploymentHandle); and how the
+application is built (build_app, app_builder) and run (run_serve).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi.responses import JSONResponse
 from ray import serve
 
-from safeconf.config import Config, config_from_dict, load_config
+from safeconf.config import Config, config_from_dict
 from safeconf.engines.base import engine_runtime_env, placement_bundles
-from safeconf.evaluation.results import UNREADABLE_P_UNSAFE
-from safeconf.serving.app import HEALTH_PATH, Metrics, api
+from safeconf.serving.app import MAIN, JudgeFront, api, judgement_counter
 from safeconf.serving.escalation import EscalationError, EscalationTarget, escalate, with_escalation
 from safeconf.serving.judging import (
     POLICY_KEYS,
@@ -30,41 +27,34 @@ from safeconf.serving.judging import (
     adapter_config,
     check_servable,
     judge_batch,
-    judge_item,
     resolve_policy,
-    text_item,
     with_decision,
 )
-from safeconf.serving.schemas import (
-    MODERATION_CATEGORY,
-    ApiError,
-    ChatRequest,
-    JudgeRequest,
-    ModerationRequest,
-    ModerationResponse,
-    error_response,
-)
+from safeconf.serving.schemas import ApiError
 
 log = logging.getLogger("ray.serve")  # the replica's log file, beside Serve's own lines
 
 # @serve.multiplexed takes its bound when the class is defined: a replica imports this module with the variable
 # already in its environment (deployment_options sets it from serve.max_models_per_replica).
 MODELS_PER_REPLICA_ENV = "SAFECONF_MAX_MODELS_PER_REPLICA"
-MAIN = ""  # the name of the main model (model.name + model.adapter) among the served ones
+FRONT_NUM_CPUS = 0.1  # the front forwards (one coroutine per request) and holds no model
+# A request that reached its replica with less than request_timeout_s - this left had waited for one (beyond the
+# milliseconds of routing): running out of time is then a capacity shortfall (503), not a slow model (504).
+QUEUE_TOLERANCE_S = 0.5
 
 
 class JudgeServer:
-    """One replica: one engine (one model copy), its batches, and the routes.
+    """One engine replica: one engine (one model copy), its batches, judging and escalation. No HTTP: the front
+    (safeconf.serving.app.JudgeFront) validates each request and calls `judge` or `chat` through a handle.
 
     A plain module-level class (decorated below, not with @), so Ray pickles it by reference and the
     replica runs this module's code as imported there.
     """
 
-    def __init__(self, config: dict, token_digest: str | None):
+    def __init__(self, config: dict):
         self.config = config_from_dict(config)
-        self.token_digest = token_digest  # SHA-256 of the token: the plain token never enters Ray's state
         self.model_id = self.config.serve.model_id or self.config.model.name
-        self.metrics = Metrics()
+        self.judgements = judgement_counter()
         self.engine_batches = 0  # calls to the engine thread (judge_batch / chat_batch)
         self.waiting, self.runner = [], None  # batches waiting for the engine, and the task that feeds it
         self.policy: JudgePolicy | None = None  # set by reconfigure from build_app's user_config, before traffic
@@ -93,30 +83,23 @@ class JudgeServer:
     @serve.multiplexed(max_num_models_per_replica=int(os.environ.get(MODELS_PER_REPLICA_ENV, "2")))
     async def adapter_engine(self, name: str):
         """The engine of an adapter of serve.adapters, loaded on the engine thread on first use; Serve keeps the
-        most recently used serve.max_models_per_replica of them and drops the others."""
+        most recently used serve.max_models_per_replica of them and drops the others (the front sends each
+        request with its model as the multiplexed model id, so Serve routes it to a replica that has it)."""
         model = adapter_config(self.config, self.adapters[name]).model
         self.engine_loads.append(name)
         log.info("loading adapter %s (%s)", name, model.adapter)
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._make_engine, model)
 
-    def served_model(self, requested: str | None) -> str:
-        """The served model a request's `model` names: an adapter of serve.adapters, or MAIN for none, model_id,
-        or (with no adapters to choose from) any name, as OpenAI-compatible servers of one model answer."""
-        if requested in self.adapter_policies:
-            return requested
-        if requested is None or requested == self.model_id or not self.adapter_policies:
-            return MAIN
-        raise ApiError(404, f"model {requested!r} is not served here; served: "
-                       f"{[self.model_id, *self.adapter_policies]}", "model", "model_not_found")
-
     def policy_of(self, name: str) -> JudgePolicy:
-        return self.policy if name == MAIN else self.adapter_policies[name]
+        if name == MAIN:
+            return self.policy
+        if name not in self.adapter_policies:
+            raise ApiError(404, f"model {name!r} is not served here; served: "
+                           f"{[self.model_id, *self.adapter_policies]}", "model", "model_not_found")
+        return self.adapter_policies[name]
 
     async def engine_of(self, name: str):
         return self.engine if name == MAIN else await self.adapter_engine(name)
-
-    def name_of(self, name: str) -> str:
-        return self.model_id if name == MAIN else name
 
     def reconfigure(self, user_config: dict):
         """Serve's user_config: the judging policy (method, threshold, judging settings) and the timeout change
@@ -141,68 +124,58 @@ class JudgeServer:
                 log.warning("escalating to %s without a key: $%s is not set in the replica", self.escalation.url,
                             self.escalation.key_env)
 
-    def authorized(self, header: bytes) -> bool:
-        if self.token_digest is None:
-            return True
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        digest = hashlib.sha256(token.strip().encode("utf-8")).hexdigest()
-        return scheme.lower() == "bearer" and hmac.compare_digest(digest, self.token_digest)
-
     def replica_info(self) -> dict:
-        """For operators and tests, through a deployment handle (not HTTP)."""
+        """For operators and tests, through the engine's deployment handle (serve.get_deployment_handle(
+        "SafeConfJudge", app_name)), not HTTP. actor_name (namespace "serve") finds the replica's actor."""
+        import ray
+
         policy = self.policy
-        return {"pid": os.getpid(), "engine_batches": self.engine_batches, "method": policy.method,
+        return {"pid": os.getpid(), "actor_name": ray.get_runtime_context().get_actor_name(),
+                "engine_batches": self.engine_batches, "method": policy.method,
                 "threshold": policy.threshold, "threshold_source": policy.source,
                 "judging": policy.settings.to_dict(), "guarantee": policy.guarantee, "timeout_s": self.timeout_s,
                 "escalation": self.escalation.to_dict() if self.escalation else None,
                 "adapters": {name: p.user_config() for name, p in self.adapter_policies.items()},
                 "engine_loads": list(self.engine_loads)}
 
-    # routes
+    # the calls of the front: judge(name, items) and chat(name, request), each answering an envelope
 
-    @api.get(HEALTH_PATH)
-    async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.model_id}
+    async def judge(self, name: str, items: list[JudgeItem], deadline: float) -> dict:
+        """The judgements of the items by served model `name`, decided and escalated (see _verdicts)."""
+        return await self._answered(lambda ends: self._verdicts(name, items, ends), deadline)
 
-    @api.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "safeconf"}
-                                           for name in (self.model_id, *self.adapter_policies)]}
+    async def chat(self, name: str, request: dict, deadline: float) -> dict:
+        """A chat completion's choices and usage (the front adds id, model, created)."""
+        return await self._answered(lambda ends: self._chat(name, request), deadline)
 
-    @api.post("/v1/judge")
-    async def judge(self, body: JudgeRequest) -> JSONResponse:
-        return await self._answer("/v1/judge", self._judge(body))
+    async def _answered(self, work, deadline: float) -> dict:
+        """Run work(monotonic deadline) within the time left of the request (the front's wall-clock `deadline`,
+        and this replica's request_timeout_s); {"result": ...} or {"error": {status, type, message, param}}, so
+        that no exception (nor its trace) crosses to the front.
 
-    @api.post("/v1/moderations")
-    async def moderations(self, body: ModerationRequest) -> JSONResponse:
-        return await self._answer("/v1/moderations", self._moderate(body))
-
-    @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest) -> JSONResponse:
-        return await self._answer("/v1/chat/completions", self._chat(body))
-
-    async def _answer(self, path: str, work) -> JSONResponse:
-        """Run a route's work under the timeout; map every outcome to JSON (never a trace) and count it."""
-        started = time.perf_counter()
+        Out of time: 504 when this replica had the request's whole serve.request_timeout_s (the model is too slow
+        for it); 503 (the front adds Retry-After) when part of that time went waiting for a replica, one restarting
+        or busy: the shortfall is capacity, and a retry later is the cure."""
+        left = deadline - time.time()
+        budget = min(self.timeout_s, left)
+        waited = left < self.timeout_s - QUEUE_TOLERANCE_S
+        if budget <= 0:
+            return _error(503, "service_unavailable", "the request waited past serve.request_timeout_s for a "
+                          "free replica; retry later")
         try:
-            response = JSONResponse(await asyncio.wait_for(work, self.timeout_s))
+            return {"result": await asyncio.wait_for(work(time.monotonic() + budget), budget)}
         except ApiError as e:
-            response = error_response(e.status, e.kind, e.message, e.param)
+            return _error(e.status, e.kind, e.message, e.param)
         except asyncio.TimeoutError:
-            response = error_response(504, "timeout", f"no answer within {self.timeout_s} s (serve.request_timeout_s)")
+            if waited:
+                return _error(503, "service_unavailable", f"no answer in the {budget:.1f} s left after waiting for a "
+                              "free replica (serve.request_timeout_s); retry later")
+            return _error(504, "timeout", f"no answer within {budget:g} s (serve.request_timeout_s)")
         except Exception:
-            log.exception("error answering %s", path)
-            response = error_response(500, "internal_error", "internal error; see the server log")
-        self.metrics.count(path, response.status_code, time.perf_counter() - started)
-        return response
+            log.exception("error answering a request")
+            return _error(500, "internal_error", "internal error; see the server log")
 
     # judge
-
-    async def _judge(self, body: JudgeRequest) -> dict:
-        self._check_judge_limits(body)
-        name = self.served_model(body.model)
-        [answer] = await self._verdicts(name, [judge_item(body)], time.monotonic() + self.timeout_s)
-        return {**answer, "model": self.name_of(name)}
 
     async def _verdicts(self, name: str, items: list[JudgeItem], deadline: float) -> list[dict]:
         """The judgements of the items by served model `name` (batched with other requests'), their decisions and
@@ -214,9 +187,9 @@ class JudgeServer:
         answers = await asyncio.gather(*[self._escalated(answer, item, deadline)
                                          for answer, item in zip(answers, items)])
         for answer in answers:
-            self.metrics.judgements.inc(tags={"method": answer["method"], "decision": answer["decision"],
-                                              "confidence_source": answer["confidence_source"],
-                                              "tier": str(answer["tier"]), "decided_by": answer["decided_by"]})
+            self.judgements.inc(tags={"method": answer["method"], "decision": answer["decision"],
+                                      "confidence_source": answer["confidence_source"],
+                                      "tier": str(answer["tier"]), "decided_by": answer["decided_by"]})
         return [{**answer, "guarantee": policy.guarantee} for answer in answers]
 
     async def _escalated(self, answer: dict, item: JudgeItem, deadline: float) -> dict:
@@ -237,48 +210,6 @@ class JudgeServer:
             return with_escalation(answer, error=str(e))
         return with_escalation(answer, verdict)
 
-    # moderations
-
-    async def _moderate(self, body: ModerationRequest) -> dict:
-        """OpenAI's moderation shape: each input judged as a text; flagged = tier unsafe, and tier uncertain too
-        under serve.moderation_flag_uncertain (the default: what SafeConf cannot vouch for is flagged)."""
-        limits = self.config.serve
-        texts = body.texts()
-        if len(texts) > limits.max_moderation_inputs:
-            raise ApiError(422, f"input: at most {limits.max_moderation_inputs} texts, got {len(texts)}", "input")
-        for i, text in enumerate(texts):
-            if len(text) > limits.max_text_chars:
-                raise ApiError(422, f"input.{i}: longer than {limits.max_text_chars} characters", f"input.{i}")
-        name = self.served_model(body.model)
-        answers = await self._verdicts(name, [text_item(None, "text", text) for text in texts],
-                                       time.monotonic() + self.timeout_s)
-        results = []
-        for answer in answers:
-            flagged = answer["tier"] == "unsafe" or (answer["tier"] == "uncertain" and limits.moderation_flag_uncertain)
-            score = UNREADABLE_P_UNSAFE if answer["p_unsafe"] is None else answer["p_unsafe"]
-            results.append({
-                "flagged": flagged, "categories": {MODERATION_CATEGORY: flagged},
-                "category_scores": {MODERATION_CATEGORY: score},
-                "category_applied_input_types": {MODERATION_CATEGORY: ["text"]},
-                "p_unsafe": answer["p_unsafe"], "tier": answer["tier"], "confidence": answer["confidence"],
-                "decided_by": answer["decided_by"], "escalation_error": answer.get("escalation_error"),
-            })
-        response = ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=self.name_of(name), results=results)
-        return response.model_dump()
-
-    def _check_judge_limits(self, body: JudgeRequest):
-        limits = self.config.serve
-        for name in ("question", "text", "prompt"):
-            value = getattr(body, name)
-            if value is not None and len(value) > limits.max_text_chars:
-                raise ApiError(422, f"{name}: longer than {limits.max_text_chars} characters", name)
-        if body.options is not None:
-            if len(body.options) > limits.max_options:
-                raise ApiError(422, f"options: at most {limits.max_options} options, got {len(body.options)}", "options")
-            if any(len(option) > limits.max_option_chars for option in body.options):
-                raise ApiError(422, f"options: an option is longer than {limits.max_option_chars} characters", "options")
-
-    # The sizes from the config are set in __init__. Several formed batches may wait at once: _on_engine merges them.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _judge_batch(self, requests: list[tuple[str, JudgeItem]]) -> list[dict]:
         async def judged(name, items):
@@ -347,34 +278,16 @@ class JudgeServer:
 
     # chat
 
-    async def _chat(self, body: ChatRequest) -> dict:
-        request = self._chat_item(body)
-        name = self.served_model(body.model)
+    async def _chat(self, name: str, request: dict) -> dict:
+        self.policy_of(name)  # a name not served: 404
         answer = await self._chat_batch((name, request))
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "finish_reason": "length" if len(c.token_ids) >= request["max_tokens"] else "stop"}
                    for i, c in enumerate(answer["completions"])]
         completion_tokens = sum(len(c.token_ids) for c in answer["completions"])
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.name_of(name), "choices": choices,
-            "usage": {"prompt_tokens": answer["prompt_tokens"], "completion_tokens": completion_tokens,
-                      "total_tokens": answer["prompt_tokens"] + completion_tokens},
-        }
-
-    def _chat_item(self, body: ChatRequest) -> dict:
-        limits = self.config.serve
-        if len(body.messages) > limits.max_chat_messages:
-            raise ApiError(422, f"messages: at most {limits.max_chat_messages} messages", "messages")
-        messages = [m.plain() for m in body.messages]
-        if any(len(m["content"]) > limits.max_text_chars for m in messages):
-            raise ApiError(422, f"messages: a message is longer than {limits.max_text_chars} characters", "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, limits.max_chat_tokens)
-        if max_tokens > limits.max_chat_tokens:
-            raise ApiError(422, f"max_tokens: at most {limits.max_chat_tokens}", "max_tokens")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return {"messages": messages, "n": body.n, "temperature": body.temperature, "top_p": body.top_p,
-                "max_tokens": max_tokens, "stop": stop}
+        return {"choices": choices, "usage": {"prompt_tokens": answer["prompt_tokens"],
+                                              "completion_tokens": completion_tokens,
+                                              "total_tokens": answer["prompt_tokens"] + completion_tokens}}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _chat_batch(self, requests: list[tuple[str, dict]]) -> list[dict]:
@@ -403,7 +316,8 @@ def chat_batch(engine, requests: list[dict]) -> list[dict]:
     return answers
 
 
-JudgeDeployment = serve.deployment(name="SafeConfJudge")(serve.ingress(api)(JudgeServer))
+JudgeDeployment = serve.deployment(name="SafeConfJudge")(JudgeServer)
+FrontDeployment = serve.deployment(name="SafeConfFront")(serve.ingress(api)(JudgeFront))
 
 
 # --- building and running the application ---
@@ -424,7 +338,9 @@ def deployment_options(config: Config) -> dict:
             "target_ongoing_requests": serve_cfg.target_ongoing_requests,
         },
         "max_ongoing_requests": serve_cfg.max_ongoing_requests,
+        # queued at each front replica's handle; beyond it the front answers 503 + Retry-After (BackPressureError)
         "max_queued_requests": serve_cfg.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": serve_cfg.retry_after_s},
         "ray_actor_options": actor,
     }
     bundles = placement_bundles(engine)
@@ -433,6 +349,23 @@ def deployment_options(config: Config) -> dict:
     else:
         actor["num_gpus"] = engine.num_gpus
     return options
+
+
+def front_options(config: Config) -> dict:
+    """Serve options of the front (the ingress): a small CPU share and no model. It holds every request the
+    engine replicas hold or queue, so its own limit is above theirs and the engine's queue bound (a JSON 503)
+    comes first; as many replicas as the engine's fewest, so a dead front is not the only one. Its user_config
+    (request_timeout_s, retry_after_s) changes without a restart."""
+    serve_cfg = config.serve
+    queued = serve_cfg.max_queued_requests if serve_cfg.max_queued_requests >= 0 else 1024
+    return {
+        "num_replicas": serve_cfg.min_replicas,
+        "max_ongoing_requests": serve_cfg.max_replicas * serve_cfg.max_ongoing_requests + queued + 64,
+        "max_queued_requests": serve_cfg.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": serve_cfg.retry_after_s},
+        "ray_actor_options": {"num_cpus": FRONT_NUM_CPUS},
+        "user_config": {"request_timeout_s": serve_cfg.request_timeout_s, "retry_after_s": serve_cfg.retry_after_s},
+    }
 
 
 def auth_token_digest(config: Config) -> str | None:
@@ -449,7 +382,8 @@ def auth_token_digest(config: Config) -> str | None:
 
 
 def build_app(config: Config):
-    """The Serve application of the config (`serve.run(build_app(config))`)."""
+    """The Serve application of the config (`serve.run(build_app(config))`): the front (ingress) bound to the
+    engine deployment, which it calls through a DeploymentHandle."""
     config.validate()
     problems = config.serve.problems()
     if problems:
@@ -464,8 +398,8 @@ def build_app(config: Config):
     if target and target.api_key():  # replicas read the key from their environment: hand it to them
         env = options["ray_actor_options"].setdefault("runtime_env", {}).setdefault("env_vars", {})
         env[target.key_env] = target.api_key()
-    deployment = JudgeDeployment.options(user_config=user_config, **options)
-    return deployment.bind(config.to_dict(), auth_token_digest(config))
+    engine = JudgeDeployment.options(user_config=user_config, **options).bind(config.to_dict())
+    return FrontDeployment.options(**front_options(config)).bind(engine, config.to_dict(), auth_token_digest(config))
 
 
 def _with_absolute_paths(config: Config) -> Config:
@@ -481,6 +415,10 @@ def _with_absolute_paths(config: Config) -> Config:
             else:
                 setattr(place, key, os.path.abspath(value))
     return config
+
+
+def _error(status: int, kind: str, message: str, param: str | None = None) -> dict:
+    return {"error": {"status": status, "type": kind, "message": message, "param": param}}
 
 
 def run_serve(config: Config, port: int | None = None, blocking: bool = True) -> str:
