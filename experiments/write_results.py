@@ -346,8 +346,9 @@ def learning_curve_figure(points_: list[dict], references: dict) -> bytes:
                 ci = entry.get("ci") or [entry["value"]] * 2
                 xs.append(p["questions"])
                 ys.append(entry["value"])
-                lows.append(entry["value"] - ci[0])
-                highs.append(ci[1] - entry["value"])
+                # a bootstrap percentile interval can miss its own point estimate (ECE is biased); draw from the point
+                lows.append(max(0.0, entry["value"] - ci[0]))
+                highs.append(max(0.0, ci[1] - entry["value"]))
             if xs:
                 ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, label=method)
         name, value = references.get(metric, (None, None))
@@ -373,8 +374,8 @@ def by_source_figure(sources: list[str], series: dict[str, dict]) -> bytes:
                 entry = (by_source.get(s) or {}).get(metric) or {}
                 v, ci = entry.get("value"), entry.get("ci")
                 values.append(np.nan if v is None else v)
-                errors[0].append(0 if v is None or not ci else v - ci[0])
-                errors[1].append(0 if v is None or not ci else ci[1] - v)
+                errors[0].append(0 if v is None or not ci else max(0.0, v - ci[0]))  # as in the curve figure
+                errors[1].append(0 if v is None or not ci else max(0.0, ci[1] - v))
             ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, yerr=errors, capsize=2, label=label)
         ax.set_xticks(x, sources, rotation=30, ha="right", fontsize=8)
         ax.set(ylabel=METRIC_NAMES[metric], title=f"{METRIC_NAMES[metric]} per data set", ylim=(0, 1))
