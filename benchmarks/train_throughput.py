@@ -18,7 +18,7 @@
 2. Memory, two workers, ZeRO-2 against ZeRO-3: a randomly initialised model of the Qwen2-1.5B shape (28 layers,
    hidden 1536, MLP 8960, 12 heads / 2 KV heads; SmolLM2's 49k vocabulary: 1.4B parameters) built from a config, no
    download, saved in 500 MB shards as published checkpoints are; micro-batch 1, `--memory-steps` steps; the
-   high-water mark of each worker's resident memory (getrusage ru_maxrss), model loading included, and each
+   high-water mark of each worker's resident memory (VmHWM), model loading included, and each
    worker's resident memory after loading and at the last report (anonymous vs file-backed, with the high-water
    mark so far: which phase sets the peak).
 """

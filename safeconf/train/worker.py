@@ -116,13 +116,6 @@ def _fault_injection(loop: dict, step: int, rank: int, world_size: int) -> None:
     raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory (high-water mark), MB."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-
-
 def _release_freed_blocks() -> None:
     """Fix glibc's mmap threshold at 1 MB, so that freed tensors above it go back to the system. ZeRO-3 gathers
     and frees whole layers at every step; with glibc's default (a threshold that rises to the largest block freed)
@@ -204,6 +197,13 @@ class Worker:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces only GPU tensors
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def per_rank(self, mine: list[float]) -> list[list[float]]:
+        """Every rank's `mine` (the same length on every rank), in rank order, through one all_sum."""
+        values = [0.0] * (len(mine) * self.world)
+        values[self.rank * len(mine):(self.rank + 1) * len(mine)] = mine
+        values = self.all_sum(values)
+        return [values[r * len(mine):(r + 1) * len(mine)] for r in range(self.world)]
 
     def batch(self, examples, positions) -> dict:
         return {k: v.to(self.device) if hasattr(v, "to") else v
@@ -339,11 +339,8 @@ class Worker:
         """Every rank's memory snapshots ({phase: {rss, anon, file, peak so far}}), for the summary."""
         phases = [p for p in ("after_load", "after_initialize", "last_report") if p in self.memory]
         fields = ("rss", "anon", "file", "peak")
-        mine = [float(self.memory[p][f]) for p in phases for f in fields]
-        values = [0.0] * (len(mine) * self.world)
-        values[self.rank * len(mine):(self.rank + 1) * len(mine)] = mine
-        values = iter(self.all_sum(values))
-        return [{p: {f: round(next(values)) for f in fields} for p in phases} for _ in range(self.world)]
+        ranks = self.per_rank([float(self.memory[p][f]) for p in phases for f in fields])
+        return [{p: {f: round(next(values)) for f in fields} for p in phases} for values in map(iter, ranks)]
 
     def report(self, window: dict, epoch: int, step_in_epoch: int, steps_per_epoch: int, epoch_end: bool,
                do_checkpoint: bool, done: bool) -> None:
@@ -363,10 +360,9 @@ class Worker:
         if epoch_end:
             metrics["val_loss"] = self.evaluate()
             state["val_loss"].append([epoch + 1, metrics["val_loss"]])
-        rss = [0.0] * self.world
-        rss[self.rank] = _peak_rss_mb()
-        metrics["peak_rss_mb"] = state["peak_rss_mb"] = self.all_sum(rss)
         self.memory["last_report"] = _memory_now_mb()
+        peaks = self.per_rank([float(self.memory["last_report"]["peak"])])
+        metrics["peak_rss_mb"] = state["peak_rss_mb"] = [peak for (peak,) in peaks]
         self.say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                           if k != "peak_rss_mb"))
         if do_checkpoint:
