@@ -32,7 +32,7 @@ from safeconf.config import EvalConfig
 from safeconf.evaluation import plots
 from safeconf.evaluation.metrics import accuracy, ece, score_columns
 from safeconf.evaluation.report import GUARD_NAMES, LOWER_IS_BETTER, METRIC_NAMES, Document
-from safeconf.evaluation.selective import min_accepted
+from safeconf.evaluation.selective import min_accepted, selective_judgement
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = "docs/results"  # relative to the output root: RESULTS.md links them there
@@ -43,6 +43,8 @@ TARGET_ACCURACY_GAIN = 0.059  # SafeConf accuracy >= best baseline + 5.9 points
 TARGET_GENERAL_DROP = 0.02  # general ability no more than 2 points below the base model's
 MAIN = "safeconf"  # the main model in results.json "models", and the SafeConf method's name
 NA = "n/a"
+# Error rates a reader may accept, besides the run's eval.alpha: which of them each method can guarantee.
+LOOSER_ALPHAS = (0.2, 0.3, 0.4)
 TABLE_METRICS = ["accuracy", "ece", "l2_ece", "brier", "auroc", "aurc"]
 NA_REASONS = (
     "n/a in a table: AUROC is undefined when every answer is right or every answer is wrong; F1 (unsafe) and "
@@ -202,10 +204,11 @@ def best_baseline(baselines: dict, metric: str, split: str = "overall", lowest: 
     return tied[0], tied[1:]
 
 
-def headline(results: dict, difference: dict | None = None) -> dict:
+def headline(results: dict, difference: dict | None = None, calibrated_difference: dict | None = None) -> dict:
     """The facts the report opens with: SafeConf vs the best baseline and the three targets' verdicts.
     `difference` is the paired_difference of SafeConf minus that baseline (its intervals), when predictions
-    exist; the point differences come from the metrics either way."""
+    exist; the point differences come from the metrics either way. `calibrated_difference`: the same against the
+    lowest-ECE baseline, which says whether the ECE verdict is settled at this size."""
     baselines = results["baselines"]
     safeconf = results["models"][MAIN]["methods"][MAIN]
     best, tied = best_baseline(baselines, "accuracy")
@@ -220,7 +223,7 @@ def headline(results: dict, difference: dict | None = None) -> dict:
         facts[metric] = {"safeconf": (safeconf.get("overall") or {}).get(metric),
                          "best": ((baselines.get(best) or {}).get("overall") or {}).get(metric),
                          "difference": diff, "difference_ci": ci}
-    facts["targets"] = {"accuracy": accuracy_target(facts), "ece": ece_target(baselines, safeconf),
+    facts["targets"] = {"accuracy": accuracy_target(facts), "ece": ece_target(baselines, safeconf, calibrated_difference),
                         "general": general_target(results.get("general_ability"))}
     for key, short in (("accuracy", f"accuracy +{100 * TARGET_ACCURACY_GAIN:.1f} points over the best baseline"),
                        ("ece", "ECE below every baseline"),
@@ -241,7 +244,9 @@ def verdict_line(facts: dict) -> str:
     if err is not None:
         lead += (f" and {'better' if err < 0 else 'worse' if err > 0 else 'as well'} calibrated than it (ECE "
                  f"{signed(err)})")
-    verdicts = "; ".join(f"{v['short']}: {v['verdict'].upper()}" for v in facts["targets"].values())
+    verdicts = "; ".join(f"{v['short']}: {v['verdict'].upper()}"
+                         + (" (on the point estimates; not settled at this size)" if v.get("unsettled") else "")
+                         for v in facts["targets"].values())
     return f"In short: {lead}, on {facts['n']} held-out questions. The paper's targets: {verdicts}."
 
 
@@ -259,12 +264,13 @@ def accuracy_target(facts: dict) -> dict:
         why = (f"the paired 95% interval of the difference lies {where} the target"
                + (" (not settled at this size)" if where == "across" else ""))
     return {"target": need, "measured": f"{points(diff, ci)} against {facts['best']}", "verdict":
-            "met" if met else "not met", "why": why}
+            "met" if met else "not met", "why": why, "unsettled": bool(ci) and where == "across"}
 
 
-def ece_target(baselines: dict, safeconf: dict) -> dict:
+def ece_target(baselines: dict, safeconf: dict, calibrated_difference: dict | None = None) -> dict:
     """SafeConf's ECE below every baseline's; a method fitted on the calibration split (a temperature) is also
-    compared on the test split alone, where its fit did not see the questions."""
+    compared on the test split alone, where its fit did not see the questions. The verdict is on point estimates;
+    the paired interval against the lowest baseline says whether it is settled."""
     need = "SafeConf ECE below every baseline's, temperature scaling included"
     ours = value_of(safeconf, "overall", "ece")
     if ours is None:
@@ -287,7 +293,14 @@ def ece_target(baselines: dict, safeconf: dict) -> dict:
     why = ("at or below SafeConf's: " + ", ".join(lower)) if lower else "below all " + str(len(checks))
     if missing:
         why += f"; no ECE for {', '.join(missing)} (not compared)"
-    return {"target": need, "measured": measured, "verdict": "not met" if lower or not checks else "met", "why": why}
+    ci = ((calibrated_difference or {}).get("ece") or {}).get("ci")
+    if best and ci:
+        diff = ((calibrated_difference or {}).get("ece") or {}).get("value")
+        settled = ("settled: the interval lies below 0" if ci[1] < 0 else "settled: the interval lies above 0"
+                   if ci[0] > 0 else "not settled at this size: the interval includes 0")
+        why += f"; paired difference against {best[1]}: {signed(diff, ci)}, {settled}"
+    return {"target": need, "measured": measured, "verdict": "not met" if lower or not checks else "met", "why": why,
+            "unsettled": bool(ci) and ci[0] <= 0 <= ci[1]}
 
 
 def general_target(general: dict | None) -> dict:
@@ -310,8 +323,13 @@ def general_target(general: dict | None) -> dict:
                 "why": "no method has general-ability accuracy before and after fine-tuning"}
     n = (next(iter(base.values())).get("overall") or {}).get("n")
     met = max(drops) <= TARGET_GENERAL_DROP + 1e-12
+    intervals = [(entry.get("overall") or {}).get("ci") for entry in base.values()]
+    widths = [high - low for low, high in filter(None, intervals)]
     return {"target": need, "measured": "; ".join(parts), "verdict": "met" if met else "not met",
-            "why": f"{n} general-ability questions ({general.get('data')}); every method must hold"}
+            "why": f"{n} general-ability questions ({general.get('data')}); every method must hold"
+            + (f"; on point estimates: the accuracies' 95% intervals are up to {100 * max(widths):.0f} points wide at this "
+               f"size, so a {100 * TARGET_GENERAL_DROP:.0f}-point change is not resolved" if widths and
+               max(widths) > 2 * TARGET_GENERAL_DROP else "")}
 
 
 # --- figures ---
@@ -416,7 +434,9 @@ class Report:
 
     def build(self) -> Document:
         diff = run_difference(self.run, (MAIN, MAIN), (None, self._best()))
-        self.facts = headline(self.results, diff)
+        calibrated = best_baseline(self.results["baselines"], "ece", lowest=True)[0]
+        self.facts = headline(self.results, diff, run_difference(self.run, (MAIN, MAIN), (None, calibrated))
+                              if calibrated else None)
         self.doc.heading("Results: SafeConf against the base-model baselines on public safety data", 1)
         self.doc.paragraph(f"Generated by experiments/write_results.py from {self.run.root}/results.json and the "
                            "run's directories; every number below is read from them.")
@@ -461,6 +481,14 @@ class Report:
         if f["safeconf"].get("degenerate"):
             doc.paragraph(f"SafeConf's confidence is {f['safeconf']['degenerate']}: it cannot tell its right answers "
                           "from its wrong ones on this run.")
+        refusal = (self.results.get("over_refusal") or {}).get("results") or {}
+        before, after = refusal.get("base") or {}, refusal.get("adapter") or {}
+        changes = [f"{m} {percent(before[m].get('judged_unsafe'))} -> {percent(after[m].get('judged_unsafe'))}"
+                   for m in sorted(before.keys() & after.keys())]
+        if changes:
+            doc.paragraph("Over-refusal, not a target of the paper but what a guard user meets: safe look-alike "
+                          "prompts judged unsafe before -> after fine-tuning: " + "; ".join(changes)
+                          + " (section General ability and over-refusal).")
         self._reliability()
 
     def _reliability(self):
@@ -679,6 +707,7 @@ class Report:
                          percent(s.get("test_error")), why])
         doc.table(["model", "method", "threshold", "calibration accepted / wrong", "error bound", "test accepted",
                    "test coverage", "test error", "why"], rows)
+        self._looser_alphas(entries, first["alpha"], first["delta"])
         scores = {}
         for model, name, method, _ in self.rows():
             if model != "base" and name != MAIN:
@@ -689,6 +718,31 @@ class Report:
         if scores:
             self.figure("risk_coverage.png", plots.risk_coverage_curves(scores),
                         "Risk-coverage on the held-out questions: the base-model baselines and the main SafeConf model")
+
+    def _looser_alphas(self, entries, alpha: float, delta: float):
+        """The same threshold rule at looser error rates, from the predictions: where no method can guarantee
+        the run's alpha, the reader still sees which one guarantees the most, and at what coverage."""
+        alphas = [a for a in LOOSER_ALPHAS if a > alpha]
+        rows = []
+        for model, method, _ in entries:
+            preds = self.run.predictions(None if model == "base" else model, method)
+            if not preds:
+                continue
+            split = {name: [r for r in preds if r["split"] == name and r["answer"] is not None]
+                     for name in ("calibration", "test")}
+            cells = []
+            for a in alphas:
+                found = selective_judgement(*scores_of(split["calibration"]), *scores_of(split["test"]), a, delta)
+                cells.append("none" if found["threshold"] is None else
+                             f"{num(found['threshold'], 2)}: {percent(found['test_coverage'])} covered, "
+                             f"{percent(found['test_error'])} wrong")
+            rows.append([model, method] + cells)
+        if not rows:
+            return
+        self.doc.paragraph(f"The same rule (delta = {delta}) at looser error rates, recomputed from the predictions: "
+                           "the threshold chosen on the calibration split, then the test split's coverage and error "
+                           "at that threshold (none: no threshold keeps the bound at or under that alpha).")
+        self.doc.table(["model", "method"] + [f"alpha = {a}" for a in alphas], rows)
 
     # 6. general ability and over-refusal
     def _general_and_refusal(self):
@@ -848,7 +902,9 @@ class Report:
         doc.heading("How this run was made")
         command = r.get("command")
         doc.paragraph("Command: " + (shlex.join(command) if isinstance(command, list) else str(command or NA)))
-        doc.paragraph("Settings (config overrides, in order): " + (", ".join(r.get("settings") or []) or NA) + ".")
+        doc.paragraph("Settings (config overrides, in order): " + (", ".join(r.get("settings") or []) or NA) + ". "
+                      "Why these sizes, operators, variants and k, and what each costs: the docstring of "
+                      "experiments/shared_data_run.py.")
         seeds = r.get("seeds") or {}
         doc.table(["seed", "value"], [[k, str(v)] for k, v in seeds.items()] or [[NA, NA]])
         sizes, selection = r.get("sizes") or {}, r.get("selection") or {}

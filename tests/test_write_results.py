@@ -110,6 +110,18 @@ def test_temperature_compared_on_the_test_split():
     assert wr.headline(results(safeconf=(0.72, 0.10, 0.10)))["targets"]["ece"]["verdict"] == "met"
 
 
+def test_an_ece_win_inside_the_interval_is_said_to_be_unsettled():
+    unsettled = {"ece": {"value": -0.02, "ci": [-0.05, 0.01]}}
+    facts = wr.headline(results(), calibrated_difference=unsettled)
+    target = facts["targets"]["ece"]
+    assert target["verdict"] == "met" and target["unsettled"]
+    assert "not settled at this size" in target["why"] and "token_prob_temperature" in target["why"]
+    assert "ECE below every baseline: MET (on the point estimates; not settled" in wr.verdict_line(facts)
+    settled = wr.headline(results(), calibrated_difference={"ece": {"value": -0.02, "ci": [-0.04, -0.01]}})
+    assert not settled["targets"]["ece"]["unsettled"] and "settled: the interval lies below 0" in \
+        settled["targets"]["ece"]["why"]
+
+
 def test_tie_goes_to_the_first_and_is_named():
     data = results()
     data["baselines"]["token_prob"]["overall"]["accuracy"]["value"] = 0.65
