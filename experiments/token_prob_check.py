@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_data_run import SHARED, sample  # noqa: E402  (one sampler of the shared sets)
+from shared_data_run import SHARED, read_pool  # noqa: E402  (one reader of the shared sets)
 
 from safeconf.config import Config  # noqa: E402
 from safeconf.engines.base import SCORED_TOKENS, make_engine, softmax  # noqa: E402
@@ -80,7 +80,7 @@ def questions(split: str, per_set: int, seed: int) -> list[dict]:
         specs = specs[index] if isinstance(specs[index], list) else [specs[index]]
         found = []
         for spec in specs:
-            found += sample(spec.format(d=SHARED), 10**6, seed)  # all valid rows, balanced over answers
+            found += read_pool(spec.format(d=SHARED))  # every valid row, as the pipeline would read it
         if name == "xstest":
             found = [r for r in found if xstest_half(r["id"]) == split]
         rng = np.random.default_rng(seed)

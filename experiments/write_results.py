@@ -59,7 +59,7 @@ NA_REASONS = (
 
 
 def num(value, digits: int = 3) -> str:
-    return NA if value is None else f"{value:.{digits}f}"
+    return NA if value is None or value != value else f"{value:.{digits}f}"  # NaN: an undefined metric
 
 
 def cell(entry: dict | None) -> str:
@@ -448,6 +448,7 @@ class Report:
         self._selective()
         self._general_and_refusal()
         self._labels()
+        self._token_prob_check()
         self._provenance()
         return self.doc
 
@@ -897,6 +898,49 @@ class Report:
                         f"Accuracy and ECE per data set: SafeConf and {best}")
 
     # 8. provenance
+    def _token_prob_check(self):
+        """experiments/token_prob_check.py's output, when the run directory has it: where the token-probability
+        baseline's calibration comes from, factor by factor (prompt, answer prefix, label tokens)."""
+        path = self.run.root / "token_prob_check.json"
+        if not path.exists():
+            return
+        check = json.loads(path.read_text(encoding="utf-8"))
+        doc = self.doc
+        doc.heading("The token-probability baseline, checked")
+        doc.paragraph(
+            "Command: .venv/bin/python experiments/token_prob_check.py --per-set "
+            f"{check.get('per_set')} --out {path} (the base model, engine hf; its own seeded question draw: dev from "
+            "the train splits, held-out from the dev/val splits). Each row scores the same questions with one "
+            "prompt, answer prefix and label-token rule. The evaluated token_prob is prompt=scoring "
+            "prefix=by_language labels=project (question and options, no reply-format instruction; each label "
+            "tokenised after the prefix as a reply writes it); prompt=instructed is what token_prob scored before "
+            "(the reply-format instruction the verbalized method needs); prompt=plain prefix=english "
+            "labels=max_space is the plain transformers script the issue compared against. Chosen on dev; held-out "
+            "shown.")
+        held = ((check.get("splits") or {}).get("heldout") or {}).get("rows") or {}
+        ece_of = {name: r.get("ece") for name, r in held.items()}
+        named = {"evaluated token_prob": "prompt=scoring prefix=by_language labels=project",
+                 "token_prob before": "prompt=instructed prefix=by_language labels=project",
+                 "the plain script": "prompt=plain prefix=english labels=max_space"}
+        if all(ece_of.get(n) is not None for n in named.values()):
+            by_prompt = {}
+            for name, value in ece_of.items():
+                by_prompt.setdefault(name.rsplit(" labels=", 1)[0], []).append(value)
+            rule_gap = max(max(v) - min(v) for v in by_prompt.values())
+            doc.paragraph("Held-out ECE: " + "; ".join(f"{label} {ece_of[n]:.3f}" for label, n in named.items())
+                          + f". The label-token rule moves ECE by at most {rule_gap:.3f} for any one prompt; the "
+                          "prompt moves it most: mean confidence "
+                          f"{held[named['token_prob before']]['mean_confidence']:.3f} with the reply-format "
+                          f"instruction, {held[named['evaluated token_prob']]['mean_confidence']:.3f} without, at "
+                          f"accuracy {held[named['token_prob before']]['accuracy']:.3f} and "
+                          f"{held[named['evaluated token_prob']]['accuracy']:.3f}.")
+        keys = ("accuracy", "ece", "adaptive_ece", "brier", "auroc", "mean_confidence", "picks_first_option")
+        for split, found in (check.get("splits") or {}).items():
+            rows = [[name] + [num(r.get(k)) for k in keys] for name, r in found["rows"].items()]
+            doc.paragraph(f"{split}: {found['questions']} questions, {found['seconds']} s.")
+            doc.table(["configuration", "accuracy", "ECE", "adaptive ECE", "Brier", "AUROC", "mean confidence",
+                       "picks the first option"], rows)
+
     def _provenance(self):
         doc, r = self.doc, self.results
         doc.heading("How this run was made")

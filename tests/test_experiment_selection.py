@@ -113,3 +113,17 @@ def test_an_ablations_sft_set_is_rebuilt_only_when_its_inputs_change(tmp_path, s
     assert build(config, ids[:10])["status"] == "ran"  # another setting
     targets = pq.read_table(tmp_path / "m" / "sft" / "train.parquet").column("target").to_pylist()
     assert all("Confidence" in t for t in targets)
+
+
+def test_token_prob_check_draws_disjoint_dev_and_heldout_questions():
+    # experiments/token_prob_check.py (issue 12 part 6) reads the sets through the experiment's own reader
+    sys.path.insert(0, str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location("token_prob_check", REPO / "experiments" / "token_prob_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    for folder in ("diasafety", "cold", "safetybench", "xstest"):
+        shared_data(folder)
+    dev, heldout = check.questions("dev", 4, 0), check.questions("heldout", 4, 0)
+    for rows in (dev, heldout):
+        assert {r["source"].split("-")[0] for r in rows} == {"diasafety", "cold", "safetybench", "xstest"}
+    assert not {r["question"] for r in dev} & {r["question"] for r in heldout}
