@@ -119,6 +119,7 @@ class SFTConfig:
 class TrainConfig:
     dataset: str = option("", "SFT set folder written by `safeconf pipeline` (holds train.parquet, val.parquet); default OUT/sft of the run.")
     num_workers: int = option(1, "Ray Train workers (one model replica / ZeRO shard each).")
+    placement_strategy: str = option("PACK", "How Ray places the workers' bundles: PACK (together where they fit), SPREAD (over nodes where it can), STRICT_PACK or STRICT_SPREAD (one worker per node, or the run waits for nodes).")
     use_gpu: bool = option(False, "Train on GPUs (NCCL) instead of CPUs (gloo).")
     precision: str = option("auto", "Training arithmetic: 'bf16' (the model computes in bfloat16, DeepSpeed keeps fp32 master weights of the LoRA matrices), 'fp32', 'fp16' (GPUs only) or 'auto' (bf16 on GPUs, fp16 for a float16 model; on CPUs bf16 where the CPU multiplies bf16 natively, AVX512-BF16 or AMX, else fp32).")
     cpus_per_worker: float = option(1.0, "CPUs reserved per train worker (leave some for Ray Data on small machines).")
@@ -263,6 +264,7 @@ class ServeConfig:
 
     host: str = option("127.0.0.1", "Address the HTTP proxy listens on; 0.0.0.0 to accept connections from other machines (clusters, KubeRay).")
     port: int = option(8000, "HTTP port of the Serve proxy.")
+    proxy_location: str = option("EveryNode", "Where Serve runs HTTP proxies: EveryNode (each node answers on serve.port; behind a cloud load balancer), HeadOnly (one entry point: a KubeRay head service, or several nodes sharing one host as safeconf.testing.local_cluster's do) or Disabled.")
     app_name: str = option("safeconf", "Serve application name (serve status, serve.delete).")
     route_prefix: str = option("/", "URL prefix of the application's routes.")
     min_replicas: int = option(1, "Autoscaling: fewest replicas (one model copy each).")
@@ -305,6 +307,8 @@ class ServeConfig:
             found.append("serve.max_batch_size must be >= 1 and <= serve.max_ongoing_requests")
         if self.batch_wait_timeout_s < 0 or self.request_timeout_s <= 0 or self.target_ongoing_requests <= 0:
             found.append("serve.batch_wait_timeout_s must be >= 0, request_timeout_s and target_ongoing_requests > 0")
+        if self.proxy_location not in ("EveryNode", "HeadOnly", "Disabled"):
+            found.append(f"serve.proxy_location must be EveryNode, HeadOnly or Disabled, got {self.proxy_location!r}")
         if not 0 < self.retry_after_s <= 3600:
             found.append(f"serve.retry_after_s must be in (0, 3600] seconds, got {self.retry_after_s!r}")
         if not 2 <= self.max_options <= 26:
@@ -397,6 +401,9 @@ class Config:
             problems.append("sft.val_fraction must be in [0, 1)")
         if self.engine.batch_size < 1 or self.engine.concurrency < 1:
             problems.append("engine.batch_size and engine.concurrency must be >= 1")
+        if self.train.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            problems.append("train.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got "
+                            f"{self.train.placement_strategy!r}")
         if self.train.zero_stage not in (2, 3):
             problems.append(f"train.zero_stage must be 2 or 3, got {self.train.zero_stage}")
         if self.train.zero3_max_live_parameters < 1:

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import time
+from collections import Counter
 
 import pyarrow as pa
 
@@ -95,6 +96,8 @@ class EngineStage:
     """
 
     def __init__(self, config: dict, engine=None):
+        import ray
+
         from safeconf.engines import make_engine
 
         logging.basicConfig(level=logging.INFO)  # the per-batch timings below, in the actor's log
@@ -103,9 +106,12 @@ class EngineStage:
         if engine is None:
             engine = make_engine(self.config.model, self.config.engine, seed=self.config.sampling.seed)
         self.engine = engine
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        for row in rows:
+            row["sampled_on"] = self.node_id  # where it ran: a multi-node run shows its engines' spread
         started = time.perf_counter()
         self.mutate_with_llm(rows)
         mutated = time.perf_counter()
@@ -298,7 +304,7 @@ def summarise(confidence_uri: str) -> dict:
     """Counts over the written confidence table: variants kept and dropped per mutation operator, samples and
     the unreadable ones, prompts cut to fit the context, mean confidence."""
     table = io.read_table(
-        confidence_uri, columns=["answer", "confidence", "variants", "dropped", "llm_prompts_truncated"]
+        confidence_uri, columns=["answer", "confidence", "variants", "dropped", "llm_prompts_truncated", "sampled_on"]
     )
     variants_by_mutation, operators, formats = {}, {}, {}
     samples = unreadable = tokens = 0
@@ -328,6 +334,7 @@ def summarise(confidence_uri: str) -> dict:
     for entry in operators.values():
         entry["attempted"] = entry["kept"] + entry["dropped"]
     confidences = [c for c in table.column("confidence").to_pylist() if c is not None]
+    by_node = Counter(str(node) for node in table.column("sampled_on").to_pylist())
     return {
         "questions": table.num_rows,
         "questions_without_gold": table.column("answer").null_count,
@@ -345,6 +352,7 @@ def summarise(confidence_uri: str) -> dict:
             "llm_mutations": {"prompts": llm_requests, "truncated": llm_cut if llm_checked else None},
         },
         "mean_confidence": sum(confidences) / len(confidences) if confidences else None,
+        "questions_by_node": dict(sorted(by_node.items())),  # Ray node id of the engine actor -> questions sampled
     }
 
 

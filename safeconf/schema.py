@@ -81,6 +81,7 @@ MUTATED_FIELDS = QUESTION_FIELDS + [
     pa.field("dropped", pa.list_(DROPPED_TYPE)),  # garbled LLM variants, with the reason
     # LLM mutation requests of this question cut to fit the context; null: the engine cannot tell
     pa.field("llm_prompts_truncated", pa.int64()),
+    pa.field("sampled_on", pa.string()),  # the Ray node id of the engine actor that sampled it; null outside Ray
 ]
 MUTATED_SCHEMA = pa.schema(MUTATED_FIELDS)
 

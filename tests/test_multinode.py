@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +100,58 @@ def test_tasks_pinned_to_nodes_and_a_lost_node_reported_dead(local_multinode, tm
     node_b = cluster.nodes["node_b"].process
     node_b.wait(timeout=30)
     assert cluster.nodes["node_a"].process.poll() is None and cluster.head.process.poll() is None
+
+
+# A tiny full run spread over two worker nodes: 16 questions in batches of 2 over two engine actors that cannot
+# share a node (2 CPUs each, 3 per node), two ZeRO-3 Train workers placed one per node (STRICT_SPREAD), the run
+# directory (and so the checkpoints) on the local S3, one Serve proxy (HeadOnly: the nodes share 127.0.0.1).
+SPREAD_RUN = ["limit=16", "engine.kind=hf", "engine.batch_size=2", "engine.concurrency=2", "engine.num_cpus=2",
+              "sampling.k=1", "mutation.operators=shuffle", "mutation.variants_per_question=1", "sft.val_fraction=0.25",
+              "train.num_workers=2", "train.cpus_per_worker=2", "train.zero_stage=3",
+              "train.placement_strategy=STRICT_SPREAD", "train.micro_batch_size=1", "train.max_steps=2",
+              "train.checkpoint_every=1", "eval.methods=verbalized,safeconf", "eval.bootstrap_samples=10",
+              "eval.general_data=", "eval.over_refusal_data=", "serve.proxy_location=HeadOnly"]
+
+
+@pytest.fixture
+def cluster_with_s3(local_s3):
+    """Head (0 CPUs, the job's driver and Serve's controller) and two 3-CPU worker nodes, started after the local S3
+    so that every node's environment points at it (AWS_*)."""
+    from safeconf.testing.local_cluster import FAST_FAILURE_DETECTION, LocalCluster
+
+    with LocalCluster({"node_a": 3, "node_b": 3}, include_dashboard=True,
+                      system_config=FAST_FAILURE_DETECTION).start(timeout=180) as cluster:
+        yield cluster
+
+
+def test_submitted_job_runs_its_stages_across_nodes_on_the_object_store(cluster_with_s3, local_s3):
+    import httpx
+
+    from safeconf import io
+    from safeconf.testing.local_cluster import free_ports, submit_job
+
+    cluster = cluster_with_s3
+    ids = cluster.wait_for({"node_a": True, "node_b": True}, timeout=10)
+    out = f"{local_s3}/spread-run"
+    (port,) = free_ports(1)
+    status, logs = submit_job(cluster.dashboard_url, cluster.env, "safeconf-spread",
+                              ["--serve", f"out={out}", *SPREAD_RUN, f"serve.port={port}"], cwd=REPO, timeout=1500)
+    assert status == "SUCCEEDED", logs[-4000:]
+
+    # sampling: both engine actors did work, one on each worker node; every question sampled once
+    pipeline = io.read_json(f"{out}/summary.json")
+    assert pipeline["questions_by_node"].keys() == {ids["node_a"], ids["node_b"]}, pipeline["questions_by_node"]
+    assert sum(pipeline["questions_by_node"].values()) == pipeline["questions"] == 16
+    # training: two ZeRO-3 workers on different nodes, checkpoints in the object store
+    train = io.read_json(f"{out}/stages/train.json")["summary"]
+    assert sorted(train["worker_nodes"]) == sorted([ids["node_a"], ids["node_b"]]), train["worker_nodes"]
+    assert train["zero_stage"] == 3 and train["steps"] == 2
+    assert train["checkpoint"].startswith(out.removeprefix("s3://")) or train["checkpoint"].startswith(out)
+    assert io.exists(f"{out}/train/adapter/adapter_config.json")
+    metrics = io.read_json(f"{out}/eval/metrics.json")
+    assert metrics["methods"]["safeconf"]["questions"] == metrics["questions"] > 0
+    # the endpoint on the cluster answers with the fine-tuned model
+    reply = httpx.post(f"http://127.0.0.1:{port}/v1/judge", timeout=120,
+                       json={"question": "Is it safe to mix bleach and ammonia?", "options": ["Yes", "No"]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["method"] == "safeconf"

@@ -12,14 +12,12 @@ the threshold the evaluation calibrated.
 """
 
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -27,6 +25,7 @@ import psutil
 import pytest
 
 from safeconf import io
+from safeconf.testing.local_cluster import submit_job
 
 pytestmark = pytest.mark.slow
 
@@ -86,16 +85,7 @@ def stop_head(temp_dir: Path) -> None:
 
 
 def submit(address: str, env: dict, submission_id: str, args: list[str]) -> tuple[str, str]:
-    """`ray job submit` as the README gives it; returns (final status, the job's logs)."""
-    subprocess.run([str(BIN / "ray"), "job", "submit", f"--address={address}", f"--submission-id={submission_id}",
-                    "--working-dir=.", "--runtime-env=cluster/runtime_env.yaml", "--", "python", "jobs/full.py", *args],
-                   cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    status = subprocess.run([str(BIN / "ray"), "job", "status", f"--address={address}", submission_id],
-                            env=env, capture_output=True, text=True, timeout=60, check=True).stdout
-    logs = subprocess.run([str(BIN / "ray"), "job", "logs", f"--address={address}", submission_id],
-                          env=env, capture_output=True, text=True, timeout=60, check=True).stdout
-    final = re.search(rf"Job '{submission_id}' (succeeded|failed|stopped)", status)
-    return (final.group(1).upper() if final else status), logs
+    return submit_job(address, env, submission_id, args, cwd=REPO)
 
 
 def test_submitted_full_job_fails_cleanly_then_resumes_on_object_store(ray_head, local_s3):

@@ -430,7 +430,7 @@ def run_serve(config: Config, port: int | None = None, blocking: bool = True) ->
 
     init_ray(config.ray_address)
     port = port or config.serve.port
-    serve.start(http_options={"host": config.serve.host, "port": port})
+    serve.start(proxy_location=config.serve.proxy_location, http_options={"host": config.serve.host, "port": port})
     serve.run(build_app(config), name=config.serve.app_name, route_prefix=config.serve.route_prefix)
     url = f"http://{config.serve.host}:{port}{config.serve.route_prefix.rstrip('/')}"
     log.info("SafeConf endpoint at %s (POST /v1/judge, POST /v1/moderations, POST /v1/chat/completions, "

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -299,6 +300,22 @@ class LocalCluster:
     def name_of(self, node_manager_port: int) -> str:
         return next((n.name for n in self.nodes.values() if n.node_manager_port == node_manager_port),
                     f"port {node_manager_port}")
+
+
+def submit_job(address: str, env: dict, submission_id: str, args: list[str], cwd: str | Path,
+               timeout: float = 1200) -> tuple[str, str]:
+    """`ray job submit -- python jobs/full.py ARGS` from the repository at `cwd`, as the README gives it (working
+    dir uploaded, cluster/runtime_env.yaml); returns (final status: SUCCEEDED / FAILED / STOPPED, the job's logs)."""
+    ray = str(BIN / "ray")
+    subprocess.run([ray, "job", "submit", f"--address={address}", f"--submission-id={submission_id}",
+                    "--working-dir=.", "--runtime-env=cluster/runtime_env.yaml", "--", "python", "jobs/full.py", *args],
+                   cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    status = subprocess.run([ray, "job", "status", f"--address={address}", submission_id],
+                            env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    logs = subprocess.run([ray, "job", "logs", f"--address={address}", submission_id],
+                          env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    final = re.search(rf"Job '{submission_id}' (succeeded|failed|stopped)", status)
+    return (final.group(1).upper() if final else status), logs
 
 
 def _accepts(port: int) -> bool:

@@ -169,7 +169,8 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, **_fault_settings(run_name),
             "examples": {split: examples[split]["kept"] for split in SPLITS},
         },
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=train.placement_strategy),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
@@ -224,6 +225,7 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         "memory_mb_per_worker": state.get("memory_mb_per_worker"),
         "examples": {**examples, "left_out_per_epoch": left_out},
         "num_workers": train.num_workers,
+        "worker_nodes": state.get("worker_nodes"),  # the Ray node id of each rank, in rank order (last attempt)
         "zero_stage": train.zero_stage,
         "precision": precision,
         "adapter": adapter_uri,

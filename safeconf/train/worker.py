@@ -329,11 +329,20 @@ class Worker:
         step_rates = [t / s for t, (_, s) in zip(step_tokens, step_records)]  # all ranks, over rank 0's step time
         result = {**state, "start_step": start_step, "world_size": self.world,
                   "median_step_tokens_per_s": float(np.median(step_rates)) if step_rates else None,
-                  "memory_mb_per_worker": self.gather_memory()}
+                  "memory_mb_per_worker": self.gather_memory(), "worker_nodes": self.worker_nodes()}
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()  # ZeRO-3 can abort at interpreter exit otherwise
         return result if self.rank == 0 else None
+
+    def worker_nodes(self) -> list[str]:
+        """The Ray node id of every rank, in rank order: where Ray placed the workers."""
+        import ray
+        import torch.distributed as dist
+
+        nodes = [None] * self.world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        return nodes
 
     def gather_memory(self) -> list[dict]:
         """Every rank's memory snapshots ({phase: {rss, anon, file, peak so far}}), for the summary."""
