@@ -362,6 +362,8 @@ def _operator_entry(operators: dict, name: str) -> dict:
 
 def run_pipeline(config: Config) -> dict:
     """Run the whole data pipeline into `config.out`; return the summary (also written to summary.json)."""
+    import ray
+
     started = time.time()
     out = io.normalise_uri(config.out)
     io.make_dirs(out)
@@ -377,6 +379,8 @@ def run_pipeline(config: Config) -> dict:
     # overwrite: a rerun replaces the previous run's files instead of adding its own beside them
     build_dataset(questions, config).write_parquet(confidence_uri, mode="overwrite")
     sft_counts = build_sft(confidence_uri, io.join(out, "sft"), config.sft)
+    sampled = summarise(confidence_uri)
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
     summary = {
         "data": config.data,
@@ -385,7 +389,10 @@ def run_pipeline(config: Config) -> dict:
         "rows_rejected": rejects.num_rows,
         "rejected_by_field": _count(rejects.column("field").to_pylist()),
         "answer_format": config.sampling.answer_format,
-        **summarise(confidence_uri),
+        **sampled,
+        # Nodes that sampled part of the questions and were gone by the end: Ray Data retried the batches they
+        # held on the engine actors it restarted elsewhere; every question is in the confidence table once.
+        "sampling_nodes_lost": sorted(n for n in sampled["questions_by_node"] if n != "None" and n not in alive),
         "sft": sft_counts,
         "seconds": round(time.time() - started, 1),
         "config": config.to_dict(),

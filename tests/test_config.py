@@ -311,3 +311,13 @@ def test_main_flags_beat_overrides_beat_yaml(stub_pipeline, yaml_file, capsys):
 def test_main_pipeline_data_error_exits_1(stub_pipeline, capsys):
     assert main(["pipeline", "--data", "broken"]) == 1
     assert "row 3: options must be a list" in capsys.readouterr().err
+
+
+def test_placement_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match="train.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"):
+        load_config(overrides=["train.placement_strategy=spread"])
+    assert load_config(overrides=["train.placement_strategy=STRICT_SPREAD"]).train.placement_strategy == "STRICT_SPREAD"
+    # serve settings are checked where the endpoint is built (ServeConfig.problems)
+    assert any("serve.proxy_location must be EveryNode, HeadOnly or Disabled" in p
+               for p in load_config(overrides=["serve.proxy_location=everynode"]).serve.problems())
+    assert load_config(overrides=["serve.proxy_location=HeadOnly"]).serve.problems() == []

@@ -1,5 +1,7 @@
 """Several Ray nodes on one machine (safeconf.testing.local_cluster): tasks land on the node they are pinned to, and
-a node whose raylet is killed is reported dead within a bounded wait, while the rest of the cluster keeps working.
+a node whose raylet is killed is reported dead within a bounded wait, while the rest of the cluster keeps working;
+jobs/full.py submitted with `ray job submit` to a head and two worker nodes, its run directory on a local S3 (moto),
+so every stage reads and writes through the object store as on a cloud cluster.
 
 The driver runs in a child process with the cluster's env (its auth token), so this test does not depend on, or
 disturb, a Ray this pytest process may already hold (the session's local_ray fixture).
@@ -119,12 +121,19 @@ def cluster_with_s3(local_s3):
     so that every node's environment points at it (AWS_*)."""
     from safeconf.testing.local_cluster import FAST_FAILURE_DETECTION, LocalCluster
 
-    with LocalCluster({"node_a": 3, "node_b": 3}, include_dashboard=True,
-                      system_config=FAST_FAILURE_DETECTION).start(timeout=180) as cluster:
+    cluster = LocalCluster({"node_a": 3, "node_b": 3}, include_dashboard=True, system_config=FAST_FAILURE_DETECTION)
+    cluster.start(timeout=180)
+    try:
         yield cluster
+    finally:
+        cluster.stop()
 
 
-def test_submitted_job_runs_its_stages_across_nodes_on_the_object_store(cluster_with_s3, local_s3):
+def test_submitted_job_fails_cleanly_then_resumes_across_nodes_on_the_object_store(cluster_with_s3, local_s3):
+    """`ray job submit` as users run it. The first submission fails in the train stage (its SFT set does not exist):
+    the job must fail naming the stage and the cause, and keep what the pipeline wrote. The second, without the bad
+    key and with --serve, skips the finished pipeline, trains and evaluates, and leaves the endpoint up with the
+    trained adapter and the threshold the evaluation calibrated; the test asserts where each stage ran."""
     import httpx
 
     from safeconf import io
@@ -133,25 +142,45 @@ def test_submitted_job_runs_its_stages_across_nodes_on_the_object_store(cluster_
     cluster = cluster_with_s3
     ids = cluster.wait_for({"node_a": True, "node_b": True}, timeout=10)
     out = f"{local_s3}/spread-run"
+    args = [f"out={out}", *SPREAD_RUN]
+
+    status, logs = submit_job(cluster.dashboard_url, cluster.env, "safeconf-fails",
+                              [*args, f"train.dataset={local_s3}/no-such-sft"], cwd=REPO)
+    assert status == "FAILED", logs[-3000:]
+    assert "stage 'train' failed: FileNotFoundError" in logs and "no-such-sft" in logs, logs[-3000:]
+    assert io.exists(f"{out}/stages/pipeline.json") and not io.exists(f"{out}/stages/train.json")
+    pipeline_marker = io.read_json(f"{out}/stages/pipeline.json")
+
     (port,) = free_ports(1)
-    status, logs = submit_job(cluster.dashboard_url, cluster.env, "safeconf-spread",
-                              ["--serve", f"out={out}", *SPREAD_RUN, f"serve.port={port}"], cwd=REPO, timeout=1500)
+    status, logs = submit_job(cluster.dashboard_url, cluster.env, "safeconf-resumes",
+                              ["--serve", *args, f"serve.port={port}"], cwd=REPO, timeout=1500)
     assert status == "SUCCEEDED", logs[-4000:]
+    assert "stage pipeline up to date" in logs, logs[-3000:]  # same inputs: its fingerprint is unchanged
+    assert io.read_json(f"{out}/stages/pipeline.json") == pipeline_marker  # not redone
+    for path in ["sft/train.parquet", "sft/val_questions.parquet", "train/adapter/adapter_config.json",
+                 "eval/report.md", "stages/evaluate.json", "full_run.json"]:
+        assert io.exists(f"{out}/{path}"), path
+    assert io.read_json(f"{out}/full_run.json")["run_dir"] == out
 
     # sampling: both engine actors did work, one on each worker node; every question sampled once
     pipeline = io.read_json(f"{out}/summary.json")
     assert pipeline["questions_by_node"].keys() == {ids["node_a"], ids["node_b"]}, pipeline["questions_by_node"]
     assert sum(pipeline["questions_by_node"].values()) == pipeline["questions"] == 16
+    assert pipeline["sampling_nodes_lost"] == []
     # training: two ZeRO-3 workers on different nodes, checkpoints in the object store
     train = io.read_json(f"{out}/stages/train.json")["summary"]
     assert sorted(train["worker_nodes"]) == sorted([ids["node_a"], ids["node_b"]]), train["worker_nodes"]
-    assert train["zero_stage"] == 3 and train["steps"] == 2
-    assert train["checkpoint"].startswith(out.removeprefix("s3://")) or train["checkpoint"].startswith(out)
-    assert io.exists(f"{out}/train/adapter/adapter_config.json")
+    assert train["zero_stage"] == 3 and train["steps"] == 2 and train["attempts"] == 1
+    assert train["checkpoint"].removeprefix("s3://").startswith(out.removeprefix("s3://")), train["checkpoint"]
     metrics = io.read_json(f"{out}/eval/metrics.json")
-    assert metrics["methods"]["safeconf"]["questions"] == metrics["questions"] > 0
-    # the endpoint on the cluster answers with the fine-tuned model
+    assert metrics["methods"]["safeconf"]["questions"] == metrics["questions"] > 0  # the fetched adapter ran
+
+    # the endpoint on the cluster outlives the job: the fine-tuned model's judgement, at the calibrated threshold
     reply = httpx.post(f"http://127.0.0.1:{port}/v1/judge", timeout=120,
-                       json={"question": "Is it safe to mix bleach and ammonia?", "options": ["Yes", "No"]})
+                       json={"question": "Which is the safer way to store medicine at home?",
+                             "options": ["On a low open shelf", "Locked, out of children's reach"]})
     assert reply.status_code == 200, reply.text
-    assert reply.json()["method"] == "safeconf"
+    judgement = reply.json()
+    assert judgement["method"] == "safeconf" and judgement["decision"] in ("accept", "defer")
+    assert 0.0 <= judgement["confidence"] <= 1.0
+    assert judgement["threshold"] == metrics["methods"]["safeconf"]["selective"]["threshold"]

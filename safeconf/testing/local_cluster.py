@@ -261,6 +261,17 @@ class LocalCluster:
 
     # --- nodes ---
 
+    def add_worker(self, name: str, cpus: int, timeout: float = 120) -> str:
+        """Start one more worker node, as an autoscaler replaces a lost machine; returns its node id once alive."""
+        if name in self.nodes:
+            raise ValueError(f"node {name!r} exists already")
+        node = LocalNode(name, int(cpus), self.root / name, dict(zip(NODE_PORTS, free_ports(len(NODE_PORTS)))))
+        self.nodes[name] = node
+        self._launch(node)
+        node_id = self.wait_for({name: True}, timeout=timeout)[name]
+        node.processes()
+        return node_id
+
     def kill_raylet(self, name: str) -> int:
         """SIGKILL the raylet of a node (a lost machine, as Ray sees it); returns its pid. Its `ray start --block`
         then stops the node's other processes; its workers exit when their raylet is gone."""

@@ -210,7 +210,8 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         "steps_per_epoch": steps_per_epoch,
         "epochs": state["global_step"] / steps_per_epoch,
         "start_step": state["starts"][-1],
-        "starts": state["starts"],
+        "starts": state["starts"],  # the step each attempt started from: more than one = resumed from a checkpoint
+        "attempts": len(state["starts"]),
         "final_train_loss": state["train_loss"][-1][1] if state["train_loss"] else None,
         "train_loss": state["train_loss"],
         "val_loss_per_epoch": [loss for _, loss in state["val_loss"]],
