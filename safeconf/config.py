@@ -47,6 +47,7 @@ class EngineConfig:
     cpu_threads: int = option(0, "CPU engines: threads per engine actor (0 = as many as the driver's machine has cores: right for a local run; set it on a CPU cluster whose nodes differ).")
     memory_gib: float = option(4.0, "Memory Ray reserves per engine actor, in GiB (vllm-cpu: weights + KV cache + runtime).")
     max_prompt_tokens: int = option(1536, "hf engine: longest prompt in tokens (vLLM: max_model_len minus the new tokens). A longer prompt is cut in the middle of its question text (' [...] ' marks the cut); the system turn, the options and the instruction are kept, and the cut is counted (prompt_truncated; summary.json truncated_prompts).")
+    start_timeout_s: float = option(900.0, "Seconds the engine actors of a stage may take to start (placed on a node, model loaded) before the stage fails with Ray Data's 'Timed out while starting actors' instead of waiting for resources no node has; covers an autoscaler adding a node. 0 = no bound.")
     max_restarts: int = option(3, "Times Ray restarts an engine actor whose process died (OOM, segfault, a lost node); the batch it held is retried on the restarted actor. Beyond this the stage fails, naming the actor, instead of crash-looping (-1 = no limit, Ray Data's own default).")
 
 
@@ -156,6 +157,7 @@ class TrainConfig:
     log_every: int = option(5, "Report loss, tokens/s and learning rate every N optimizer steps.")
     checkpoint_every: int = option(50, "Checkpoint every N optimizer steps (and at the end of each epoch).")
     max_failures: int = option(1, "Worker failures survived (the run restarts from the last checkpoint).")
+    start_timeout_s: float = option(600.0, "Seconds Ray Train may take to place and start its worker group (an autoscaler's new node included) before that attempt fails; a run fails after train.max_failures + 1 such timeouts in a row instead of waiting for resources no node has (Ray's own default retries without end).")
     storage_path: str = option("", "Ray Train storage for checkpoints (local path, s3:// or gs://); default OUT/checkpoints.")
     run_name: str = option("safeconf-train", "Prefix of the Ray Train run name, which is PREFIX-<key of the training's inputs> (safeconf.stages): re-running with the same inputs and storage resumes; other inputs start a new run.")
     merge: bool = option(False, "Also write the LoRA weights merged into the base model (OUT/merged).")
@@ -399,6 +401,8 @@ class Config:
                 problems.append(f"sft.{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         if not 0 <= self.sft.val_fraction < 1:
             problems.append("sft.val_fraction must be in [0, 1)")
+        if self.engine.start_timeout_s < 0 or self.train.start_timeout_s <= 0:
+            problems.append("engine.start_timeout_s must be >= 0 (0: no bound) and train.start_timeout_s > 0")
         if self.engine.batch_size < 1 or self.engine.concurrency < 1:
             problems.append("engine.batch_size and engine.concurrency must be >= 1")
         if self.train.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

@@ -255,7 +255,7 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
     tensor_parallel = {}
     if bundles:  # one placement group per engine actor, made when Ray Data starts it; vLLM's workers fill it
         tensor_parallel = {"ray_remote_args_fn": functools.partial(engine_placement, bundles)}
-    return ds.map_batches(
+    mapped = ds.map_batches(
         stage_class,
         fn_constructor_kwargs={"config": config.to_dict(), **constructor_kwargs},
         compute=ray.data.ActorPoolStrategy(size=engine.concurrency),
@@ -272,6 +272,10 @@ def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
         max_task_retries=engine.max_restarts,
         **tensor_parallel,
     )
+    # Bounded: actors asking for what no node has (a GPU bundle on a CPU cluster) fail the stage instead of waiting.
+    # Later datasets built on this one carry its context, so the write that runs the stage sees it.
+    mapped.context.wait_for_min_actors_s = engine.start_timeout_s or -1
+    return mapped
 
 
 def engine_actor_resources(engine) -> dict:

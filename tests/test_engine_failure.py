@@ -137,3 +137,29 @@ def test_an_engine_stage_that_kills_every_actor_fails_naming_the_stage(tmp_path)
     assert "MapBatches(CrashingStage)" in result["error"]
     pids = attempts.read_text().split()
     assert len(pids) == 2 == len(set(pids))  # the first try and engine.max_restarts=1 retry, each in a new process
+
+
+UNPLACEABLE_SCRIPT = RAY + textwrap.dedent(
+    """
+    import pyarrow as pa
+    from safeconf.config import load_config
+    from safeconf.pipeline import map_on_engines
+
+    # a GPU engine on a CPU-only cluster: no node can ever hold the actor
+    config = load_config(overrides=["engine.num_gpus=1", "engine.start_timeout_s=3", "engine.memory_gib=0"])
+    started = time.time()
+    try:
+        map_on_engines(ray.data.from_arrow(pa.table({"id": ["a"]})), object, config).take_all()
+        print("RESULT " + json.dumps({"error": None}))
+    except Exception as error:
+        print("RESULT " + json.dumps({"error": f"{type(error).__name__}: {error}"[:2000],
+                                      "seconds": time.time() - started}))
+    """
+)
+
+
+def test_an_engine_stage_no_node_can_place_fails_within_its_start_timeout():
+    result = run_script(UNPLACEABLE_SCRIPT, timeout=300)
+    assert result["error"] is not None, "a stage that cannot be placed must fail, not wait"
+    assert "Timed out while starting actors" in result["error"], result
+    assert result["seconds"] < 60, result

@@ -4,6 +4,7 @@ loss falls, the exported adapter is whole and reproduces the trained weights, a 
 survived. One run fine-tunes the real SmolLM2."""
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -387,6 +388,17 @@ def test_zero3_survives_a_dying_worker(zero3_run):
     losses = [loss for _, loss in summary["train_loss"]]
     assert losses[-1] < 0.5 * losses[0]
     assert (out.parent / (out.name + ".fail-marker")).exists()  # it did fire, once
+
+
+@pytest.mark.slow
+def test_workers_no_node_can_place_fail_the_run_within_its_start_timeout(local_ray, tiny_model, tiny_sft, tmp_path):
+    # 64 CPUs per worker on a 4-CPU Ray: Ray Train's own default retries the placement without end
+    config = tiny_config(tiny_model, tmp_path / "out", "unplaceable", "train.cpus_per_worker=64",
+                         "train.start_timeout_s=2", "train.max_failures=1")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"could not place 2 workers .* within train.start_timeout_s=2 s, 2 attempts"):
+        run_training(config, str(tiny_sft), str(tmp_path / "out"))
+    assert time.monotonic() - started < 90  # two 2 s attempts and Ray's set-up, not a wait without end
 
 
 # --- the real embedded model ---

@@ -161,6 +161,9 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
              else "resuming from its checkpoints (same inputs)" if found else "new run")
     # ray.train.report waits for the controller's poll; its default 2 s interval would dominate short steps
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # Ray Train passes its RAY_TRAIN_* variables on to its controller; a worker group that cannot be placed in this
+    # time fails the attempt, and controller_failure_limit bounds the retries (Ray's default: without end).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(train.start_timeout_s)
     resources = worker_resources(train)
     trainer = TorchTrainer(
         train_loop,
@@ -174,7 +177,7 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=train.max_failures),
+            failure_config=FailureConfig(max_failures=train.max_failures, controller_failure_limit=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
@@ -184,7 +187,18 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         # dynamic split), which is what lets a resumed run skip exactly the examples already trained on.
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        if "worker group startup timed out" not in str(error):
+            raise
+        # Ray's text points at its environment variable, which this driver sets from the config
+        raise RuntimeError(
+            f"Ray Train could not place {train.num_workers} workers of {resources} each "
+            f"({train.placement_strategy}) within train.start_timeout_s={train.start_timeout_s:g} s, "
+            f"{train.max_failures + 1} attempts: no node has room for them, or the autoscaler did not add one in "
+            "time. Raise train.start_timeout_s, or fit train.cpus_per_worker / train.use_gpu to the cluster's node "
+            "types (python -m safeconf.cluster_check CLUSTER CONFIG)") from error
     final = result.return_value or {}
 
     adapter_uri = io.join(out, ADAPTER_DIR)
