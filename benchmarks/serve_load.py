@@ -14,6 +14,11 @@ Per level: p50 / p99 latency, requests/s and the count of 5xx (must be 0). Then 
 to: Serve's p50 at concurrency 1 over the direct p50 (<= 1.2), and requests/s at concurrency 8 over
 concurrency 1 (>= 2, what batching buys).
 
+With --kill-replica, then a fault phase: 4 clients send /v1/judge in a loop while the engine replica is killed
+(ray.kill on its actor, as an OOM kill or a lost node would); it counts the answers by status (200, 503 with
+Retry-After, any other 5xx, a dropped connection or a client timeout), the longest request, and the time from
+the kill to the first 200 of a request sent after it (only a new replica can answer that one).
+
 Bounded: a fixed number of requests per level (--requests at concurrency 1 and direct, 4x the concurrency at
 the others, at least --requests), a warm-up of 3 requests per path, and a time limit for the whole run after
 which no request is started (the report then says so). It only talks to 127.0.0.1, on a private Ray it starts.
@@ -34,6 +39,7 @@ import tempfile
 import time
 
 WARMUP = 3
+RECOVERY_KEY = "kill to first 200 of a request sent after it, s"
 OVERRIDES = ["engine.kind=hf", "engine.memory_gib=1"]
 
 
@@ -138,11 +144,74 @@ async def load_level(url: str, token: str, bodies: list[dict], concurrency: int,
                    len(latencies) + counts["5xx"] + counts["other"] < len(bodies))
 
 
+async def replica_kill(url: str, token: str, bodies: list[dict], kill, deadline: float, clients: int = 4,
+                       settle_s: float = 2.0, recover_within_s: float = 240.0) -> dict:
+    """`clients` loops of POST /v1/judge; kill() after settle_s; they stop settle_s after the first 200 to a
+    request sent after the kill, or recover_within_s after the kill, or at the deadline."""
+    import httpx
+
+    answers, kill_at, recovered_at = [], None, None
+    stop = asyncio.Event()
+
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=180) as client:
+        async def loop(i: int):
+            nonlocal recovered_at
+            n = i
+            while not stop.is_set() and time.time() < deadline:
+                body, n = bodies[n % len(bodies)], n + clients
+                began = time.time()
+                try:
+                    response = await client.post("/v1/judge", json=body)
+                    status, retry_after = response.status_code, response.headers.get("retry-after")
+                except httpx.HTTPError as error:  # a dropped connection or a client timeout
+                    status, retry_after = type(error).__name__, None
+                answers.append({"began": began, "seconds": time.time() - began, "status": status,
+                                "retry_after": retry_after})
+                if status == 200 and kill_at is not None and began > kill_at and recovered_at is None:
+                    recovered_at = time.time()
+
+        async def killer():
+            nonlocal kill_at
+            await asyncio.sleep(settle_s)
+            await asyncio.to_thread(kill)
+            kill_at = time.time()
+            while recovered_at is None and time.time() < min(deadline, kill_at + recover_within_s):
+                await asyncio.sleep(0.25)
+            await asyncio.sleep(settle_s)  # a little load on the new replica
+            stop.set()
+
+        await asyncio.gather(killer(), *[loop(i) for i in range(clients)])
+
+    statuses = [a["status"] for a in answers]
+    return {
+        "requests": len(answers), "200": statuses.count(200), "503": statuses.count(503),
+        "503 with Retry-After": sum(a["status"] == 503 and a["retry_after"] is not None for a in answers),
+        "other 5xx": sum(isinstance(s, int) and s >= 500 and s != 503 for s in statuses),
+        "dropped or timed out": sum(not isinstance(s, int) for s in statuses),
+        "other": sum(isinstance(s, int) and s < 500 and s != 200 for s in statuses),
+        "longest request s": round(max(a["seconds"] for a in answers), 2),
+        RECOVERY_KEY: round(recovered_at - kill_at, 1) if recovered_at and kill_at else None,
+    }
+
+
+def kill_engine_replica(app_name: str):
+    """The kill for the fault phase, and the engine replica's pid before it (to show a new one answered)."""
+    import ray
+    from ray import serve
+
+    handle = serve.get_deployment_handle("SafeConfJudge", app_name=app_name)
+    before = handle.replica_info.remote().result()
+    return (lambda: ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)), \
+        before["pid"], handle
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=24, help="requests at concurrency 1 and direct (default 24)")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds for the whole run (default 900)")
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32; 1 and 8 are needed for the ratios)")
+    parser.add_argument("--kill-replica", action="store_true", help="after the levels, the fault phase: the engine "
+                        "replica killed under a loop of 4 clients")
     parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # the child process
     parser.add_argument("overrides", nargs="*", help="config overrides for both paths, e.g. model.adapter=DIR "
                         "engine.kind=vllm serve.max_batch_size=8")
@@ -177,6 +246,11 @@ def main() -> None:
             count = args.requests if level == 1 else max(args.requests, 4 * level)
             results[f"serve, concurrency {level}"] = asyncio.run(
                 load_level(url, token, judge_bodies(count), level, deadline))
+        if args.kill_replica:
+            kill, pid_before, handle = kill_engine_replica("safeconf-bench")
+            fault = asyncio.run(replica_kill(url, token, judge_bodies(32), kill, deadline))
+            fault["new replica"] = handle.replica_info.remote().result()["pid"] != pid_before
+            results["fault: engine replica killed"] = fault
     finally:
         serve.shutdown()
     report(results, args, (load_at_start, os.getloadavg()[0]))
@@ -188,6 +262,8 @@ def report(results: dict, args, load: tuple[float, float]) -> None:
           f"SmolLM2-135M-Instruct; overrides: {' '.join(OVERRIDES + args.overrides)}")
     print(f"{'run':<24}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>8}{'5xx':>5}{'other':>7}")
     for name, r in results.items():
+        if name.startswith("fault"):
+            continue
         cut = "  (time limit hit)" if r["time_limit_hit"] else ""
         print(f"{name:<24}{r['requests']:>9}{r['p50_ms']:>10}{r['p99_ms']:>10}{r['requests_per_s']:>8}"
               f"{r['5xx']:>5}{r['other_errors']:>7}{cut}")
@@ -202,7 +278,15 @@ def report(results: dict, args, load: tuple[float, float]) -> None:
         speedup = eight["requests_per_s"] / one["requests_per_s"]
         print(f"requests/s at concurrency 8 / concurrency 1: {speedup:.2f}x (target >= 2: "
               f"{'met' if speedup >= 2 else 'missed'})")
-    print(f"5xx responses: {errors} (target 0: {'met' if errors == 0 else 'missed'})")
+    print(f"5xx responses under load: {errors} (target 0: {'met' if errors == 0 else 'missed'})")
+    fault = results.get("fault: engine replica killed")
+    if fault:
+        print(f"\nfault phase: {json.dumps(fault)}")
+        clean = fault["other 5xx"] == fault["dropped or timed out"] == fault["other"] == 0 \
+            and fault["503"] == fault["503 with Retry-After"]
+        back = fault["new replica"] and fault[RECOVERY_KEY] is not None
+        print(f"replica killed under load: only 200 and 503 + Retry-After, no hang: {'met' if clean else 'missed'}; "
+              f"back (a 200 from a new replica): {'yes' if back else 'no'}")
     print(json.dumps(results))
 
 

@@ -10,9 +10,12 @@
      against it understates the speed-up;
    - "plain": the same loop on what training does now (safeconf.train.data's streamed, length-grouped plan,
      left-padded batches and the loss over the target positions' logits; the model in bf16 as DeepSpeed's bf16
-     mode computes it);
+     mode computes it, where train.precision=auto picks bf16 (a CPU with native bf16), else fp32);
    - "ray": `run_training` (Ray Train + DeepSpeed ZeRO-2), default settings (bf16 on this CPU), and again with
      train.precision=fp32: the loss curves of the two over the same steps show what bf16 costs in accuracy.
+   - with --contend SHARE, "plain" once more while another process keeps one core busy SHARE of the time (10 ms
+     periods): the share of a core that Ray's own processes were seen to take beside the Train worker (~0.3),
+     to test whether that alone explains the gap between "ray" and "plain".
    tokens = prompt + target tokens (no padding), the same count for every run. "overall" = tokens over the time in
    training steps (Ray: plus its logging reports); model loading and start-up count in neither.
 2. Memory, two workers, ZeRO-2 against ZeRO-3: a randomly initialised model of the Qwen2-1.5B shape (28 layers,
@@ -30,6 +33,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -88,6 +93,7 @@ def plain_loop(folder: str, config, threads: int, settings: str) -> dict:
     from safeconf.models import resolve_model
     from safeconf.train.data import (Examples, Plan, causal_lm_loss, collate, encode_example, end_of_turn, load_tokenizer,
                                      stream_order)
+    from safeconf.train import training_precision
     from safeconf.train.worker import lr_lambda
 
     torch.set_num_threads(threads)
@@ -99,12 +105,13 @@ def plain_loop(folder: str, config, threads: int, settings: str) -> dict:
     encoded = [encode_example(tokenizer, m, eot) for m in table.column("messages").to_pylist()]
     examples = Examples([np.asarray(ids) for ids, _ in encoded], np.array([p for _, p in encoded]), np.arange(len(encoded)))
     now = settings == "now"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if now else torch.float32)
+    bf16 = now and training_precision(config) == "bf16"  # as Ray Train's worker would run it on this CPU
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.config.use_cache = False
     torch.manual_seed(train.seed)
     lora = LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
                       target_modules=list(train.lora_target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora, autocast_adapter_dtype=not now)  # now: LoRA in bf16 too, as DeepSpeed's bf16
+    model = get_peft_model(model, lora, autocast_adapter_dtype=not bf16)  # LoRA in bf16 too, as DeepSpeed's bf16
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.max_steps, train.warmup_ratio))
     plan = Plan(1, train.micro_batch_size, 1, train.group_window, train.seed)
@@ -138,8 +145,25 @@ def plain_loop(folder: str, config, threads: int, settings: str) -> dict:
                 break
         epoch += 1
     seconds = time.perf_counter() - started
-    return {"run": f"plain peft + AdamW loop, {settings}", "steps": step, "tokens": tokens, "seconds": round(seconds, 1),
+    return {"run": f"plain peft + AdamW loop, {settings}, {'bf16' if bf16 else 'fp32'}", "steps": step, "tokens": tokens, "seconds": round(seconds, 1),
             "tokens_per_s": round(tokens / seconds, 1), "final_loss": round(losses[-1], 3)}
+
+
+def cpu_burner(share: float) -> subprocess.Popen:
+    """A process that keeps one core busy `share` of every 10 ms: a stand-in for Ray's control plane."""
+    busy, idle = 0.01 * share, 0.01 * (1 - share)
+    code = ("import time\nwhile True:\n    t = time.perf_counter()\n"
+            f"    while time.perf_counter() - t < {busy}: pass\n    time.sleep({idle})")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def contended(run, share: float) -> dict:
+    burner = cpu_burner(share)
+    try:
+        result = run()
+    finally:
+        burner.kill()
+    return result | {"run": result["run"] + f", another process busy {share:.0%} of one core"}
 
 
 def ray_run(label: str, folder: str, config, out: str) -> dict:
@@ -188,6 +212,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps of the throughput runs")
     parser.add_argument("--memory-steps", type=int, default=2, help="optimizer steps of the ZeRO-2/3 memory runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop = CPUs of the Ray worker")
+    parser.add_argument("--contend", type=float, default=0.0, help="also the plain loop (today's settings) beside a "
+                        "process busy this share of one core (e.g. 0.3)")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: throughput, memory")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -218,6 +244,8 @@ def main() -> None:
             "ray_fp32": lambda: ray_run("the same, train.precision=fp32", folder,
                                         config("train.precision=fp32", "train.run_name=t-fp32"), f"{work}/out-fp32"),
         }
+        if args.contend:
+            runs["plain_contended"] = lambda: contended(runs["plain"], args.contend)
         for kind, run in runs.items():
             results[kind] = run()
             print(json.dumps(results[kind]), flush=True)
@@ -242,6 +270,10 @@ def main() -> None:
         print(f"  ray train + deepspeed {ours} / plain loop doing the same {plain} tokens/s = {ours / plain:.2f} "
               "(target >= 0.9)")
         print(f"  bf16 {ours} / fp32 {fp32} tokens/s (ray) = {ours / fp32:.2f}x")
+        if "plain_contended" in results:
+            busy = results["plain_contended"]["tokens_per_s"]
+            print(f"  plain loop beside a process busy {args.contend:.0%} of one core {busy} / alone {plain} tokens/s = "
+                  f"{busy / plain:.2f} (ray / plain: {ours / plain:.2f})")
         pairs = list(zip(results["ray"]["train_loss"], results["ray_fp32"]["train_loss"]))
         gaps = [abs(a[1] - b[1]) for a, b in pairs]
         print("  loss, bf16 vs fp32 at the same steps: " + ", ".join(f"step {a[0]}: {a[1]:.3f} / {b[1]:.3f}" for a, b in pairs)

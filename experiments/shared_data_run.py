@@ -60,8 +60,9 @@ question for all its methods, an adapter one ~0.25 s) and a smoke run (--scale 0
   select 0.5 min; pipeline ~7 min (4,160 variants); main training ~15 min; main evaluation ~16 min (8 base
   methods, 2 adapter methods, general ability, over-refusal, bootstrap of 10 methods); safeconf_50 ~7 min
   training + ~4 min evaluation; safeconf_25 and the 3 ablations ~3.5 + ~4 min each (+ ~0.5 min start-up per
-  training). About 85 minutes in all. `--ablation-fraction 0.5` (ablations at the safeconf_50 size) adds ~11
-  minutes; `--ablations no_confidence` runs one ablation.
+  training). About 85 minutes in all, estimated; the run in RESULTS.md took 74.3 min (its wall-time table:
+  pipeline 8.0 min, main training 24.8 min, main evaluation 11.5 min). `--ablation-fraction 0.5` (ablations at
+  the safeconf_50 size) adds ~11 minutes; `--ablations no_confidence` runs one ablation.
 
 Smoke run (a handful of questions, one training size, two optimizer steps a model):
     .venv/bin/python experiments/shared_data_run.py --out runs/smoke --scale 0.02 --curve 1.0 \

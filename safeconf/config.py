@@ -28,7 +28,7 @@ class ModelConfig:
         "converted once into the cache), a local HF folder, or a hub id (e.g. Qwen/Qwen2.5-7B-Instruct).",
     )
     adapter: str = option("", "A LoRA adapter folder (PEFT format, e.g. OUT/adapter from `safeconf train`) applied on top of the model.")
-    dtype: str = option("bfloat16", "Weights dtype: bfloat16, float16 or float32.")
+    dtype: str = option("auto", "Weights dtype of the engines: 'auto' (bfloat16 on GPUs and on CPUs that multiply bf16 natively, AVX512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and several times slower; decided on each engine's node), bfloat16, float16 or float32.")
     cache_dir: str = option("", "Where the embedded model is converted to; default ~/.cache/safeconf (or $SAFECONF_CACHE).")
 
 
@@ -66,6 +66,7 @@ class MutationConfig:
     llm_max_tokens: int = option(128, "Token budget of one LLM-generated variant.")
 
 
+MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 ANSWER_FORMATS = ("label", "free")
 
 
@@ -403,6 +404,8 @@ class Config:
             problems.append("sft.val_fraction must be in [0, 1)")
         if self.engine.start_timeout_s < 0 or self.train.start_timeout_s <= 0:
             problems.append("engine.start_timeout_s must be >= 0 (0: no bound) and train.start_timeout_s > 0")
+        if self.model.dtype not in MODEL_DTYPES:
+            problems.append(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model.dtype!r}")
         if self.engine.batch_size < 1 or self.engine.concurrency < 1:
             problems.append("engine.batch_size and engine.concurrency must be >= 1")
         if self.train.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

@@ -5,10 +5,11 @@ import importlib.util
 import pytest
 from conftest import save_random_adapter
 
-from safeconf.config import EngineConfig, ModelConfig
+from safeconf.config import EngineConfig, ModelConfig, load_config
 from safeconf.data.judge import judge_options, judge_question
 from safeconf.engines import make_engine, resolve_engine_kind
 from safeconf.engines.base import CUT_MARKER, Engine
+from safeconf.models import cpu_has_bf16
 from safeconf.mutations import original_variant
 from safeconf.prompts import parse_answer, render_messages
 
@@ -42,7 +43,22 @@ def check_engine(engine):
 
 @pytest.mark.slow
 def test_hf_engine_on_smollm2():
-    check_engine(make_engine(ModelConfig(), EngineConfig(kind="hf")))
+    engine = make_engine(ModelConfig(), EngineConfig(kind="hf"))
+    check_engine(engine)
+    # model.dtype=auto: bf16 only where this CPU multiplies it natively (emulated bf16 is several times slower)
+    assert str(engine.model.dtype) == ("torch.bfloat16" if cpu_has_bf16() else "torch.float32")
+
+
+def test_auto_dtype_is_bf16_on_gpus_and_native_bf16_cpus_else_float32(monkeypatch):
+    from safeconf import models
+
+    for native, on_gpu, expected in [(True, False, "bfloat16"), (False, False, "float32"), (False, True, "bfloat16")]:
+        monkeypatch.setattr(models, "cpu_has_bf16", lambda native=native: native)
+        assert models.engine_dtype("auto", on_gpu=on_gpu) == expected
+        assert models.engine_dtype("float16", on_gpu=on_gpu) == "float16"  # a dtype asked for is kept
+    assert ModelConfig().dtype == "auto"
+    with pytest.raises(ValueError, match="model.dtype must be one of"):
+        load_config(overrides=["model.dtype=fp32"])
 
 
 @pytest.mark.slow

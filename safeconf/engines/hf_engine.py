@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safeconf.config import EngineConfig
 from safeconf.engines.base import Completion, Engine, cpu_threads
+from safeconf.models import engine_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -16,6 +17,7 @@ class HFEngine(Engine):
         self.device = "cuda" if torch.cuda.is_available() and config.num_gpus > 0 else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads(config))
+        dtype = engine_dtype(dtype, on_gpu=self.device == "cuda")
         if self.device == "cpu" and dtype == "float16":
             dtype = "float32"  # fp16 matmuls are not supported on CPU
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -9,7 +9,7 @@ import os
 
 from safeconf.config import EngineConfig
 from safeconf.engines.base import Completion, Engine, cpu_threads
-from safeconf.models import cache_root, merged_model
+from safeconf.models import cache_root, engine_dtype, merged_model
 
 
 def _cpu_environment(config: EngineConfig) -> None:
@@ -48,7 +48,7 @@ class VLLMEngine(Engine):
 
         self.llm = LLM(
             model=model_path,
-            dtype=dtype,
+            dtype=engine_dtype(dtype, on_gpu=_has_gpu()),
             seed=seed,
             enforce_eager=config.enforce_eager,
             max_model_len=config.max_model_len,

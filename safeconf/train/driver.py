@@ -23,13 +23,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from functools import lru_cache
 
 import pyarrow.fs as pafs
 
 from safeconf import io
 from safeconf.config import Config
-from safeconf.models import resolve_model
+from safeconf.models import cpu_has_bf16, resolve_model
 from safeconf.train.data import SPLITS, Plan, load_tokenizer, read_sft_file, stream_order, tokenize_split
 from safeconf.train.worker import ADAPTER_DIR, FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, FAIL_MODE_ENV, STATE_FILE, train_loop
 
@@ -40,17 +39,6 @@ def worker_resources(train) -> dict:
     """Ray resources of one Ray Train worker (ScalingConfig.resources_per_worker); safeconf.cluster_check reads
     this."""
     return {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """Whether this machine's CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 beats fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def training_precision(config: Config) -> str:
@@ -84,7 +72,8 @@ def merge_adapter(model_path: str, adapter_dir: str, out_dir: str, dtype: str) -
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.to(getattr(torch, dtype)).save_pretrained(out_dir)
+    # 'auto' stores bf16, as the embedded model and most published checkpoints are; engines convert on load
+    merged.to(getattr(torch, "bfloat16" if dtype == "auto" else dtype)).save_pretrained(out_dir)
     load_tokenizer(model_path).save_pretrained(out_dir)
 
 
