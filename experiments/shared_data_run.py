@@ -140,6 +140,13 @@ HELDOUT = [
 ]
 GENERAL = [Draw("mmlu", "mmlu:{d}/general/mmlu/test", 50, balance=False),
            Draw("cmmlu", "cmmlu:{d}/general/cmmlu/test", 50, balance=False)]
+# The guard-tuning pool (issue 20): gold-labelled questions from the same train files, drawn after train and held-out
+# (so disjoint from both, and asserted), for the plain SFT that gives the model safety knowledge before SafeConf.
+GUARD = [
+    Draw("diasafety", "diasafety:{d}/diasafety/train.json", 2400),
+    Draw("cold", "cold:{d}/cold/train.csv", 1000),
+    Draw("safetybench", "safetybench:{d}/safetybench/test_zh_subset.json", 600, balance=False),
+]
 # Over-refusal: XSTest's safe prompts that are no training question (all 200 of them at --scale 1).
 OVER_REFUSAL = Draw("xstest-safe", "xstest:{d}/xstest/xstest_prompts.csv", 200, balance=False)
 
@@ -199,8 +206,9 @@ def scaled(draws: list[Draw], scale: float) -> list[Draw]:
     return [dataclasses.replace(d, count=max(1, round(d.count * scale))) for d in draws]
 
 
-def select(shared: Path, seed: int = SEED, scale: float = 1.0) -> dict[str, list[dict]]:
-    """{"train", "heldout", "general", "over_refusal": questions}: seeded, balanced, train and held-out disjoint."""
+def select(shared: Path, seed: int = SEED, scale: float = 1.0, guard_scale: float = 1.0) -> dict[str, list[dict]]:
+    """{"train", "heldout", "general", "over_refusal", "guard": questions}: seeded, balanced; train, held-out and
+    the guard pool disjoint (guard_scale 0: no guard pool)."""
     rng = random.Random(seed)
     pools, used = {}, defaultdict(set)  # spec -> rows; spec -> ids already drawn
     trained_texts: set = set()
@@ -224,14 +232,19 @@ def select(shared: Path, seed: int = SEED, scale: float = 1.0) -> dict[str, list
     trained_texts.update(text_of(r) for r in train)
     excluded.clear()  # count only what the held-out draws leave out
     heldout = [r for d in scaled(HELDOUT, scale) for r in draw(d)]
+    heldout_excluded = dict(excluded)
     general = [r for d in scaled(GENERAL, scale) for r in draw(d)]
     # drawn after the held-out XSTest part, from the safe prompts training left: some are held-out questions too
     used[OVER_REFUSAL.location(shared)] = {r["id"] for r in train}
     over_refusal = draw(scaled([OVER_REFUSAL], scale)[0], keep=lambda row: row["answer"] == 0)
+    # last, so the draws above are those of the runs before guard-tuning existed (the same seed, the same questions)
+    trained_texts.update(text_of(r) for r in heldout)  # the guard pool shares no text with train or held-out
+    guard = [r for d in scaled(GUARD, guard_scale) for r in draw(d)] if guard_scale else []
     check_disjoint(train, heldout)
     check_disjoint(train, over_refusal)
-    return {"train": train, "heldout": heldout, "general": general, "over_refusal": over_refusal,
-            "excluded_as_train_duplicates": dict(excluded)}
+    check_disjoint(guard, train + heldout)
+    return {"train": train, "heldout": heldout, "general": general, "over_refusal": over_refusal, "guard": guard,
+            "excluded_as_train_duplicates": heldout_excluded}
 
 
 def text_of(row: dict) -> tuple:
@@ -315,18 +328,49 @@ def sft_build(main_out: str, model_out: str, config: Config, ids: list[str], pip
 
 
 def model_config(base: Config, out: str, heldout: str, methods: list[str], sft: dict | None = None,
-                 dataset: str = "") -> Config:
+                 dataset: str = "", model: str = "", aux: bool | None = None) -> Config:
+    """A model's config: its out dir and eval methods; `model` (the main run's guard-tuned model) replaces model.name
+    and turns the guard stage off (it ran once, in main)."""
     config = copy.deepcopy(base)
     config.out = out
+    if model:
+        config.model.name = model
+        config.guard.data = ""
     config.eval.data = heldout
     config.eval.methods = list(methods)
     config.train.dataset = dataset
     for key, value in (sft or {}).items():
         setattr(config.sft, key, value)
-    if dataset:  # adapter-only evaluation: no base-model pass for general ability or over-refusal
+    if not (not dataset if aux is None else aux):  # adapter-only: no base-model pass for general ability or over-refusal
         config.eval.general_data = ""
         config.eval.over_refusal_data = ""
     return config.validate()
+
+
+def run_evaluation_once(config: Config, out: str, data: str, adapter: str = "") -> dict:
+    """One evaluation into OUT/eval, skipped when its marker says it is up to date (safeconf.stages.run_plan)."""
+    plan = stage_runs.evaluate_plan(config, data, io.join(out, "eval"), adapter=adapter)
+    return stage_runs.run_plan(plan, out)
+
+
+def curve_steps(config: Config, examples: list[int]) -> dict[int, int]:
+    """{optimizer step: pool examples trained by then} for the guard curve's points."""
+    per_step = config.train.micro_batch_size * config.train.gradient_accumulation * config.train.num_workers
+    return {max(1, round(n / per_step)): n for n in examples}
+
+
+def guard_entry(main_out: str, curve: dict) -> dict:
+    """The guard stage's pool and training, and the held-out accuracy at each curve point (adapter_token_prob of
+    the snapshot adapter on the base model: the guard model's option probability)."""
+    summary = io.read_json(io.join(main_out, "guard", "guard_summary.json"))
+    points = []
+    for name, examples in curve.items():
+        methods = read_metrics(name)["methods"]["adapter_token_prob"]
+        points.append({"examples": examples, "out": name, "overall": methods.get("overall"),
+                       "by_source": methods.get("by_source")})
+    return {"pool": summary["pool"], "train": {k: summary["train"].get(k) for k in (
+        "steps", "examples", "train_tokens", "tokens_per_s", "final_train_loss", "val_loss_per_epoch", "precision",
+        "seconds")}, "curve": points}
 
 
 def read_metrics(out: str) -> dict:
@@ -347,6 +391,28 @@ def model_entry(out: str, description: str, fraction: float, sft_counts: dict, s
     }
 
 
+def environment(config: Config) -> dict:
+    """What RESULTS.md must name beside its numbers: the code, the engine dtype that model.dtype resolved to on this
+    machine, whether the CPU multiplies bf16 natively, the CPU."""
+    import platform
+    import subprocess
+
+    from safeconf.models import cpu_has_bf16, engine_dtype
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "-uno")),
+            "model_dtype": config.model.dtype, "engine_dtype_used": engine_dtype(config.model.dtype, on_gpu=False),
+            "cpu_bf16": cpu_has_bf16(), "cpu": cpu, "cores": os.cpu_count()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/experiment")
@@ -357,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation-fraction", type=float, default=0.25,
                         help="training fraction of the ablations (the same nested subset as the curve's point)")
     parser.add_argument("--ablations", default=",".join(ABLATIONS), help=f"which of {', '.join(ABLATIONS)}")
+    parser.add_argument("--guard-scale", type=float, default=1.0,
+                        help="multiply the guard pool's size (0: no guard-tuning; every model starts from the base "
+                        "model, as before issue 20)")
+    parser.add_argument("--guard-curve", default="1000,2000",
+                        help="pool examples at which the guard adapter is snapshot and evaluated on the held-out "
+                        "questions (the whole pool is always a point)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, after the experiment's")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -375,10 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = {}
 
     began = time.time()
-    chosen = select(SHARED, args.seed, args.scale)
+    chosen = select(SHARED, args.seed, args.scale, args.guard_scale)
     excluded = chosen.pop("excluded_as_train_duplicates")
     data = out / "data"
-    specs = {name: write_jsonl(data / f"{name}_questions.jsonl", rows) for name, rows in chosen.items()}
+    specs = {name: write_jsonl(data / f"{name}_questions.jsonl", rows) for name, rows in chosen.items() if rows}
     selection = {name: describe(rows) for name, rows in chosen.items()}
     selection["heldout"]["excluded_as_train_duplicates"] = excluded
     io.write_json(str(out / "selection.json"), selection)
@@ -389,10 +461,36 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"data={specs['train']}", f"eval.general_data={specs['general']}",
                  f"eval.over_refusal_data={specs['over_refusal']}", *SETTINGS, *args.overrides]
     base = load_config(None, overrides)
+    io.write_json(str(out / "environment.json"), environment(base))
 
     main_out = str(out / "main")
     main_config = model_config(base, main_out, specs["heldout"], DEFAULT_EVAL_METHODS + ["adapter_token_prob"])
-    steps["main"] = stage_runs.run_job(main_config, list(stage_runs.STAGES))  # skips what is up to date
+    guard_model, guard_points = "", {}
+    if chosen["guard"]:
+        # 1. guard-tuning (main's guard stage), then its learning curve: each snapshot and the final adapter on the
+        # held-out questions (the guard model's option probability, adapter_token_prob on the base model)
+        curve_at = curve_steps(base, [int(n) for n in args.guard_curve.split(",") if n])
+        main_config.guard.data = specs["guard"]
+        main_config.guard.snapshot_steps = sorted(curve_at)
+        steps["guard"] = stage_runs.run_job(main_config, ["guard"])["guard"]
+        guard_model = stage_runs.stage_config(main_config).model.name
+        points = {f"step-{s}": (io.join(main_out, "guard", "snapshots", f"step-{s}"), n) for s, n in curve_at.items()}
+        guard_train = io.read_json(io.join(main_out, "guard", "train_summary.json"))
+        points["final"] = (io.join(main_out, "guard", "adapter"), guard_train["examples"]["train"]["kept"])
+        for name, (adapter, examples) in points.items():
+            if not io.exists(adapter):  # a snapshot step past the end of the pool
+                continue
+            point_out = str(out / "guard_curve" / name)
+            config = model_config(base, point_out, specs["heldout"], ["adapter_token_prob"], aux=False)
+            steps[f"guard_curve_{name}"] = run_evaluation_once(config, point_out, specs["heldout"], adapter)
+            guard_points[point_out] = examples
+    # 2. the untrained model's baselines: the rows kept beside the guard-tuned model's (its general ability and
+    # over-refusal too)
+    base_out = str(out / "base_model")
+    steps["base_model"] = run_evaluation_once(model_config(base, base_out, specs["heldout"], DEFAULT_EVAL_METHODS),
+                                              base_out, specs["heldout"])
+    # 3. SafeConf on the guard-tuned model (or the base model without a pool): pipeline -> train -> evaluate
+    steps["main"] = stage_runs.run_job(main_config, ["pipeline", "train", "evaluate"])  # skips what is up to date
     pipeline_fingerprint = stage_runs.read_marker(main_out, "pipeline")["fingerprint"]
     summary = io.read_json(io.join(main_out, "summary.json"))
 
@@ -406,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (sft, methods, description, fraction) in planned.items():
         model_out = str(out / "models" / name)
         ids = subset(order, fraction)
-        config = model_config(base, model_out, specs["heldout"], methods, sft, dataset=io.join(model_out, "sft"))
+        config = model_config(base, model_out, specs["heldout"], methods, sft, dataset=io.join(model_out, "sft"),
+                              model=guard_model)
         built = sft_build(main_out, model_out, config, ids, pipeline_fingerprint)
         model_steps = {"sft": {"stage_seconds": built["stage_seconds"], "status": built["status"]},
                        **stage_runs.run_job(config, ["train", "evaluate"])}
@@ -428,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         "selection": selection,
         "pipeline": {k: summary.get(k) for k in summary if k != "config"},
         "baselines": {m: e for m, e in main_metrics["methods"].items() if e.get("role") == "base"},
+        "base_model": {"methods": read_metrics(base_out)["methods"],
+                       "general_ability": read_metrics(base_out).get("general_ability"),
+                       "over_refusal": read_metrics(base_out).get("over_refusal")},
+        "guard": guard_entry(main_out, guard_points) if guard_points else None,
+        "model": {"name": guard_model or base.model.name, "guard_tuned": bool(guard_model)},
         "models": models,
         "general_ability": main_metrics.get("general_ability"),
         "over_refusal": main_metrics.get("over_refusal"),
@@ -435,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": main_metrics.get("notes"),
         "warnings": main_metrics.get("warnings"),
         "steps": steps,
+        "environment": io.read_json(str(out / "environment.json")),
         "wall_seconds": round(time.time() - started, 1),
     }
     io.write_json(str(out / "results.json"), results)

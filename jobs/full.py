@@ -1,5 +1,7 @@
 """The whole SafeConf run in one job, into one run directory:
 
+    guard     (with guard.data) plain fine-tuning on a gold-labelled pool -> OUT/guard/merged, the model the
+              later stages use (safeconf.guard); off by default
     pipeline  questions -> mutations -> k samples -> confidence -> OUT/sft/
     train     LoRA fine-tuning (Ray Train + DeepSpeed) on OUT/sft/train.parquet -> OUT/train/adapter
     evaluate  every confidence method, base model vs fine-tuned, on the held-out questions -> OUT/eval/report.md
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see `safeconf pipeline --help` for every key)")
     parser.add_argument("--stages", default=",".join(STAGES),
-                        help="comma-separated stages to run (always in the order pipeline, train, evaluate)")
+                        help="comma-separated stages to run (always in the order guard, pipeline, train, evaluate; "
+                        "guard runs only with guard.data)")
     parser.add_argument("--from", dest="from_stage", choices=STAGES,
                         help="redo this stage and every later one afresh (their outputs, markers and, for train, "
                         "checkpoints are removed first), whatever their fingerprints say")
@@ -65,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     except stage_runs.StageOrderError as error:
         print(f"jobs/full.py: {error}", file=sys.stderr)
         return 2
-    stages = list(report)  # in pipeline order
+    off = [stage for stage in report if report[stage]["status"] == "off"]  # guard without guard.data
+    stages = [stage for stage in report if stage not in off]  # in pipeline order
     final = {
         "run_dir": out,
         "seconds": round(time.time() - started, 1),
+        "off": off,
         "stage_seconds": {stage: report[stage]["stage_seconds"] for stage in stages},
         "outputs": {
+            **({"guard": io.join(out, "guard", "merged")} if config.guard.data else {}),
             "pipeline": io.join(out, "summary.json"),
             "train": io.join(out, "train", "adapter"),
             "evaluate": io.join(out, "eval", "report.md"),
@@ -96,6 +102,7 @@ def deploy(config, out: str) -> None:
 
     from safeconf.serving import run_serve
 
+    config = stage_runs.stage_config(config)  # the guard-tuned model, when the run has one
     config.model.adapter = io.join(out, "train", "adapter")
     config.serve.metrics_path = io.join(out, "eval", "metrics.json")
     on_cluster = bool(config.ray_address or os.environ.get("RAY_ADDRESS"))

@@ -74,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         "writes); its adapter RUN/train/adapter is used when present, unless --adapter or model.adapter.",
     )
     evaluate.add_argument("--data", help="held-out questions SPEC (default: eval.data, else RUN/sft/val_questions.parquet)")
-    evaluate.add_argument("--run", help="the run directory to evaluate (default: the folder above --out when it "
-                          "holds sft/val_questions.parquet)")
-    evaluate.add_argument("--model", help="model (default: model.name)")
+    evaluate.add_argument("--run", help="the run directory to evaluate, or an experiment's output directory (its "
+                          "main run, OUT/main; default: the folder above --out when it holds "
+                          "sft/val_questions.parquet)")
+    evaluate.add_argument("--model", help="model (default: the run's guard-tuned model RUN/guard/merged when it has "
+                          "one, else model.name)")
     evaluate.add_argument("--adapter", help="LoRA adapter folder of the fine-tuned model (OUT/adapter of `safeconf "
                           "train`; default model.adapter, else RUN/train/adapter when present)")
     evaluate.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
@@ -96,12 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluation_run(args) -> str | None:
-    """The run directory `safeconf evaluate` evaluates: --run, else the folder above --out when it holds the
-    pipeline's held-out split (--out RUN/eval)."""
+    """The run directory `safeconf evaluate` evaluates: --run (an experiment's output directory stands for its
+    main run, OUT/main), else the folder above --out when it holds the pipeline's held-out split (--out RUN/eval)."""
     from safeconf import io, stages
 
     if args.run:
-        return io.normalise_uri(args.run)
+        run = io.normalise_uri(args.run)
+        main_run = io.join(run, "main")
+        return main_run if io.exists(io.join(main_run, "stages")) else run
     parent = io.normalise_uri(args.out).rstrip("/").rsplit("/", 1)[0]
     return parent if io.exists(stages.val_questions(parent)) else None
 
@@ -109,6 +113,7 @@ def evaluation_run(args) -> str | None:
 def stage_plan(args, config):
     """The StagePlan of the subcommand, with the defaults of safeconf.stages."""
     from safeconf import io, stages
+    from safeconf.guard import guard_model
 
     if args.stage == "pipeline":
         return stages.pipeline_plan(config)
@@ -123,8 +128,12 @@ def stage_plan(args, config):
     adapter = args.adapter or config.model.adapter
     if not adapter and run and io.exists(io.join(run, "train", "adapter")):
         adapter = io.join(run, "train", "adapter")
-    logging.getLogger(__name__).info("evaluating %s with adapter %s", data, adapter or "(none: baselines only)")
-    return stages.evaluate_plan(config, data, config.out, adapter=adapter, model=args.model)
+    model = args.model
+    if not model and run and io.exists(guard_model(run)):  # the run's guard-tuned model: its baselines and base
+        model = guard_model(run)
+    logging.getLogger(__name__).info("evaluating %s on model %s with adapter %s", data, model or config.model.name,
+                                     adapter or "(none: baselines only)")
+    return stages.evaluate_plan(config, data, config.out, adapter=adapter, model=model)
 
 
 def _run_stage(args, config) -> dict:

@@ -162,7 +162,29 @@ class TrainConfig:
     storage_path: str = option("", "Ray Train storage for checkpoints (local path, s3:// or gs://); default OUT/checkpoints.")
     run_name: str = option("safeconf-train", "Prefix of the Ray Train run name, which is PREFIX-<key of the training's inputs> (safeconf.stages): re-running with the same inputs and storage resumes; other inputs start a new run.")
     merge: bool = option(False, "Also write the LoRA weights merged into the base model (OUT/merged).")
+    snapshot_steps: list = option([], "Optimizer steps at which the adapter is also exported to OUT/snapshots/step-N (one run gives a learning curve's models; each such step writes a checkpoint too).")
     seed: int = option(0, "Seed of the LoRA initialisation and the data order.")
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class GuardConfig:
+    """Guard-tuning (safeconf.guard): plain supervised fine-tuning of model.name on the gold answers of a large
+    labelled pool, before SafeConf. Its merged model is the model every later stage uses. Off while data is empty:
+    a user who brings a guard or instruct model names it as model.name instead. The train section's other keys
+    (workers, precision, micro-batch, ZeRO, warm-up, seed, ...) apply to it too."""
+
+    data: str = option("", "Gold-labelled pool SPEC (as `data`; rows need an answer). Empty: no guard-tuning. Pool questions whose text and options equal a calibration question (data) or a held-out one (eval.data) are left out and counted, so the pool stays disjoint from both.")
+    limit: int = option(0, "Read at most this many pool rows (0 = all).")
+    val_fraction: float = option(0.02, "Share of pool questions (by id) held out for the validation loss.")
+    learning_rate: float = option(5e-4, "Peak learning rate of the guard-tuning (train.learning_rate is SafeConf's).")
+    epochs: int = option(1, "Passes over the pool.")
+    max_steps: int = option(0, "Stop after this many optimizer steps (0 = run all epochs).")
+    lora_rank: int = option(16, "LoRA rank of the guard adapter (merged into the model afterwards).")
+    lora_target_modules: list = option(list(ALL_LINEAR), "Modules that get LoRA adapters: all seven linear projections by default (attention-only LoRA at 2e-4 did not learn the task on the 135M model; RESULTS.md).")
+    snapshot_steps: list = option([], "Optimizer steps at which the guard adapter is also exported to OUT/guard/snapshots/step-N (a learning curve from one run).")
 
 
 EVAL_METHODS = ["verbalized", "self_consistency", "mutation_consistency", "token_prob", "token_prob_temperature",
@@ -205,6 +227,13 @@ class EvalConfig:
         "Confidence a verbalized reply counts as when it states none: 1.0 reads an unhedged answer as certain "
         "(the overconfident default); the share of replies that needed it is reported.",
     )
+    verdict_methods: list = option(
+        ["token_prob", "safeconf"],
+        "Methods whose verdict consistency under mutation is measured: each is also asked every rule variant of a "
+        "held-out question (mutation.operators' rule operators, mutation.variants_per_question), and the report gives "
+        "the share of questions whose answer is the same on all of them. Costs one more judgement per variant "
+        "(greedy replies for verbalized and safeconf); [] measures none.",
+    )
     ece_bins: int = option(10, "Bins of ECE (L1, equal width) and adaptive ECE (L1, equal mass).")
     l2_ece_bins: int = option(15, "Equal-mass bins of the L2 ECE (15: the estimator Liu et al. report).")
     coverage_levels: list = option([0.5, 0.8], "Coverages at which accuracy of the most confident answers is reported.")
@@ -238,6 +267,9 @@ class EvalConfig:
         unknown = [m for m in self.methods if m not in EVAL_METHODS]
         if unknown or not self.methods:
             found.append(f"eval.methods: unknown {unknown} or empty; known: {EVAL_METHODS}")
+        if not isinstance(self.verdict_methods, list) or any(m not in EVAL_METHODS for m in self.verdict_methods):
+            found.append(f"eval.verdict_methods: must be a list of eval methods, got {self.verdict_methods!r}; "
+                         f"known: {EVAL_METHODS}")
         if not 0 <= self.missing_confidence <= 1:
             found.append("eval.missing_confidence must be in [0, 1]")
         if self.ece_bins < 1 or self.l2_ece_bins < 1 or self.bootstrap_samples < 0 or self.aux_limit < 0:
@@ -373,6 +405,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     mutation: MutationConfig = field(default_factory=MutationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -422,9 +455,29 @@ class Config:
         if self.train.num_workers < 1 or self.train.micro_batch_size < 1 or self.train.gradient_accumulation < 1:
             problems.append("train.num_workers, train.micro_batch_size and train.gradient_accumulation must be >= 1")
         problems += self.eval.problems()
+        problems += self.guard_problems()
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
         return self
+
+    def guard_problems(self) -> list[str]:
+        found = []
+        guard = self.guard
+        if not 0 <= guard.val_fraction < 1:
+            found.append("guard.val_fraction must be in [0, 1)")
+        if guard.learning_rate <= 0 or guard.epochs < 1 or guard.max_steps < 0 or guard.limit < 0 or guard.lora_rank < 1:
+            found.append("guard.learning_rate and guard.lora_rank must be > 0, guard.epochs >= 1, guard.max_steps and "
+                         "guard.limit >= 0")
+        if not guard.lora_target_modules:
+            found.append("guard.lora_target_modules must name at least one module")
+        for key, steps in (("train.snapshot_steps", self.train.snapshot_steps), ("guard.snapshot_steps", guard.snapshot_steps)):
+            try:
+                valid = all(int(s) >= 1 and int(s) == float(s) for s in steps)
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                found.append(f"{key} must be a list of optimizer steps >= 1, got {steps!r}")
+        return found
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

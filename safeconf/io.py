@@ -46,6 +46,14 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def publish_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder to a local path or object store URI, replacing what was there."""
+    fs, path = filesystem(uri)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def write_table(uri: str, table: pa.Table) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

@@ -2,6 +2,8 @@
 and how it runs. `safeconf pipeline|train|evaluate` and `jobs/full.py` both go through here, so a stage runs with
 the same defaults whoever calls it (serving stays in safeconf.serving: it runs no stage).
 
+    guard     guard.data (off while empty) -> OUT/guard/{sft, adapter, merged, guard_summary.json}: the model every
+              later stage then uses (safeconf.guard)
     pipeline  config.data -> OUT/summary.json, OUT/confidence/, OUT/sft/, OUT/rejects.parquet
     train     OUT/sft (or train.dataset) -> OUT/train/{adapter, merged, train_summary.json}, checkpoints
     evaluate  eval.data (else OUT/sft/val_questions.parquet) + OUT/train/adapter -> OUT/eval/
@@ -39,10 +41,11 @@ from safeconf.config import Config
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pipeline", "train", "evaluate")
+STAGES = ("guard", "pipeline", "train", "evaluate")
 
 # The config keys (top-level keys and sections) each stage reads.
 READS = {
+    "guard": ("model", "train"),  # of safeconf.guard.guard_train_config(config); the pool is an input of its own
     "pipeline": ("data", "limit", "model", "engine", "mutation", "sampling", "sft"),
     "train": ("model", "train"),
     "evaluate": ("limit", "model", "engine", "mutation", "sampling", "eval"),
@@ -81,16 +84,17 @@ CHECKPOINT_LAYOUT = ("train.zero_stage", "train.offload_optimizer", "train.offlo
                      "train.zero3_persistence_threshold")
 # Changes what the train stage writes (OUT/train/merged), not the training: in the fingerprint, not the run key
 # (merging happens on the driver after fit, so a finished run is restored and merged).
-TRAIN_OUTPUT_ONLY = ("train.merge",)
+TRAIN_OUTPUT_ONLY = ("train.merge", "train.snapshot_steps")
 # Per stage: keys replaced by an input of their own (the data a stage reads is identified by its content or by
 # the stage that wrote it) or that the stage does not use.
 NOT_READ = {
+    "guard": ("train.dataset", "model.adapter") + CHECKPOINT_LAYOUT,
     "pipeline": (),
     "train": ("train.dataset", "model.adapter") + CHECKPOINT_LAYOUT,  # training starts from the base model
     "evaluate": ("eval.data", "model.adapter"),
 }
 # Config values that are SPECs: identified by what they name (spec_identity), not only by their text.
-SPEC_KEYS = {"data": "data", "model.name": "model", "model.adapter": "model",
+SPEC_KEYS = {"data": "data", "guard.data": "data", "model.name": "model", "model.adapter": "model",
              "eval.general_data": "general", "eval.over_refusal_data": "data"}
 
 CONTENT_HASH_MAX_BYTES = 32 * 1024**2  # larger local files are identified by size and mtime
@@ -255,6 +259,12 @@ def train_inputs(config: Config, sft) -> dict:
 # --- the stages ---
 
 
+def _run_guard(config: Config, out: str, run_key: str, fresh: bool = False) -> dict:
+    from safeconf.guard import run_guard
+
+    return run_guard(config, out, run_key=run_key, fresh=fresh)
+
+
 def _run_pipeline(config: Config) -> dict:
     from safeconf.pipeline import run_pipeline
 
@@ -274,7 +284,7 @@ def _run_evaluate(config: Config, data: str, out: str, adapter: str = "", model:
 
 
 # What runs each stage, called as runner(config, **StagePlan.args); tests replace them with stubs.
-RUNNERS: dict[str, Callable[..., dict]] = {"pipeline": _run_pipeline, "train": _run_train, "evaluate": _run_evaluate}
+RUNNERS: dict[str, Callable[..., dict]] = {"guard": _run_guard, "pipeline": _run_pipeline, "train": _run_train, "evaluate": _run_evaluate}
 
 
 @dataclass
@@ -296,7 +306,7 @@ class StagePlan:
 
     def run(self, fresh: bool = False) -> dict:
         """Run the stage; fresh=True makes training start over instead of resuming its checkpoints."""
-        args = {**self.args, "fresh": fresh} if self.name == "train" else self.args
+        args = {**self.args, "fresh": fresh} if self.name in ("guard", "train") else self.args
         return RUNNERS[self.name](self.config, **args)
 
     def clear_outputs(self) -> None:
@@ -311,6 +321,51 @@ def _delete(uri: str) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def guard_plan(config: Config) -> StagePlan | None:
+    """Guard-tuning into OUT/guard, or None when guard.data is empty (the stage is off). Its inputs: the training
+    settings it runs with (guard_train_config), the pool by content, and the calibration and held-out sets the
+    pool is kept disjoint from."""
+    from safeconf.guard import guard_dir, guard_train_config
+
+    if not config.guard.data:
+        return None
+    out = io.normalise_uri(config.out)
+    tuned = guard_train_config(config)
+    pool = {"pool": spec_identity(config.guard.data), "limit": config.guard.limit,
+            "val_fraction": config.guard.val_fraction, "split_seed": config.sft.seed,
+            "kept_apart_from": {"data": spec_identity(config.data), "limit": config.limit,
+                                "eval.data": spec_identity(config.eval.data)}}
+    inputs = {"config": config_inputs(tuned, "guard"), "sft": pool, "snapshot_steps": tuned.train.snapshot_steps}
+    folder = guard_dir(out)
+    return StagePlan("guard", config, {"out": out, "run_key": train_run_key(tuned, pool)}, inputs,
+                     outputs=[io.join(folder, p) for p in ("sft", "adapter", "merged", "snapshots", "rejects.parquet",
+                                                           "train_summary.json", "guard_summary.json")],
+                     done=io.join(folder, "guard_summary.json"))
+
+
+def on_guard_model(plan: StagePlan, guard: StagePlan | None) -> StagePlan:
+    """A stage that runs on the guard-tuned model: its model is identified by the guard stage's fingerprint (the
+    merged folder does not exist yet when the job is planned)."""
+    if guard is None:
+        return plan
+    plan.inputs["config"]["model.name"] = upstream("guard", guard.fingerprint)
+    plan.fingerprint = fingerprint(plan.inputs)
+    plan.upstream = tuple(s for s in STAGES if s == "guard" or s in plan.upstream)
+    return plan
+
+
+def stage_config(config: Config) -> Config:
+    """The config the stages after guard-tuning run with: model.name is the guard-tuned model when the guard stage
+    is on (its LoRA is merged, so SafeConf's own adapter goes on top of it)."""
+    from safeconf.guard import guard_model
+
+    if not config.guard.data:
+        return config
+    config = copy.deepcopy(config)
+    config.model.name = guard_model(io.normalise_uri(config.out))
+    return config
 
 
 def pipeline_plan(config: Config) -> StagePlan:
@@ -361,25 +416,29 @@ def evaluate_plan(config: Config, data: str, out: str, adapter: str = "", model:
 
 
 def job_plans(config: Config) -> dict[str, StagePlan]:
-    """The three stages of jobs/full.py in one run directory (config.out), each reading what the one before wrote:
-    train the pipeline's SFT set (or train.dataset), evaluate eval.data (or the pipeline's held-out split) with
-    train's adapter."""
+    """The stages of jobs/full.py in one run directory (config.out), each reading what the one before wrote: the
+    guard stage (when guard.data is set; absent otherwise) tunes the model the others use, train the pipeline's SFT
+    set (or train.dataset), evaluate eval.data (or the pipeline's held-out split) with train's adapter."""
     out = io.normalise_uri(config.out)
     config = copy.deepcopy(config)
     config.out = out
-    pipeline = pipeline_plan(config)
+    guard = guard_plan(config)
+    config = stage_config(config)
+    pipeline = on_guard_model(pipeline_plan(config), guard)
     if config.train.dataset:
         train = train_plan(config, config.train.dataset, io.join(out, "train"))
     else:
         train = train_plan(config, io.join(out, "sft"), io.join(out, "train"),
                            sft=upstream("pipeline", pipeline.fingerprint))
+    train = on_guard_model(train, guard)
     data = evaluation_data(config, run=out)
-    evaluate = evaluate_plan(
+    evaluate = on_guard_model(evaluate_plan(
         config, data, io.join(out, "eval"), adapter=io.join(out, "train", "adapter"),
         data_source=None if config.eval.data else upstream("pipeline", pipeline.fingerprint),
         adapter_source=upstream("train", train.fingerprint),
-    )
-    return {"pipeline": pipeline, "train": train, "evaluate": evaluate}
+    ), guard)
+    plans = {"pipeline": pipeline, "train": train, "evaluate": evaluate}
+    return {"guard": guard, **plans} if guard else plans
 
 
 # --- markers: OUT/stages/<stage>.json ---
@@ -418,7 +477,7 @@ def check_upstream(plans: dict[str, StagePlan], stages: list[str], out: str) -> 
     """Every stage to run that reads another stage's output, where that stage is not run now, finds it finished
     with the inputs the current config gives it; else StageOrderError saying what to run."""
     for name in stages:
-        for up in plans[name].upstream:
+        for up in plans[name].upstream if name in plans else ():
             if up in stages:
                 continue
             marker = read_marker(out, up)
@@ -440,34 +499,43 @@ def run_job(config: Config, stages: list[str], from_stage: str | None = None,
     forced = set(STAGES[STAGES.index(from_stage):]) & set(stages) if from_stage else set()
     check_upstream(plans, stages, out)
     for name in stages:  # --from: nothing of what it redoes survives, even if a stage fails before its turn
-        if name in forced:
+        if name in forced and name in plans:
             _delete(marker_path(out, name))
             plans[name].clear_outputs()
     report = {}
     for name in stages:
-        plan = plans[name]
-        marker = read_marker(out, name)
-        reason = redo_reason(plan, marker, name in forced)
-        if reason is None:
-            log.info("stage %s up to date (fingerprint %s); skipped", name, plan.fingerprint[:12])
-            report[name] = {"stage_seconds": marker.get("stage_seconds", 0.0), "status": "up to date"}
+        if name not in plans:  # the guard stage without guard.data
+            report[name] = {"stage_seconds": 0.0, "status": "off"}
             continue
-        log.info("stage %s: %s; running it (fingerprint %s)", name, reason, plan.fingerprint[:12])
-        _delete(marker_path(out, name))  # a redo that fails leaves no marker claiming the old outputs
-        plan.clear_outputs()  # and nothing of the old run mixes with the new one (e.g. a stale train/merged)
-        started = time.time()
-        try:
-            result = plan.run(fresh=name in forced)
-        except Exception as error:
-            if on_failure:
-                on_failure(name, error)
-            raise
-        seconds = round(time.time() - started, 1)
-        io.write_json(marker_path(out, name), {
-            "stage": name, "fingerprint": plan.fingerprint, "inputs": plan.inputs, "reason": reason,
-            "stage_seconds": seconds, "finished": time.time(),
-            "summary": {k: v for k, v in result.items() if k != "config"},
-        })
-        report[name] = {"stage_seconds": seconds, "status": "ran", "reason": reason}
-        log.info("stage %s done in %.0f s", name, seconds)
+        report[name] = run_plan(plans[name], out, forced=name in forced, on_failure=on_failure)
     return report
+
+
+def run_plan(plan: StagePlan, out: str, forced: bool = False,
+             on_failure: Callable[[str, Exception], None] | None = None) -> dict:
+    """Run one stage unless its marker in OUT/stages says it is up to date; record it when it finishes.
+    Returns {"stage_seconds", "status": "ran" | "up to date", "reason"}."""
+    name = plan.name
+    marker = read_marker(out, name)
+    reason = redo_reason(plan, marker, forced)
+    if reason is None:
+        log.info("stage %s up to date (fingerprint %s); skipped", name, plan.fingerprint[:12])
+        return {"stage_seconds": marker.get("stage_seconds", 0.0), "status": "up to date"}
+    log.info("stage %s: %s; running it (fingerprint %s)", name, reason, plan.fingerprint[:12])
+    _delete(marker_path(out, name))  # a redo that fails leaves no marker claiming the old outputs
+    plan.clear_outputs()  # and nothing of the old run mixes with the new one (e.g. a stale train/merged)
+    started = time.time()
+    try:
+        result = plan.run(fresh=forced)
+    except Exception as error:
+        if on_failure:
+            on_failure(name, error)
+        raise
+    seconds = round(time.time() - started, 1)
+    io.write_json(marker_path(out, name), {
+        "stage": name, "fingerprint": plan.fingerprint, "inputs": plan.inputs, "reason": reason,
+        "stage_seconds": seconds, "finished": time.time(),
+        "summary": {k: v for k, v in result.items() if k != "config"},
+    })
+    log.info("stage %s done in %.0f s", name, seconds)
+    return {"stage_seconds": seconds, "status": "ran", "reason": reason}

@@ -146,6 +146,9 @@ def test_every_method_on_the_fake_engine():
     token = by(rows, "token_prob")
     assert [token[q]["choice"] for q in ("q1", "q2", "q3", "q4", "q5")] == [0, 0, 2, 0, 0]
     assert all(r["confidence"] == pytest.approx(0.6) for r in token.values())  # renormalised over the options
+    # the fake favours an option by its text, so shuffled, relabelled and reframed variants get the same verdict
+    assert all(r["verdict_consistent"] is True for r in token.values())
+    assert all(r["verdict_consistent"] is None for r in verbal.values())  # not in eval.verdict_methods
 
     p_true = by(rows, "p_true")
     assert all(r["confidence"] == pytest.approx(0.7) for r in p_true.values())
@@ -167,7 +170,8 @@ def test_every_method_on_the_fake_engine():
     # batched: one greedy call, one sampling call (original + 3 variants per question, n = k), three scoring
     # calls (the options, the 5 distinct content-free twins, P(True))
     assert ("generate", 5, 1, 0.0) in engine.calls and ("generate", 5 * 4, 4, 0.7) in engine.calls
-    assert [c for c in engine.calls if c[0] == "option_logprobs"] == [("option_logprobs", 5)] * 3
+    # options, content-free twins, P(True); then token_prob on every rule variant (5 questions x 3) for its verdicts
+    assert [c for c in engine.calls if c[0] == "option_logprobs"] == [("option_logprobs", 5)] * 3 + [("option_logprobs", 15)]
 
 
 def test_missing_confidence_is_a_setting():

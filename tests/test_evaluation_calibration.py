@@ -305,3 +305,50 @@ def test_public_loaders_set_the_unsafe_option():
     assert mcq["task"] == "mcq" and mcq["unsafe_option"] is None
     dev = first("safetybench-dev:{d}/safetybench/dev_en.json", lambda r: "offensive content" in r["question"])
     assert dev["options"][dev["unsafe_option"]] == "Yes."
+
+
+# --- verdict consistency under mutation ---------------------------------------------------------------------
+
+
+class ContentEngine:
+    """Puts its mass on the option whose text is 'keep', wherever the options stand and whatever their labels."""
+
+    def option_logprobs(self, prompts, answer_prefixes, labels):
+        out = []
+        for messages, options in zip(prompts, labels):
+            lines = messages[-1]["content"].splitlines()
+            picked = next(i for i, label in enumerate(options) if f"{label}. keep" in lines)
+            out.append([-0.1 if i == picked else -4.0 for i in range(len(options))])
+        return out
+
+
+class PositionEngine:
+    """Always the last option: a verdict that follows the position, not the content."""
+
+    def option_logprobs(self, prompts, answer_prefixes, labels):
+        return [[-4.0] * (len(options) - 1) + [-0.1] for options in labels]
+
+
+MCQ_Q = {"id": "m1", "source": "t", "lang": "en", "task": "mcq", "category": None, "answer": 2,
+         "question": "Which is right?", "options": ["drop", "skip", "keep", "leave"]}
+
+
+@pytest.mark.parametrize("engine,expected", [(ContentEngine(), True), (PositionEngine(), False)])
+def test_verdict_consistency_asks_every_rule_variant_and_maps_answers_back(engine, expected):
+    config = load_config(overrides=["mutation.operators=[shuffle,relabel,framing]", "mutation.variants_per_question=3",
+                                    "eval.verdict_methods=[token_prob]"])
+    plan = method_plan(["token_prob", "token_prob_temperature"], "base")
+    stage = EvalStage(config.to_dict(), plan, "base", engine=engine)
+    rows = stage(pa.Table.from_pylist([{**MCQ_Q, "unsafe_option": None, "eval_set": "safety", "split": "test"}],
+                                      schema=pa.schema(EVAL_FIELDS))).to_pylist()
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["token_prob"]["verdict_consistent"] is expected
+    assert by_method["token_prob_temperature"]["verdict_consistent"] is None  # not asked for
+
+
+def test_the_method_summary_reports_the_share_of_unflipped_verdicts():
+    from safeconf.evaluation.results import verdict_consistency
+
+    rows = [{"verdict_consistent": v} for v in (True, True, False, None)]
+    assert verdict_consistency(rows) == {"share": 2 / 3, "n": 3}
+    assert verdict_consistency([{"verdict_consistent": None}]) is None

@@ -69,6 +69,22 @@ def test_train_and_evaluated_questions_are_disjoint(chosen, script):
         script.check_disjoint(chosen["train"], chosen["heldout"] + chosen["train"][:1])
 
 
+def test_the_guard_pool_is_large_disjoint_and_leaves_the_other_draws_as_they_were(chosen, script):
+    guard = chosen["guard"]
+    assert len(guard) >= 4000 and {r["source"] for r in guard} == {"diasafety", "cold", "safetybench"}
+    texts = {script.text_of(r) for r in guard}
+    for side in ("train", "heldout"):
+        assert not {r["id"] for r in guard} & {r["id"] for r in chosen[side]}
+        assert not texts & {script.text_of(r) for r in chosen[side]}
+    judged = Counter(r["answer"] == r["unsafe_option"] for r in guard if r["source"] in ("diasafety", "cold"))
+    assert judged[True] == judged[False]  # balanced safe / unsafe
+    # drawn last: without the pool the experiment's other questions are the same ones
+    without = script.select(shared_data(), seed=0, guard_scale=0)
+    assert without["guard"] == []
+    for side in ("train", "heldout", "general", "over_refusal"):
+        assert [r["id"] for r in without[side]] == [r["id"] for r in chosen[side]], side
+
+
 def test_selection_is_seeded(chosen, script):
     ids = {side: [r["id"] for r in chosen[side]] for side in ("train", "heldout")}
     again = script.select(shared_data(), seed=0)

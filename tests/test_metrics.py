@@ -137,8 +137,8 @@ def test_bad_inputs_are_refused():
 
 def test_metric_suite_names():
     suite = M.metric_suite(10, ["0.5", 0.8])  # command-line lists arrive as strings
-    assert list(suite) == ["accuracy", "ece", "adaptive_ece", "l2_ece", "brier", "auroc", "aurc", "accuracy_at_50",
-                           "accuracy_at_80"]
+    assert list(suite) == ["accuracy", "ece", "adaptive_ece", "l2_ece", "brier", "brier_reliability",
+                           "brier_resolution", "auroc", "sharpness", "aurc", "accuracy_at_50", "accuracy_at_80"]
     assert suite["accuracy_at_50"](np.array(CONF4), np.array(RIGHT4)) == pytest.approx(0.5)
 
 
@@ -296,3 +296,52 @@ def test_numpy_metrics_equal_sklearn_on_tied_scores(seed):
     assert M.brier(scores, gold) == pytest.approx(brier_score_loss(gold, scores))
     assert M.unsafe_auprc(scores, flagged, gold) == pytest.approx(average_precision_score(gold, scores))
     assert M.unsafe_f1(scores, flagged, gold) == pytest.approx(f1_score(gold, flagged))
+
+
+# --- what a constant forecaster cannot pass: sharpness, the Brier decomposition, the base-rate reference ---
+
+
+def test_sharpness_is_the_spread_of_the_confidences_and_zero_for_a_constant():
+    assert M.sharpness([0.7] * 5) == 0.0
+    assert M.sharpness(CONF4, RIGHT4) == pytest.approx(np.std(CONF4))
+    assert M.sharpness([]) is None
+
+
+def test_brier_decomposition_adds_up_where_each_bin_holds_one_confidence():
+    rng = np.random.default_rng(3)
+    conf = rng.choice([0.15, 0.35, 0.55, 0.75, 0.95], size=500)  # one value per equal-width bin
+    right = (rng.random(500) < conf).astype(int)
+    parts = M.brier_decomposition(conf, right, bins=10)
+    assert parts["reliability"] - parts["resolution"] + parts["uncertainty"] == pytest.approx(M.brier(conf, right))
+    assert parts["resolution"] > 0.02  # these confidences sort the questions into groups of different accuracy
+    constant = M.brier_decomposition(np.full(500, right.mean()), right)
+    assert constant["resolution"] == pytest.approx(0.0) and constant["reliability"] == pytest.approx(0.0)
+
+
+def test_a_constant_confidence_has_auroc_one_half_and_the_suite_reports_the_new_metrics():
+    suite = M.metric_suite()
+    assert {"sharpness", "brier_reliability", "brier_resolution"} <= set(suite)
+    assert M.auroc([0.6] * 4, RIGHT4) == 0.5
+
+
+def test_the_base_rate_reference_is_the_methods_answers_at_its_calibration_accuracy():
+    from safeconf.config import EvalConfig
+    from safeconf.evaluation.results import method_summary
+
+    rows = []
+    for i in range(40):  # calibration: 30 of 40 right; test: 20 of 40 right, confidence that ranks them
+        rows.append({"id": f"c{i}", "method": "m", "role": "base", "answer": 0, "choice": 0 if i < 30 else 1,
+                     "confidence": 0.9 if i < 30 else 0.6, "split": "calibration", "fallback": False})
+        rows.append({"id": f"t{i}", "method": "m", "role": "base", "answer": 0, "choice": 0 if i < 20 else 1,
+                     "confidence": 0.9 if i < 20 else 0.6, "split": "test", "fallback": False})
+    for row in rows:
+        row.update(lang="en", task="judge", category=None, source="s", unsafe_option=None, p_unsafe=None,
+                   truncated=None)
+    summary = method_summary(rows, EvalConfig(bootstrap_samples=50))
+    reference = summary["base_rate"]
+    assert reference["confidence"] == 0.75
+    test = reference["test"]
+    assert test["accuracy"]["value"] == summary["test"]["accuracy"]["value"] == 0.5  # the same answers
+    assert test["ece"]["value"] == pytest.approx(0.25) and test["auroc"]["value"] == 0.5
+    assert test["sharpness"]["value"] == 0.0 and test["brier_resolution"]["value"] == pytest.approx(0.0)
+    assert summary["test"]["auroc"]["value"] == 1.0 and summary["test"]["brier_resolution"]["value"] > 0.2

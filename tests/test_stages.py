@@ -171,7 +171,14 @@ def stub_runners(monkeypatch):
             json.dump({"warnings": ["calibration set of 4 questions: at least 22 are needed to set a threshold"]}, f)
         return {"methods": 1}
 
-    monkeypatch.setattr(stages, "RUNNERS", {"pipeline": pipeline, "train": train, "evaluate": evaluate})
+    def guard(cfg, out, run_key, fresh=False):
+        calls.append(("guard", {"run_key": run_key, "fresh": fresh}))
+        os.makedirs(f"{out}/guard/merged", exist_ok=True)
+        with open(f"{out}/guard/guard_summary.json", "w") as f:
+            json.dump({}, f)
+        return {"model": f"{out}/guard/merged"}
+
+    monkeypatch.setattr(stages, "RUNNERS", {"guard": guard, "pipeline": pipeline, "train": train, "evaluate": evaluate})
     return calls
 
 
@@ -186,7 +193,7 @@ def test_a_rerun_skips_up_to_date_stages_and_redoes_changed_ones_with_their_depe
     out = tmp_path / "run"
     report = stages.run_job(config(tmp_path), list(stages.STAGES))
     assert ran(stub_runners) == ["pipeline", "train", "evaluate"]
-    assert {s: r["status"] for s, r in report.items()} == dict.fromkeys(stages.STAGES, "ran")
+    assert {s: r["status"] for s, r in report.items()} == {"guard": "off", **dict.fromkeys(stages.STAGES[1:], "ran")}
     marker = json.loads((out / "stages" / "pipeline.json").read_text())
     plans = stages.job_plans(config(tmp_path))
     assert marker["fingerprint"] == plans["pipeline"].fingerprint and marker["inputs"] == plans["pipeline"].inputs
@@ -194,7 +201,7 @@ def test_a_rerun_skips_up_to_date_stages_and_redoes_changed_ones_with_their_depe
 
     caplog.clear()
     report = stages.run_job(config(tmp_path, "engine.concurrency=2"), list(stages.STAGES))  # speed only
-    assert ran(stub_runners) == [] and {r["status"] for r in report.values()} == {"up to date"}
+    assert ran(stub_runners) == [] and {r["status"] for r in report.values()} == {"off", "up to date"}
     assert f"stage pipeline up to date (fingerprint {plans['pipeline'].fingerprint[:12]}); skipped" in caplog.text
 
     caplog.clear()
@@ -300,6 +307,23 @@ def test_cli_evaluate_defaults_to_eval_data_else_the_runs_held_out_split(tmp_pat
     assert stub_runners == []
 
 
+def test_cli_evaluate_of_a_guard_tuned_run_or_an_experiment_uses_its_guard_model(tmp_path, stub_runners):
+    experiment = tmp_path / "experiment"
+    run = experiment / "main"
+    for folder in ("stages", "sft", "train/adapter", "guard/merged"):
+        (run / folder).mkdir(parents=True)
+    (run / "sft" / "val_questions.parquet").write_text("")
+    for given in (run, experiment):  # the run itself, or the experiment's output directory
+        assert cli_main(["evaluate", "--run", str(given), "--data", "jsonl:mine.jsonl",
+                         "--out", str(tmp_path / "mine")]) == 0
+        (_, call), = stub_runners
+        assert call == {"data": "jsonl:mine.jsonl", "adapter": f"{run}/train/adapter", "model": f"{run}/guard/merged"}
+        ran(stub_runners)
+    assert cli_main(["evaluate", "--run", str(run), "--model", "embedded", "--data", "jsonl:m.jsonl",
+                     "--out", str(tmp_path / "m")]) == 0
+    assert stub_runners[0][1]["model"] == "embedded"  # --model wins
+
+
 def test_cli_train_uses_the_same_run_key_rule_and_fresh(tmp_path, stub_runners):
     sft = write_sft(tmp_path / "run" / "sft", 2)
     assert cli_main(["train", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "t"), "--fresh"]) == 0
@@ -307,3 +331,71 @@ def test_cli_train_uses_the_same_run_key_rule_and_fresh(tmp_path, stub_runners):
     cfg = load_config(overrides=[f"out={tmp_path / 't'}"])
     assert call == {"dataset": str(sft), "run_key": stages.train_plan(cfg, str(sft), str(tmp_path / "t")).args["run_key"],
                     "fresh": True}
+
+
+# --- the guard stage ---
+
+
+def pool_file(tmp_path, rows=None):
+    path = tmp_path / "pool.jsonl"
+    rows = rows or [{"id": f"p{i}", "source": "pool", "lang": "en", "task": "judge", "category": None,
+                     "question": f"Is this safe? text {i}", "options": ["safe", "unsafe"], "answer": i % 2}
+                    for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return f"jsonl:{path}"
+
+
+def test_guard_tuning_is_off_by_default_and_the_stages_use_model_name(tmp_path):
+    plans = stages.job_plans(config(tmp_path))
+    assert "guard" not in plans
+    assert plans["pipeline"].inputs["config"]["model.name"] == "embedded"
+    assert stages.stage_config(config(tmp_path)).model.name == "embedded"
+
+
+def test_with_a_guard_pool_every_later_stage_runs_on_the_guard_model(tmp_path, stub_runners):
+    seen = {}
+    pipeline = stages.RUNNERS["pipeline"]
+
+    def watching_pipeline(cfg):
+        seen["model"] = cfg.model.name
+        return pipeline(cfg)
+
+    stages.RUNNERS["pipeline"] = watching_pipeline
+    guarded = config(tmp_path, f"guard.data={pool_file(tmp_path)}")
+    plans = stages.job_plans(guarded)
+    guard_print = plans["guard"].fingerprint
+    for name in ("pipeline", "train", "evaluate"):
+        assert plans[name].inputs["config"]["model.name"] == {"stage": "guard", "fingerprint": guard_print}
+        assert plans[name].upstream[0] == "guard"
+    report = stages.run_job(guarded, list(stages.STAGES))
+    assert ran(stub_runners) == ["guard", "pipeline", "train", "evaluate"]
+    assert seen["model"] == str(tmp_path / "run" / "guard" / "merged")
+    assert report["guard"]["status"] == "ran"
+
+    # guard settings redo the guard and, through its fingerprint, every stage after it
+    stages.run_job(config(tmp_path, f"guard.data={pool_file(tmp_path)}", "guard.learning_rate=1e-3"),
+                   list(stages.STAGES))
+    assert ran(stub_runners) == ["guard", "pipeline", "train", "evaluate"]
+    # SafeConf's own learning rate is not the guard's
+    stages.run_job(config(tmp_path, f"guard.data={pool_file(tmp_path)}", "guard.learning_rate=1e-3",
+                          "train.learning_rate=1e-3"), list(stages.STAGES))
+    assert ran(stub_runners) == ["train", "evaluate"]
+
+
+@pytest.mark.parametrize("key", ["guard.epochs=2", "guard.lora_target_modules=[q_proj]", "guard.limit=3",
+                                 "guard.val_fraction=0.5", "train.micro_batch_size=8", "model.dtype=float32",
+                                 "data=jsonl:/tmp/other.jsonl", "eval.data=jsonl:/tmp/heldout.jsonl"])
+def test_what_the_guard_model_depends_on_changes_its_fingerprint(tmp_path, key):
+    pool = pool_file(tmp_path)
+    before = stages.job_plans(config(tmp_path, f"guard.data={pool}"))["guard"]
+    after = stages.job_plans(config(tmp_path, f"guard.data={pool}", key))["guard"]
+    assert after.fingerprint != before.fingerprint
+    assert after.args["run_key"] != before.args["run_key"]  # an interrupted guard run never resumes on other inputs
+
+
+@pytest.mark.parametrize("key", ["train.learning_rate=1e-3", "train.lora_target_modules=[q_proj]", "sampling.k=8",
+                                 "train.epochs=3", "train.log_every=1", "engine.concurrency=2"])
+def test_what_only_safeconf_reads_leaves_the_guard_model_alone(tmp_path, key):
+    pool = pool_file(tmp_path)
+    before = stages.job_plans(config(tmp_path, f"guard.data={pool}"))["guard"]
+    assert stages.job_plans(config(tmp_path, f"guard.data={pool}", key))["guard"].fingerprint == before.fingerprint

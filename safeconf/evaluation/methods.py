@@ -90,6 +90,9 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("fallback", pa.bool_()),  # the method's documented fallback was needed (see module doc)
         pa.field("text", pa.string()),  # the greedy reply, for the methods that read one
         pa.field("truncated", pa.bool_()),  # a prompt the method read was cut to fit; null: the engine cannot tell
+        # the method chose the same option (in the original's order) on the question and every rule variant of it;
+        # null where not measured (eval.verdict_methods) or the question has no rule variant
+        pa.field("verdict_consistent", pa.bool_()),
     ]
 )
 
@@ -410,14 +413,55 @@ class EvalStage(EngineStage):
         results = {(row["key"], method): j for row, found in zip(rows, judged) for method, j in found.items()}
         judging = time.perf_counter()
         results.update(self.consistency([r for r in rows if set(r["wanted"].values()) & SAMPLING_METHODS]))
-        log.info("%s eval batch: %d questions; greedy, option scores and P(True) %.1f s, sampling %.1f s",
-                 self.role, len(rows), judging - started, time.perf_counter() - judging)
+        sampling = time.perf_counter()
+        verdicts = self.verdict_consistency(rows, results)
+        log.info("%s eval batch: %d questions; greedy, option scores and P(True) %.1f s, sampling %.1f s, verdicts "
+                 "on variants %.1f s", self.role, len(rows), judging - started, sampling - judging,
+                 time.perf_counter() - sampling)
 
         out = []
         for row in rows:
             for name, method in row["wanted"].items():
-                out.append(self._prediction(row, name, results[row["key"], method]))
+                out.append({**self._prediction(row, name, results[row["key"], method]),
+                            "verdict_consistent": verdicts.get((row["key"], name))})
         return pa.Table.from_pylist(out, schema=PREDICTION_SCHEMA)
+
+    def verdict_consistency(self, rows: list[dict], results: dict) -> dict:
+        """{(row key, reported method): whether its answer is the same on the question and on each of its rule
+        variants (shuffled, polarity-flipped, relabelled, reframed: the same question, so the same verdict), mapped
+        back to the original's options} for the safety questions and the methods of eval.verdict_methods. Guard
+        users need verdicts that do not flip when a prompt is reworded. An unreadable answer counts as a flip."""
+        measured = set(self.config.eval.verdict_methods)
+        todo = [(row, name, method) for row in rows if row["eval_set"] == "safety"
+                for name, method in row["wanted"].items() if name in measured and method in JUDGE_METHODS]
+        if not todo:
+            return {}
+        mutation = self.config.mutation
+        variants, wanted, owner = [], [], []  # every rule variant once, with the methods its question wants
+        methods_of = defaultdict(set)
+        for row, _, method in todo:
+            methods_of[row["key"]].add(method)
+        for row in rows:
+            if row["key"] not in methods_of:
+                continue
+            mutated = mutate_rules(row, mutation.operators, mutation.variants_per_question, mutation.seed)
+            for variant in mutated["variants"][1:]:  # the original was judged already
+                variants.append(variant)
+                wanted.append(methods_of[row["key"]])
+                owner.append(row["key"])
+        judged = judge_each(self.engine, variants, wanted, JudgeSettings.of(self.config)) if variants else []
+        answers = defaultdict(lambda: defaultdict(list))  # key -> method -> answers in the original's order
+        for key, variant, found in zip(owner, variants, judged):
+            for method, judgement in found.items():
+                choice = judgement.choice
+                answers[key][method].append(None if choice is None else variant["option_map"][choice])
+        verdicts = {}
+        for row, name, method in todo:
+            on_variants = answers[row["key"]][method]
+            original = results[row["key"], method].choice
+            verdicts[row["key"], name] = (None if not on_variants else
+                                          original is not None and all(a == original for a in on_variants))
+        return verdicts
 
     def _prediction(self, row: dict, method: str, judgement: Judgement) -> dict:
         # The evaluation asks the original variant: its option order is the question's.

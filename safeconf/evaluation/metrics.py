@@ -100,8 +100,39 @@ def brier(confidence, correct) -> float | None:
     return float(np.mean((conf - right) ** 2))
 
 
+def sharpness(confidence, correct=None) -> float | None:
+    """Standard deviation of the confidences: how much a method's confidence varies from question to question.
+    0 for a constant forecaster (the base-rate reference), whatever its ECE."""
+    conf = np.asarray(confidence, dtype=float)
+    return float(conf.std()) if conf.size else None
+
+
+def brier_decomposition(confidence, correct, bins: int = 10) -> dict | None:
+    """Murphy's decomposition over equal-width bins: Brier ~ reliability - resolution + uncertainty.
+    reliability: the bins' weighted squared gap between mean confidence and accuracy (lower is better);
+    resolution: the bins' weighted squared spread of accuracy around the overall accuracy (higher is better: the
+    confidence sorts questions into groups that differ in accuracy; 0 for a constant); uncertainty: acc x (1 - acc).
+    The identity holds exactly when every question of a bin has the same confidence."""
+    conf, right = as_arrays(confidence, correct)
+    if not conf.size:
+        return None
+    ids = equal_width_bins(conf, bins)
+    base = right.mean()
+    reliability = resolution = 0.0
+    for b in np.unique(ids):
+        inside = ids == b
+        weight = inside.mean()
+        reliability += weight * (conf[inside].mean() - right[inside].mean()) ** 2
+        resolution += weight * (right[inside].mean() - base) ** 2
+    return {"reliability": float(reliability), "resolution": float(resolution),
+            "uncertainty": float(base * (1 - base))}
+
+
 def auroc(confidence, correct) -> float | None:
-    """Probability that a right answer gets more confidence than a wrong one; None when only one kind exists."""
+    """AUROC of confidence against correctness: the probability that a right answer gets more confidence than a
+    wrong one (ties count one half), i.e. whether confidence tells right answers from wrong ones. 0.5 = no better
+    than chance (a constant confidence scores exactly 0.5), 1 = every right answer above every wrong one. None
+    when only one kind exists."""
     conf, right = as_arrays(confidence, correct)
     if right.size == 0 or right.min() == right.max():
         return None
@@ -204,7 +235,10 @@ def metric_suite(bins: int = 10, coverages=(0.5, 0.8), l2_bins: int = 15) -> dic
         "adaptive_ece": lambda c, r: adaptive_ece(c, r, bins),
         "l2_ece": lambda c, r: l2_ece(c, r, l2_bins),
         "brier": brier,
+        "brier_reliability": lambda c, r: (brier_decomposition(c, r, bins) or {}).get("reliability"),
+        "brier_resolution": lambda c, r: (brier_decomposition(c, r, bins) or {}).get("resolution"),
         "auroc": auroc,
+        "sharpness": sharpness,
         "aurc": aurc,
     }
     for level in coverages:

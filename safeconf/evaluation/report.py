@@ -13,11 +13,14 @@ from safeconf.evaluation.selective import min_accepted
 
 METRIC_NAMES = {
     "accuracy": "accuracy", "ece": "ECE", "adaptive_ece": "adaptive ECE", "l2_ece": "L2 ECE", "brier": "Brier",
-    "auroc": "AUROC", "aurc": "AURC",
+    "brier_reliability": "Brier reliability", "brier_resolution": "Brier resolution", "auroc": "AUROC",
+    "sharpness": "sharpness", "aurc": "AURC",
 }
 GUARD_NAMES = {"unsafe_f1": "F1 (unsafe)", "unsafe_auprc": "AUPRC (unsafe)"}
-LOWER_IS_BETTER = ("ECE, adaptive ECE, L2 ECE, Brier and AURC: lower is better; accuracy, AUROC, F1 and AUPRC: "
-                   "higher is better.")
+LOWER_IS_BETTER = ("ECE, adaptive ECE, L2 ECE, Brier, Brier reliability and AURC: lower is better; accuracy, "
+                   "Brier resolution, AUROC, F1 and AUPRC: higher is better. Sharpness is the standard deviation of "
+                   "the confidences (0 for a constant). AUROC is of confidence against correctness: the chance that "
+                   "a right answer gets more confidence than a wrong one (0.5: no better than a constant).")
 
 
 def _number(value, digits: int = 3) -> str:
@@ -164,7 +167,11 @@ def _methods_table(doc: Document, summary: dict, split: str = "overall"):
                       "unsafe class, over the n(judge) judgements that know their unsafe option. Unanswered: "
                       "unreadable replies (counted wrong). Fallback: see the notes. Cut: questions whose prompt was "
                       "cut to fit the context. A degenerate method (one confidence for every question, or the "
-                      "fallback every time) cannot rank its answers.")
+                      "fallback every time) cannot rank its answers. Under each method, its base-rate reference: "
+                      "the same answers with one constant confidence, the method's accuracy on the calibration "
+                      "split; a calibration claim means little unless the method beats it on AUROC and resolution. "
+                      "Same verdict on all variants: the share of questions whose answer did not flip on any rule "
+                      "variant (options shuffled, polarity flipped, labels restyled, framing varied; eval.verdict_methods).")
     else:
         doc.heading("On the test split alone", 3)
         doc.paragraph("The questions that chose neither the selective threshold nor token_prob_temperature's "
@@ -176,10 +183,20 @@ def _methods_table(doc: Document, summary: dict, split: str = "overall"):
         rows.append([_method_label(method, entry), entry["role"], str(scores.get("n", "–"))]
                     + [_cell(scores.get(k)) for k in keys] + [str(scores.get("guard_n", "–"))]
                     + [_cell(scores.get(k)) for k in GUARD_NAMES]
-                    + ([_percent(entry["unanswered"]), _percent(entry["fallback"]), "–" if cut is None else str(cut)]
-                       if split == "overall" else []))
+                    + ([_percent(entry["unanswered"]), _percent(entry["fallback"]), "–" if cut is None else str(cut),
+                        _verdicts(entry.get("verdict_consistency"))] if split == "overall" else []))
+        reference = entry.get("base_rate")
+        if reference and reference.get(split):
+            scores = reference[split]
+            rows.append([f"↳ base-rate reference ({reference['confidence']:.3f})", entry["role"],
+                         str(scores.get("n", "–"))] + [_cell(scores.get(k)) for k in keys]
+                        + ["", *[""] * len(GUARD_NAMES)] + (["", "", "", ""] if split == "overall" else []))
     doc.table(["method", "model", "n"] + [_metric_title(k) for k in keys] + ["n(judge)"] + list(GUARD_NAMES.values())
-              + (["unanswered", "fallback", "cut"] if split == "overall" else []), rows)
+              + (["unanswered", "fallback", "cut", "same verdict on all variants"] if split == "overall" else []), rows)
+
+
+def _verdicts(found: dict | None) -> str:
+    return "–" if not found else f"{_percent(found['share'])} of {found['n']}"
 
 
 def _estimators(doc: Document, summary: dict):

@@ -91,6 +91,7 @@ def method_summary(rows: list[dict], config: EvalConfig) -> dict:
         "fallback_meaning": FALLBACK_MEANING.get(method),
         "degenerate": degenerate(rows),
         "truncated": _count_cut(rows),
+        "verdict_consistency": verdict_consistency(rows),
         "overall": score_rows(rows, config),
         # the test split alone: the questions that chose no threshold and fitted no temperature
         "test": score_rows([r for r in rows if r["split"] == "test"], config),
@@ -101,7 +102,28 @@ def method_summary(rows: list[dict], config: EvalConfig) -> dict:
             groups[row.get(key) or "(none)"].append(row)
         summary[f"by_{key}"] = {name: score_rows(group, config) for name, group in sorted(groups.items())}
     summary["selective"] = selective(rows, config)
+    summary["base_rate"] = base_rate_reference(rows, config)
     return summary
+
+
+def verdict_consistency(rows: list[dict]) -> dict | None:
+    """{"share", "n"}: the share of the measured safety questions whose verdict did not flip on any rule variant
+    (eval.verdict_methods); None where the method was not measured."""
+    measured = [r["verdict_consistent"] for r in rows if r.get("verdict_consistent") is not None]
+    return {"share": sum(measured) / len(measured), "n": len(measured)} if measured else None
+
+
+def base_rate_reference(rows: list[dict], config: EvalConfig) -> dict | None:
+    """The constant forecaster a calibration claim must beat: the method's own answers with one confidence for
+    all, its accuracy on the calibration split. Its ECE is small wherever accuracy is stable, but its AUROC is 0.5,
+    its sharpness and resolution 0; a method that does no better says nothing about single questions."""
+    calibration = [r for r in rows if r["answer"] is not None and r["split"] == "calibration"]
+    if not calibration:
+        return None
+    rate = float(np.mean([r["choice"] == r["answer"] for r in calibration]))
+    constant = [{**r, "confidence": rate} for r in rows]
+    return {"confidence": rate, "overall": score_rows(constant, config),
+            "test": score_rows([r for r in constant if r["split"] == "test"], config)}
 
 
 def degenerate(rows: list[dict]) -> str | None:

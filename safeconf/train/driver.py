@@ -56,14 +56,6 @@ def training_precision(config: Config) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-def _publish(local_dir: str, uri: str) -> None:
-    """Copy a local folder to a local path or object store URI, replacing what was there."""
-    fs, path = io.filesystem(uri)
-    fs.delete_dir_contents(path, missing_dir_ok=True)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
 def merge_adapter(model_path: str, adapter_dir: str, out_dir: str, dtype: str) -> None:
     """Base weights + LoRA merged into one HF folder (with the tokenizer) that transformers and vLLM load."""
     import torch
@@ -72,8 +64,7 @@ def merge_adapter(model_path: str, adapter_dir: str, out_dir: str, dtype: str) -
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    # 'auto' stores bf16, as the embedded model and most published checkpoints are; engines convert on load
-    merged.to(getattr(torch, "bfloat16" if dtype == "auto" else dtype)).save_pretrained(out_dir)
+    merged.to(getattr(torch, dtype)).save_pretrained(out_dir)
     load_tokenizer(model_path).save_pretrained(out_dir)
 
 
@@ -159,7 +150,7 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         train_loop_config={
             "config": config.to_dict(), "model_path": model_path, "precision": precision, "pad_token_id": pad_token_id,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, **_fault_settings(run_name),
-            "examples": {split: examples[split]["kept"] for split in SPLITS},
+            "examples": {split: examples[split]["kept"] for split in SPLITS}, "snapshot_uri": io.join(out, "snapshots"),
         },
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources,
                                      placement_strategy=train.placement_strategy),
@@ -198,11 +189,15 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         adapter_local = os.path.join(scratch, ADAPTER_DIR)
         shutil.copytree(os.path.join(folder, ADAPTER_DIR), adapter_local)
         tokenizer.save_pretrained(adapter_local)  # the adapter folder is self-contained for serving
-        _publish(adapter_local, adapter_uri)
+        io.publish_dir(adapter_local, adapter_uri)
         if merged_uri:
             merged_local = os.path.join(scratch, "merged")
-            merge_adapter(model_path, adapter_local, merged_local, config.model.dtype)
-            _publish(merged_local, merged_uri)
+            # model.dtype 'auto' stores what training computed in: bf16 where it trained in bf16 (as the embedded
+            # model and most published checkpoints are), else float32, whose LoRA delta bf16 rounding would blur
+            dtype = config.model.dtype if config.model.dtype != "auto" else (
+                "float32" if precision == "fp32" else "bfloat16")
+            merge_adapter(model_path, adapter_local, merged_local, dtype)
+            io.publish_dir(merged_local, merged_uri)
     state = {**state, **final}
 
     summary = {

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from safeconf import io
 from safeconf.config import TrainConfig, config_from_dict
 from safeconf.train.data import Plan, causal_lm_loss, collate, stream_windows
 
@@ -155,6 +156,7 @@ class Worker:
         self.loop = loop
         self.config = config_from_dict(loop["config"])
         self.train = train = self.config.train
+        self.snapshot_steps = {int(step) for step in train.snapshot_steps}
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         if not train.use_gpu:  # Ray starts workers with OMP_NUM_THREADS = their CPU reservation; size to the node
@@ -258,8 +260,12 @@ class Worker:
         tag = f"step{self.state['global_step']:06d}"
         # every rank writes its ZeRO shard; Ray merges the rank folders into one checkpoint in storage
         self.engine.save_checkpoint(folder, tag=tag, exclude_frozen_parameters=True)
-        if final:
+        snapshot = self.state["global_step"] in self.snapshot_steps
+        if final or snapshot:
             export_adapter(self.engine, os.path.join(folder, ADAPTER_DIR), self.rank)
+        if snapshot and self.rank == 0:  # a learning curve's model: kept beside the run, not rotated out with it
+            io.publish_dir(os.path.join(folder, ADAPTER_DIR),
+                           io.join(self.loop["snapshot_uri"], f"step-{self.state['global_step']}"))
         if self.rank == 0:
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump({**self.state, "tag": tag, "final": final}, f)
@@ -318,7 +324,7 @@ class Worker:
             step = state["global_step"]
             epoch_end = step_in_epoch == steps_per_epoch - 1
             done = step >= total_steps or (epoch_end and epoch == train.epochs - 1)
-            do_checkpoint = done or epoch_end or step % train.checkpoint_every == 0
+            do_checkpoint = done or epoch_end or step % train.checkpoint_every == 0 or step in self.snapshot_steps
             if not (do_checkpoint or step % train.log_every == 0):
                 continue
             # every rank reaches this point at the same steps, so every rank reports the same number of times
