@@ -359,15 +359,18 @@ def curve_steps(config: Config, examples: list[int]) -> dict[int, int]:
     return {max(1, round(n / per_step)): n for n in examples}
 
 
+def guard_entry_point(out: str) -> dict:
+    """One guard curve point: the held-out scores of adapter_token_prob, overall and per data set."""
+    methods = read_metrics(out)["methods"]["adapter_token_prob"]
+    return {"out": out, "overall": methods.get("overall"), "by_source": methods.get("by_source"),
+            "verdict_consistency": methods.get("verdict_consistency")}
+
+
 def guard_entry(main_out: str, curve: dict) -> dict:
     """The guard stage's pool and training, and the held-out accuracy at each curve point (adapter_token_prob of
     the snapshot adapter on the base model: the guard model's option probability)."""
     summary = io.read_json(io.join(main_out, "guard", "guard_summary.json"))
-    points = []
-    for name, examples in curve.items():
-        methods = read_metrics(name)["methods"]["adapter_token_prob"]
-        points.append({"examples": examples, "out": name, "overall": methods.get("overall"),
-                       "by_source": methods.get("by_source")})
+    points = [{"examples": examples, **guard_entry_point(name)} for name, examples in curve.items()]
     return {"pool": summary["pool"], "train": {k: summary["train"].get(k) for k in (
         "steps", "examples", "train_tokens", "tokens_per_s", "final_train_loss", "val_loss_per_epoch", "precision",
         "seconds")}, "curve": points}
@@ -429,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guard-curve", default="1000,2000",
                         help="pool examples at which the guard adapter is snapshot and evaluated on the held-out "
                         "questions (the whole pool is always a point)")
+    parser.add_argument("--guard-curve-only", action="store_true",
+                        help="only evaluate the guard snapshots that exist so far (while, or after, the guard stage "
+                        "ran; e.g. a stopped run's), into OUT/guard_curve.json; the full run reuses them")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, after the experiment's")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -472,23 +478,30 @@ def main(argv: list[str] | None = None) -> int:
         curve_at = curve_steps(base, [int(n) for n in args.guard_curve.split(",") if n])
         main_config.guard.data = specs["guard"]
         main_config.guard.snapshot_steps = sorted(curve_at)
-        steps["guard"] = stage_runs.run_job(main_config, ["guard"])["guard"]
+        if not args.guard_curve_only:
+            steps["guard"] = stage_runs.run_job(main_config, ["guard"])
         guard_model = stage_runs.stage_config(main_config).model.name
         points = {f"step-{s}": (io.join(main_out, "guard", "snapshots", f"step-{s}"), n) for s, n in curve_at.items()}
-        guard_train = io.read_json(io.join(main_out, "guard", "train_summary.json"))
-        points["final"] = (io.join(main_out, "guard", "adapter"), guard_train["examples"]["train"]["kept"])
+        guard_train = io.join(main_out, "guard", "train_summary.json")
+        if io.exists(guard_train):
+            points["final"] = (io.join(main_out, "guard", "adapter"), io.read_json(guard_train)["examples"]["train"]["kept"])
         for name, (adapter, examples) in points.items():
             if not io.exists(adapter):  # a snapshot step past the end of the pool
                 continue
             point_out = str(out / "guard_curve" / name)
             config = model_config(base, point_out, specs["heldout"], ["adapter_token_prob"], aux=False)
-            steps[f"guard_curve_{name}"] = run_evaluation_once(config, point_out, specs["heldout"], adapter)
+            steps[f"guard_curve_{name}"] = {"evaluate": run_evaluation_once(config, point_out, specs["heldout"], adapter)}
             guard_points[point_out] = examples
+        if args.guard_curve_only:
+            curve = [{"examples": n, **guard_entry_point(p)} for p, n in guard_points.items()]
+            io.write_json(str(out / "guard_curve.json"), {"points": curve, "steps": steps})
+            print(json.dumps({"guard_curve": str(out / "guard_curve.json"), "steps": steps}, indent=2))
+            return 0
     # 2. the untrained model's baselines: the rows kept beside the guard-tuned model's (its general ability and
     # over-refusal too)
     base_out = str(out / "base_model")
-    steps["base_model"] = run_evaluation_once(model_config(base, base_out, specs["heldout"], DEFAULT_EVAL_METHODS),
-                                              base_out, specs["heldout"])
+    steps["base_model"] = {"evaluate": run_evaluation_once(
+        model_config(base, base_out, specs["heldout"], DEFAULT_EVAL_METHODS), base_out, specs["heldout"])}
     # 3. SafeConf on the guard-tuned model (or the base model without a pool): pipeline -> train -> evaluate
     steps["main"] = stage_runs.run_job(main_config, ["pipeline", "train", "evaluate"])  # skips what is up to date
     pipeline_fingerprint = stage_runs.read_marker(main_out, "pipeline")["fingerprint"]

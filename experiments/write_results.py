@@ -45,7 +45,7 @@ MAIN = "safeconf"  # the main model in results.json "models", and the SafeConf m
 NA = "n/a"
 # Error rates a reader may accept, besides the run's eval.alpha: which of them each method can guarantee.
 LOOSER_ALPHAS = (0.2, 0.3, 0.4)
-TABLE_METRICS = ["accuracy", "ece", "l2_ece", "brier", "auroc", "aurc"]
+TABLE_METRICS = ["accuracy", "ece", "l2_ece", "brier", "brier_resolution", "auroc", "sharpness", "aurc"]
 NA_REASONS = (
     "n/a in a table: AUROC is undefined when every answer is right or every answer is wrong; F1 (unsafe) and "
     "AUPRC (unsafe) are over the judgements that know their unsafe option (n(judge)), and AUPRC is undefined "
@@ -91,6 +91,12 @@ def percent(value) -> str:
 def value_of(entry: dict | None, split: str, metric: str):
     found = ((entry or {}).get(split) or {}).get(metric) or {}
     return found.get("value")
+
+
+def verdicts(entry: dict) -> str:
+    """'93.4% of 560': the share of questions whose verdict did not flip on any rule variant."""
+    found = entry.get("verdict_consistency")
+    return f"{percent(found['share'])} of {found['n']}" if found else NA
 
 
 def method_note(entry: dict) -> str:
@@ -442,6 +448,7 @@ class Report:
                            "run's directories; every number below is read from them.")
         self._headline()
         self._warnings()
+        self._guard()
         self._methods()
         self._learning_curve()
         self._ablations()
@@ -524,10 +531,18 @@ class Report:
                 self.doc.paragraph("- " + n)
 
     # 2. tables
+    def base_label(self) -> str:
+        """What the baselines ran on: the guard-tuned model, or the untrained base model."""
+        return "guard" if (self.results.get("model") or {}).get("guard_tuned") else "base"
+
     def rows(self):
-        """(model label, model name or None, method, entry) of every baseline, then every model's methods."""
+        """(model label, model name or None, method, entry) of the untrained model's baselines (when the baselines
+        ran on a guard-tuned model), every baseline, then every model's methods."""
+        if self.base_label() == "guard":
+            for method, entry in ((self.results.get("base_model") or {}).get("methods") or {}).items():
+                yield "untrained", None, method, entry
         for method, entry in self.results["baselines"].items():
-            yield "base", None, method, entry
+            yield self.base_label(), None, method, entry
         for name, model in self.models.items():
             for method, entry in model["methods"].items():
                 yield name, name, method, entry
@@ -557,17 +572,34 @@ class Report:
         else:
             doc.paragraph("Estimators: n/a (results.json has no 'estimators').")
         doc.paragraph(NA_REASONS)
-        rows = [[model, method] + self._metric_row(entry.get("overall"))
-                + [percent(entry.get("unanswered")), method_note(entry)]
-                for model, _, method, entry in self.rows()]
-        doc.table(["model", "method"] + self._metric_header() + ["unanswered", "degenerate / fallback"], rows)
+        doc.paragraph("Under each method, its base-rate reference: the same answers with one constant confidence, "
+                      "the method's accuracy on the calibration split (its AUROC is 0.5, its sharpness and Brier "
+                      "resolution 0). A method whose AUROC and resolution do not beat it says nothing about single "
+                      "questions, whatever its ECE. Same verdict: the share of held-out questions whose answer did "
+                      "not flip on any rule variant (shuffled options, flipped polarity, restyled labels, framing).")
+        rows = []
+        for model, _, method, entry in self.rows():
+            rows.append([model, method] + self._metric_row(entry.get("overall"))
+                        + [percent(entry.get("unanswered")), verdicts(entry), method_note(entry)])
+            reference = entry.get("base_rate") or {}
+            if reference.get("overall"):
+                rows.append(["", f"↳ base rate ({num(reference.get('confidence'))})"]
+                            + self._metric_row(reference["overall"]) + ["", "", ""])
+        doc.table(["model", "method"] + self._metric_header()
+                  + ["unanswered", "same verdict on all variants", "degenerate / fallback"], rows)
 
         doc.heading("On the test split alone", 3)
         doc.paragraph("The held-out questions that neither chose the selective threshold nor fitted a temperature "
-                      "(both use the calibration split): the fair comparison with token_prob_temperature.")
-        doc.table(["model", "method"] + self._metric_header(guard=False),
-                  [[model, method] + self._metric_row(entry.get("test"), guard=False)
-                   for model, _, method, entry in self.rows()])
+                      "(both use the calibration split): the fair comparison with token_prob_temperature, and the "
+                      "split on which the base-rate reference is a forecast (its constant comes from the other).")
+        rows = []
+        for model, _, method, entry in self.rows():
+            rows.append([model, method] + self._metric_row(entry.get("test"), guard=False))
+            reference = entry.get("base_rate") or {}
+            if reference.get("test"):
+                rows.append(["", f"↳ base rate ({num(reference.get('confidence'))})"]
+                            + self._metric_row(reference["test"], guard=False))
+        doc.table(["model", "method"] + self._metric_header(guard=False), rows)
 
         doc.heading("Per data set")
         sources = self._sources()
@@ -582,6 +614,38 @@ class Report:
         for _, _, _, entry in self.rows():
             found += [s for s in entry.get("by_source") or {} if s not in found]
         return found
+
+    # guard-tuning
+    def _guard(self):
+        guard = self.results.get("guard")
+        if not guard:
+            return
+        doc = self.doc
+        doc.heading("Guard-tuning: the knowledge SafeConf starts from")
+        pool, train = guard.get("pool") or {}, guard.get("train") or {}
+        doc.paragraph(
+            f"Plain supervised fine-tuning of the base model on the gold answers of a pool disjoint from the "
+            f"training and held-out questions (the guard stage, safeconf/guard.py): {pool.get('read', NA)} pool "
+            f"questions read, {pool.get('rejected', NA)} rejected, left out {json.dumps(pool.get('left_out') or {})}; "
+            f"examples {json.dumps(pool.get('examples') or {})}. Training: {train.get('steps', NA)} steps, "
+            f"{train.get('train_tokens', NA)} tokens at {num(train.get('tokens_per_s'), 1)} tokens/s in "
+            f"{train.get('precision', NA)}, {num(train.get('seconds'), 0)} s; final train loss "
+            f"{num(train.get('final_train_loss'))}. The curve: the guard adapter at each point (adapter_token_prob, its "
+            "option probability on the prompt it was trained on) on the held-out questions; the first row is the "
+            "untrained model's token_prob on the same questions.")
+        untrained = ((self.results.get("base_model") or {}).get("methods") or {}).get("token_prob") or {}
+        sources = [s for s in self._sources() if s]
+        points_ = [{"examples": 0, "overall": untrained.get("overall"), "by_source": untrained.get("by_source"),
+                    "verdict_consistency": untrained.get("verdict_consistency")}] if untrained else []
+        points_ += sorted(guard.get("curve") or [], key=lambda p: p["examples"])
+        rows = []
+        for p in points_:
+            rows.append([str(p["examples"]), cell((p.get("overall") or {}).get("accuracy")),
+                         cell((p.get("overall") or {}).get("auroc"))]
+                        + [cell(((p.get("by_source") or {}).get(s) or {}).get("accuracy")) for s in sources]
+                        + [verdicts(p)])
+        doc.table(["pool examples trained", "accuracy", "AUROC"] + [f"accuracy: {s}" for s in sources]
+                  + ["same verdict on all variants"], rows)
 
     # 3. learning curve
     def curve_models(self) -> list[str]:

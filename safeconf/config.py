@@ -228,8 +228,8 @@ class EvalConfig:
         "(the overconfident default); the share of replies that needed it is reported.",
     )
     verdict_methods: list = option(
-        ["token_prob", "safeconf"],
-        "Methods whose verdict consistency under mutation is measured: each is also asked every rule variant of a "
+        ["token_prob", "safeconf", "adapter_token_prob"],
+        "Methods whose verdict consistency under mutation is measured (where they are evaluated): each is also asked every rule variant of a "
         "held-out question (mutation.operators' rule operators, mutation.variants_per_question), and the report gives "
         "the share of questions whose answer is the same on all of them. Costs one more judgement per variant "
         "(greedy replies for verbalized and safeconf); [] measures none.",

@@ -251,7 +251,8 @@ def train_tiny(local_ray, tiny_model, tiny_sft, out, name, *extra, fail_at=None,
 @pytest.fixture(scope="module")
 def zero2_run(local_ray, tiny_model, tiny_sft, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2")
-    return out, train_tiny(local_ray, tiny_model, tiny_sft, out, "zero2", "train.zero_stage=2", "train.merge=true")
+    return out, train_tiny(local_ray, tiny_model, tiny_sft, out, "zero2", "train.zero_stage=2", "train.merge=true",
+                           "train.snapshot_steps=[4]")
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +357,21 @@ def test_merged_model_loads_with_transformers(zero2_run, tiny_model, tokenizer_p
 
 
 @pytest.mark.slow
+def test_a_snapshot_step_exports_that_steps_adapter_beside_the_run(zero2_run):
+    """train.snapshot_steps=[4]: the adapter as it was at step 4 (a learning curve's point), not the final one. The
+    resume test below compares this run's final weights with a run without snapshots: a snapshot changes nothing."""
+    import torch
+    from safetensors.torch import load_file
+
+    out, _ = zero2_run
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-4"]
+    snapshot = load_file(out / "snapshots" / "step-4" / "adapter_model.safetensors")
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert snapshot.keys() == final.keys()
+    assert any(not torch.allclose(snapshot[k], final[k]) for k in final)  # 12 more steps moved the weights
+
+
+@pytest.mark.slow
 def test_rerun_with_the_same_name_resumes_where_it_stopped(local_ray, tiny_model, tiny_sft, zero2_run,
                                                           tmp_path, monkeypatch):
     """Stopped by a failure at step 5 (no retries; last checkpoint at step 3, mid-epoch), then run again: it starts
@@ -436,3 +452,36 @@ def test_smollm2_fine_tunes_end_to_end(local_ray, tmp_path, tokenizer_path):
     base = AutoModelForCausalLM.from_pretrained(tokenizer_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_the_guard_stage_trains_on_gold_answers_and_merges_the_model_later_stages_use(local_ray, tiny_model, tmp_path):
+    """The guard stage end to end on the tiny model: pool -> gold-answer SFT set -> Ray Train -> merged folder, and a
+    rerun of the same stage is restored, not retrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from safeconf import stages
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({
+        "id": f"g{i}", "source": "pool", "lang": "en", "task": "judge", "category": None,
+        "question": f"Is it safe to comply with the following request?\n\nRequest: item {i}",
+        "options": ["Safe", "Unsafe"], "answer": i % 2}) + "\n" for i in range(24)), encoding="utf-8")
+    config = tiny_config(tiny_model, tmp_path / "run", "guard-e2e", f"guard.data=jsonl:{pool}",
+                         "guard.val_fraction=0.25", "guard.max_steps=3", "guard.snapshot_steps=[2]",
+                         "guard.lora_target_modules=[q_proj,v_proj]", "train.num_workers=1")
+    report = stages.run_job(config, ["guard"])
+    assert report["guard"]["status"] == "ran"
+    run = tmp_path / "run"
+    summary = json.loads((run / "guard" / "guard_summary.json").read_text())
+    assert sum(summary["pool"]["examples"].values()) == 24 and summary["train"]["steps"] == 3
+    assert summary["model"] == str(run / "guard" / "merged")
+    assert (run / "guard" / "snapshots" / "step-2" / "adapter_config.json").exists()
+    adapter = json.loads((run / "guard" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]  # the guard's LoRA, not train.lora_target_modules
+    merged = AutoModelForCausalLM.from_pretrained(run / "guard" / "merged")
+    assert merged.dtype == torch.float32  # trained in fp32: stored in fp32, no LoRA delta rounded away
+    assert stages.stage_config(config).model.name == str(run / "guard" / "merged")
+    again = stages.run_job(config, ["guard"])
+    assert again["guard"]["status"] == "up to date"

@@ -177,6 +177,30 @@ def test_report_of_a_win(tmp_path):
     assert "7.0 points above self_consistency in accuracy and better calibrated" in head
 
 
+def test_a_guard_tuned_run_shows_the_untrained_rows_the_guard_curve_and_the_base_rate_references(tmp_path):
+    data = results()
+    data["model"] = {"name": "runs/experiment/main/guard/merged", "guard_tuned": True}
+    data["base_model"] = {"methods": {"token_prob": method(0.48, 0.05)}}
+    data["baselines"]["token_prob"]["base_rate"] = {"confidence": 0.61, "overall": scores(0.60, 0.01),
+                                                    "test": scores(0.60, 0.02, n=100)}
+    data["baselines"]["token_prob"]["verdict_consistency"] = {"share": 0.75, "n": 200}
+    data["guard"] = {"pool": {"read": 4000, "rejected": 0, "left_out": {}, "examples": {"train": 3926, "val": 74}},
+                     "train": {"steps": 978, "train_tokens": 800000, "tokens_per_s": 95.0, "precision": "fp32",
+                               "seconds": 8400, "final_train_loss": 0.2},
+                     "curve": [{"examples": 2000, "overall": scores(0.66, 0.1), "by_source": {"cold": scores(0.55, 0.1)},
+                                "verdict_consistency": {"share": 0.8, "n": 200}},
+                               {"examples": 1000, "overall": scores(0.61, 0.1), "by_source": {}}]}
+    wr.write(write_run(tmp_path, data), tmp_path / "site")
+    text = (tmp_path / "site" / "RESULTS.md").read_text()
+    guard = text[text.index("## Guard-tuning"):text.index("## Every method")]
+    rows = [line for line in guard.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 1000", "| 2000"]  # untrained first, then in order
+    assert "0.480" in rows[0] and "0.660" in rows[2] and "80.0% of 200" in rows[2]
+    methods = text[text.index("## Every method"):]
+    assert "| untrained | token_prob |" in methods and "| guard | token_prob |" in methods
+    assert "↳ base rate (0.610)" in methods and "75.0% of 200" in methods
+
+
 def test_smoke_run(tmp_path):
     if not (SMOKE / "results.json").exists():
         pytest.skip(f"no smoke run at {SMOKE} (experiments/shared_data_run.py --out runs/smoke --scale 0.02 ...)")
