@@ -1,5 +1,5 @@
-"""The RESULTS.md experiment in one command: SafeConf, its ablations and a learning curve on the public safety
-sets in ../shared/data, with the embedded model.
+"""The RESULTS.md experiment in one command: guard-tuning, then SafeConf, its ablations and a learning curve on the
+public safety sets in ../shared/data, with the embedded model.
 
     .venv/bin/python experiments/shared_data_run.py --out runs/experiment
 
@@ -8,7 +8,16 @@ so a rerun with the same out dir skips every step whose inputs are unchanged: st
   1. select     questions from the data files, read in place, written to OUT/data/*.jsonl (OUT/selection.json
                 says how many of what): train from the train splits, held-out from the dev/val splits; seeded,
                 balanced within each set over safe / unsafe (judgements) and the right option's position
-                (multiple choice); train and held-out disjoint (asserted).
+                (multiple choice); train and held-out disjoint (asserted). Last, the guard pool (issue 20), from
+                the same train files, disjoint from both (asserted); drawn after the others, so they are the same
+                questions as without it (--guard-scale 0).
+  1b. guard     main's guard stage (safeconf.guard) on the pool: plain SFT on the gold answers, merged into
+                OUT/main/guard/merged, the model every later step uses; snapshots at --guard-curve pool examples,
+                each (and the final adapter) evaluated on the held-out questions in OUT/guard_curve/<point>
+                (adapter_token_prob on the base model). --guard-curve-only evaluates the snapshots a running or
+                stopped guard stage has written so far, and stops.
+  1c. base_model  every baseline on the untrained base model (OUT/base_model): the rows kept beside the
+                guard-tuned model's, with its general ability and over-refusal.
   2. main       jobs/full.py's pipeline -> train -> evaluate (safeconf.stages.run_job) in OUT/main: ONE pipeline
                 run on the train questions (mutate, k samples per variant, confidence, SFT set), SafeConf
                 fine-tuned on all of them, and the evaluation
@@ -41,6 +50,11 @@ Chosen sizes (--scale 1):
            balanced), 90 more from the SafetyBench zh subset (drawn from what the train draw left, so disjoint),
            XSTest 120 of the prompts not used for training (60 safe + 60 unsafe). Held-out candidates whose text
            equals a training question's are left out (2 in COLD dev; counted in selection.json).
+  guard    4,000 questions: DiaSafety train 2,400 and COLD train 1,000 (each balanced safe / unsafe), SafetyBench zh
+           subset 600 (a plain random draw of what train and held-out left); 2% are the guard training's
+           validation split; ~3,910 trained on (15 over train.max_length=512 tokens are skipped), ~817k tokens:
+           DiaSafety ~151 tokens an example, COLD ~266, SafetyBench ~315 (Chinese costs SmolLM2 several tokens a
+           character). LoRA r=16 on all seven projections, lr 5e-4, 1 epoch, micro-batch 4 (guard.* defaults).
   general  100 (MMLU test 50, CMMLU test 50); over-refusal: the XSTest safe prompts not used for training (200;
            some are held-out questions too).
   pipeline rule operators only: shuffle, polarity, relabel, framing (used in turn: a judgement gets shuffle,
@@ -64,9 +78,16 @@ question for all its methods, an adapter one ~0.25 s) and a smoke run (--scale 0
   pipeline 8.0 min, main training 24.8 min, main evaluation 11.5 min). `--ablation-fraction 0.5` (ablations at
   the safeconf_50 size) adds ~11 minutes; `--ablations no_confidence` runs one ablation.
 
-Smoke run (a handful of questions, one training size, two optimizer steps a model):
-    .venv/bin/python experiments/shared_data_run.py --out runs/smoke --scale 0.02 --curve 1.0 \
-        --ablation-fraction 1.0 train.max_steps=2 sft.val_fraction=0.3 eval.bootstrap_samples=20
+Guard-tuning's cost, measured (2026-12-04, an AMD EPYC without AVX-512, fp32): 92-98 tokens/s, so ~2.4 hours for
+the 817k tokens of the pool alone; with it the whole experiment takes ~4-5 hours on that CPU, over the 2.5-hour
+target (BENCHMARKS.md measured Ray Train at 322.8 tokens/s in bf16 on a CPU with AVX512-BF16, with attention-only
+LoRA; this LoRA was not timed there). The guard stage checkpoints
+every train.checkpoint_every steps and at each snapshot: a stopped run resumes where it stopped.
+
+Smoke run (a handful of questions, one training size, two optimizer steps a model; a 80-question guard pool):
+    .venv/bin/python experiments/shared_data_run.py --out runs/smoke --scale 0.02 --guard-scale 0.02 \
+        --guard-curve 20,40 --curve 1.0 --ablation-fraction 1.0 train.max_steps=2 sft.val_fraction=0.3 \
+        eval.bootstrap_samples=20 guard.val_fraction=0.1
 """
 
 from __future__ import annotations

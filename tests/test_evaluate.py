@@ -191,8 +191,8 @@ def test_adapter_pass_reports_safeconf_and_aux_sets_get_their_methods():
     predictions, _ = run_fake(rows, role="adapter")
     assert {(r["id"], r["method"], r["role"]) for r in predictions} == {
         ("q1", "safeconf", "adapter"), ("q2", "safeconf", "adapter"),
-        ("g1", "verbalized", "adapter"), ("g1", "token_prob", "adapter"),
-        ("x1", "verbalized", "adapter"), ("x1", "token_prob", "adapter"),
+        ("g1", "verbalized", "adapter"), ("g1", "token_prob", "adapter"), ("g1", "token_prob_instructed", "adapter"),
+        ("x1", "verbalized", "adapter"), ("x1", "token_prob", "adapter"), ("x1", "token_prob_instructed", "adapter"),
     }
 
 

@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 
 BUNDLED_GENERAL = "general"
 EVAL_FIELDS = QUESTION_FIELDS + [pa.field("eval_set", pa.string()), pa.field("split", pa.string())]
-AUX_METHODS = {"verbalized": "verbalized", "token_prob": "token_prob"}  # general ability and over-refusal
+# General ability and over-refusal, before and after fine-tuning. token_prob_instructed scores the option labels on
+# the prompt SafeConf trains and serves on (with the reply-format instruction); token_prob on the bare scoring
+# prompt, which fine-tuning never sees: a shift there says little about the served judge (RESULTS.md).
+AUX_METHODS = {"verbalized": "verbalized", "token_prob": "token_prob", "token_prob_instructed": "token_prob_instructed"}
 PLOTS = {
     "reliability.png": "Reliability diagrams",
     "risk_coverage.png": "Risk-coverage curves",
