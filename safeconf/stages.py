@@ -70,6 +70,7 @@ SPEED_ONLY = {
     "engine.max_restarts": "how many engine actor deaths are survived",
     "train.cpus_per_worker": "placement",
     "train.cpu_threads": "threads",
+    "train.gradient_checkpointing": "activations recomputed in the backward pass: memory and time, the same gradients",
     "train.zero3_max_live_parameters": "how many ZeRO-3 parameters are gathered at once (memory, not results)",
     "train.log_every": "how often metrics are reported",
     "train.checkpoint_every": "how often checkpoints are written (where a resumed run starts)",

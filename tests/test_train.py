@@ -485,3 +485,26 @@ def test_the_guard_stage_trains_on_gold_answers_and_merges_the_model_later_stage
     assert stages.stage_config(config).model.name == str(run / "guard" / "merged")
     again = stages.run_job(config, ["guard"])
     assert again["guard"]["status"] == "up to date"
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_model, tokenizer_path):
+    """train.gradient_checkpointing recomputes activations in the backward pass: less memory, the same gradients
+    on every LoRA matrix (and none on the frozen weights)."""
+    import torch
+
+    from safeconf.train.worker import build_model
+
+    tokens = sample_tokens(tokenizer_path)
+    grads = {}
+    for checkpointing in (False, True):
+        config = tiny_config(tiny_model, "/tmp/unused", "gc", f"train.gradient_checkpointing={checkpointing}")
+        model, _ = build_model(tiny_model, config.train, "fp32", {})
+        model.train()
+        assert model.base_model.model.is_gradient_checkpointing is checkpointing
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        # LoRA B starts at zero, so at the first step only the B matrices get a gradient
+        assert all(g.abs().sum() > 0 for n, g in grads[checkpointing].items() if "lora_B" in n)
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6)

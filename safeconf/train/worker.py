@@ -80,6 +80,10 @@ def build_model(model_path: str, train: TrainConfig, precision: str, ds_config: 
         keep_alive = HfDeepSpeedConfig(ds_config)  # from_pretrained sees it (a weak reference) while it lives
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, TORCH_DTYPES[precision]))
     model.config.use_cache = False
+    if train.gradient_checkpointing:
+        # non-reentrant: gradients reach the LoRA matrices although the frozen inputs need none, and the RNG state
+        # (LoRA dropout) is replayed in the recomputation, so the gradients are those of the plain pass
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(train.seed)  # the same LoRA initialisation on every rank and every run
     lora = LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
                       target_modules=list(train.lora_target_modules), task_type="CAUSAL_LM")
