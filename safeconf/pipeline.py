@@ -7,7 +7,6 @@ the way through: variants and samples are list columns, so every stage is a map 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -246,15 +245,19 @@ def question_dataset(questions: pa.Table, batch_size: int):
     return ray.data.from_arrow([questions.slice(i, batch_size) for i in range(0, max(questions.num_rows, 1), batch_size)])
 
 
-def map_on_engines(ds, stage_class, config: Config, **constructor_kwargs):
-    """`ds.map_batches` on an actor pool of `stage_class` (each actor holds one engine), sized by the config."""
+def map_on_engines(ds, stage_class, config: Config, placement: "EnginePlacementGroups | None" = None,
+                   **constructor_kwargs):
+    """`ds.map_batches` on an actor pool of `stage_class` (each actor holds one engine), sized by the config. With
+    tensor parallelism each actor gets a placement group from `placement`, which the caller removes when the stage
+    ends (EnginePlacementGroups)."""
     import ray
 
     engine = config.engine
-    bundles = placement_bundles(engine)
     tensor_parallel = {}
-    if bundles:  # one placement group per engine actor, made when Ray Data starts it; vLLM's workers fill it
-        tensor_parallel = {"ray_remote_args_fn": functools.partial(engine_placement, bundles)}
+    if placement_bundles(engine):  # one placement group per engine actor, made when Ray Data starts it
+        if placement is None:
+            raise ValueError("tensor-parallel engines need an EnginePlacementGroups, removed when the stage ends")
+        tensor_parallel = {"ray_remote_args_fn": placement}
     mapped = ds.map_batches(
         stage_class,
         fn_constructor_kwargs={"config": config.to_dict(), **constructor_kwargs},
@@ -285,22 +288,46 @@ def engine_actor_resources(engine) -> dict:
             "memory": int(engine.memory_gib * 1024**3) or None}
 
 
-def engine_placement(bundles: list[dict]) -> dict:
-    """Ray remote args of one tensor-parallel engine actor: a fresh placement group (see placement_bundles) whose
-    child tasks and actors, vLLM's GPU workers, stay inside it."""
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+class EnginePlacementGroups:
+    """The placement groups of one stage's tensor-parallel engine actors: Ray Data calls this (ray_remote_args_fn)
+    as it starts each actor, and gets a fresh group (see placement_bundles) whose child tasks and actors, vLLM's GPU
+    workers, stay inside it. STRICT_PACK: an engine's CPU bundle and its GPU bundles on one node (PACK could put the
+    actor on a node without a GPU). The groups belong to the driver and would outlive the stage, holding their GPUs
+    through training and evaluation: `remove` (or the with-block's end) frees them when the stage ends."""
 
-    group = placement_group(bundles, strategy="PACK")
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+    def __init__(self, bundles: list[dict] | None):
+        self.bundles = bundles
+        self.groups = []
+
+    def __call__(self) -> dict:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = placement_group(self.bundles, strategy="STRICT_PACK")
+        self.groups.append(group)
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        while self.groups:
+            remove_placement_group(self.groups.pop())
+
+    def __enter__(self) -> "EnginePlacementGroups":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
-def build_dataset(questions: pa.Table, config: Config, stage_class=EngineStage, **stage_kwargs):
+def build_dataset(questions: pa.Table, config: Config, stage_class=EngineStage,
+                  placement: EnginePlacementGroups | None = None, **stage_kwargs):
     """The lazy Ray Dataset from accepted questions to confidence rows. `stage_class`: EngineStage or a subclass
-    (benchmarks/pipeline_throughput.py times its engine calls), with its extra constructor arguments."""
+    (benchmarks/pipeline_throughput.py times its engine calls), with its extra constructor arguments; `placement`:
+    where tensor-parallel engines get their placement groups (the caller removes them when the dataset is done)."""
     ds = question_dataset(questions, config.engine.batch_size)
     ds = ds.map_batches(mutate_batch, batch_format="pyarrow", fn_kwargs={"config": config.to_dict()})
-    ds = map_on_engines(ds, stage_class, config, **stage_kwargs)
+    ds = map_on_engines(ds, stage_class, config, placement, **stage_kwargs)
     return ds.map_batches(confidence_batch, batch_format="pyarrow")
 
 
@@ -381,7 +408,8 @@ def run_pipeline(config: Config) -> dict:
     init_ray(config.ray_address)
     confidence_uri = io.join(out, "confidence")
     # overwrite: a rerun replaces the previous run's files instead of adding its own beside them
-    build_dataset(questions, config).write_parquet(confidence_uri, mode="overwrite")
+    with EnginePlacementGroups(placement_bundles(config.engine)) as placement:  # freed for training when done
+        build_dataset(questions, config, placement=placement).write_parquet(confidence_uri, mode="overwrite")
     sft_counts = build_sft(confidence_uri, io.join(out, "sft"), config.sft)
     sampled = summarise(confidence_uri)
     alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}

@@ -17,7 +17,9 @@ SCRIPT = textwrap.dedent(
     import sys, tempfile
     import ray
     from safeconf.config import load_config
-    from safeconf.pipeline import map_on_engines
+    from ray.util import placement_group_table
+    from safeconf.engines.base import placement_bundles
+    from safeconf.pipeline import EnginePlacementGroups, map_on_engines
 
     @ray.remote(num_gpus=1, num_cpus=0)
     class GpuWorker:  # what vLLM's Ray executor starts: one actor per GPU, no CPU
@@ -37,8 +39,13 @@ SCRIPT = textwrap.dedent(
              log_to_driver=False)
     config = load_config(overrides=["engine.tensor_parallel_size=2", "engine.num_cpus=1", "engine.concurrency=1",
                                     "engine.batch_size=2"])
-    rows = map_on_engines(ray.data.range(4), TensorParallelStage, config).take_all()
+    with EnginePlacementGroups(placement_bundles(config.engine)) as placement:
+        rows = map_on_engines(ray.data.range(4), TensorParallelStage, config, placement).take_all()
+        groups = list(placement.groups)
+        print("STRATEGIES", sorted({placement_group_table(g)["strategy"] for g in groups}))
     print("GPUS", sorted({r["gpus"] for r in rows}))
+    # the stage is over: its groups are gone and the next stage can have the GPUs
+    print("STATES", sorted({placement_group_table(g)["state"] for g in groups}), len(groups))
     """
 )
 
@@ -54,3 +61,16 @@ def test_tensor_parallel_engine_actor_leaves_its_gpus_to_the_workers():
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "GPUS ['0,1']" in run.stdout, run.stdout[-2000:]
+    assert "STRATEGIES ['STRICT_PACK']" in run.stdout  # the engine's CPU bundle on the node of its GPUs
+    assert "STATES ['REMOVED'] 1" in run.stdout, run.stdout[-2000:]
+
+
+def test_tensor_parallel_engines_without_a_placement_owner_are_refused():
+    import ray
+
+    from safeconf.config import load_config
+    from safeconf.pipeline import map_on_engines
+
+    config = load_config(overrides=["engine.tensor_parallel_size=2"])
+    with pytest.raises(ValueError, match="need an EnginePlacementGroups"):
+        map_on_engines(ray.data, object, config)
