@@ -73,12 +73,22 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def gpu_has_bf16() -> bool:
+    """Whether this node's GPU computes bf16 natively (Ampere and later); a V100 or T4 has no bf16 units."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def engine_dtype(dtype: str, on_gpu: bool) -> str:
-    """model.dtype as an engine loads it on this node: 'auto' is bfloat16 on a GPU or on a CPU with native bf16,
-    float32 on any other CPU. Decided where the engine runs: the nodes of a cluster may differ from the driver's."""
+    """model.dtype as an engine loads it on this node: 'auto' is bfloat16 on a GPU with bf16 (float16 on older
+    GPUs) or on a CPU with native bf16, float32 on any other CPU. Decided where the engine runs: the nodes of a
+    cluster may differ from the driver's."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if on_gpu or cpu_has_bf16() else "float32"
+    if on_gpu:
+        return "bfloat16" if gpu_has_bf16() else "float16"
+    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 def merged_model(model_path: str, adapter: str, cache_dir: str = "") -> str:

@@ -49,11 +49,13 @@ def test_hf_engine_on_smollm2():
     assert str(engine.model.dtype) == ("torch.bfloat16" if cpu_has_bf16() else "torch.float32")
 
 
-def test_auto_dtype_is_bf16_on_gpus_and_native_bf16_cpus_else_float32(monkeypatch):
+def test_auto_dtype_is_bf16_on_bf16_gpus_and_cpus_float16_on_older_gpus_else_float32(monkeypatch):
     from safeconf import models
 
-    for native, on_gpu, expected in [(True, False, "bfloat16"), (False, False, "float32"), (False, True, "bfloat16")]:
+    for native, on_gpu, gpu_bf16, expected in [(True, False, False, "bfloat16"), (False, False, True, "float32"),
+                                               (False, True, True, "bfloat16"), (True, True, False, "float16")]:
         monkeypatch.setattr(models, "cpu_has_bf16", lambda native=native: native)
+        monkeypatch.setattr(models, "gpu_has_bf16", lambda gpu_bf16=gpu_bf16: gpu_bf16)  # False: a V100 / T4
         assert models.engine_dtype("auto", on_gpu=on_gpu) == expected
         assert models.engine_dtype("float16", on_gpu=on_gpu) == "float16"  # a dtype asked for is kept
     assert ModelConfig().dtype == "auto"

@@ -74,3 +74,18 @@ def test_tensor_parallel_engines_without_a_placement_owner_are_refused():
     config = load_config(overrides=["engine.tensor_parallel_size=2"])
     with pytest.raises(ValueError, match="need an EnginePlacementGroups"):
         map_on_engines(ray.data, object, config)
+
+
+def test_engine_threads_come_from_the_engines_own_reservation_on_gpus():
+    import os
+
+    from safeconf.engines.base import engine_runtime_env
+
+    def threads(**engine):
+        return engine_runtime_env(EngineConfig(**engine))["env_vars"]["OMP_NUM_THREADS"]
+
+    assert threads(num_gpus=1, num_cpus=4) == "4"  # not the node's (or the pod's host's) core count
+    assert threads(tensor_parallel_size=2, num_cpus=6.5) == "6"
+    assert threads(num_gpus=1, num_cpus=4, cpu_threads=2) == "2"  # said explicitly
+    # a CPU engine is the heavy work of its node: every core, whatever its 1-CPU reservation
+    assert threads(num_gpus=0, num_cpus=1) == str(len(os.sched_getaffinity(0)))

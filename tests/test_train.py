@@ -130,6 +130,16 @@ def test_deepspeed_config_and_precision():
         load_config(overrides=["train.zero3_max_live_parameters=0"])
     assert ds["train_batch_size"] == 4 * 2 * 2 and not ds["fp16"]["enabled"]
     assert training_precision(load_config(overrides=["train.use_gpu=true"])) == "bf16"
+    from safeconf import models
+    from safeconf.train.worker import worker_precision
+
+    gpu = load_config(overrides=["train.use_gpu=true"]).train
+    for has_bf16, expected in ((True, "bf16"), (False, "fp16")):  # False: a V100 or T4, decided on the worker
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(models, "gpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+            assert worker_precision("bf16", gpu) == expected
+            assert worker_precision("bf16", load_config(overrides=["train.use_gpu=true",
+                                                                    "train.precision=bf16"]).train) == "bf16"
     assert training_precision(load_config(overrides=["train.precision=fp32"])) == "fp32"
     fp32 = deepspeed_config(config.train, world_size=2, precision="fp32")
     assert not fp32["bf16"]["enabled"] and deepspeed_config(config.train, 2, "bf16")["bf16"]["enabled"]

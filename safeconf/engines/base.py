@@ -281,8 +281,12 @@ def engine_runtime_env(engine: EngineConfig) -> dict:
     """runtime_env of an engine actor (pipeline actor or Serve replica). Ray starts actors with OMP_NUM_THREADS =
     num_cpus (1), which would leave a small node's other cores idle while the engine is the only heavy work; the
     count must be in place before the process starts, as vLLM's CPU kernels check it against what OpenMP began
-    with."""
-    threads = engine.cpu_threads or len(os.sched_getaffinity(0))
+    with. A GPU engine takes its own reservation (engine.num_cpus): its CPU threads only feed the GPU, and the
+    driver's core count (in a pod, the host's) would oversubscribe a node shared by several engines."""
+    if engine.num_gpus > 0 or engine.tensor_parallel_size > 1:
+        threads = engine.cpu_threads or max(1, int(engine.num_cpus))
+    else:
+        threads = engine.cpu_threads or len(os.sched_getaffinity(0))
     return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
 
 

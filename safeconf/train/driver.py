@@ -226,7 +226,7 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         "num_workers": train.num_workers,
         "worker_nodes": state.get("worker_nodes"),  # the Ray node id of each rank, in rank order (last attempt)
         "zero_stage": train.zero_stage,
-        "precision": precision,
+        "precision": state.get("precision", precision),  # as the workers trained (fp16 on GPUs without bf16)
         "adapter": adapter_uri,
         "merged": merged_uri,
         "checkpoint": result.checkpoint.path,

@@ -66,6 +66,17 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
     return factor
 
 
+def worker_precision(precision: str, train: TrainConfig) -> str:
+    """The precision this worker trains in: the driver's choice (safeconf.train.driver.training_precision), except
+    that train.precision=auto on a GPU without bf16 (pre-Ampere: V100, T4) trains in fp16. Decided on the worker:
+    the driver of a cluster job usually runs on a head node without a GPU."""
+    from safeconf.models import gpu_has_bf16
+
+    if train.use_gpu and train.precision == "auto" and precision == "bf16" and not gpu_has_bf16():
+        return "fp16"
+    return precision
+
+
 def build_model(model_path: str, train: TrainConfig, precision: str, ds_config: dict):
     """The base model with LoRA adapters; only the adapter weights are trainable. Under ZeRO-3 the base weights
     are partitioned while they load (HfDeepSpeedConfig), so no rank ever holds the whole model."""
@@ -170,10 +181,11 @@ class Worker:
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.plan = Plan(self.world, train.micro_batch_size, train.gradient_accumulation, train.group_window, train.seed)
         self.shards = {split: ray.train.get_dataset_shard(split) for split in ("train", "val")}
-        ds_config = deepspeed_config(train, self.world, loop["precision"])
+        self.precision = worker_precision(loop["precision"], train)
+        ds_config = deepspeed_config(train, self.world, self.precision)
         if train.zero_stage == 3:
             _release_freed_blocks()
-        model, keep_alive = build_model(loop["model_path"], train, loop["precision"], ds_config)
+        model, keep_alive = build_model(loop["model_path"], train, self.precision, ds_config)
         self.memory = {"after_load": _memory_now_mb()}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=train.learning_rate, weight_decay=train.weight_decay)
@@ -186,7 +198,7 @@ class Worker:
         # Position and history; a checkpoint overrides them.
         self.state = {"global_step": 0, "epoch": 0, "steps_done_in_epoch": 0, "train_loss": [], "val_loss": [],
                       "starts": [], "tokens": 0, "train_seconds": 0.0, "log_seconds": 0.0, "final": False}
-        self.say(f"{self.world} workers, ZeRO-{train.zero_stage}, {loop['precision']}, {torch.get_num_threads()} torch "
+        self.say(f"{self.world} workers, ZeRO-{train.zero_stage}, {self.precision}, {torch.get_num_threads()} torch "
                  f"threads per worker (CPUs {sorted(os.sched_getaffinity(0))}); {loop['examples']['train']} train / "
                  f"{loop['examples']['val']} val examples streamed in windows of {self.plan.window_rows} rows, "
                  f"{loop['total_steps']} steps")
@@ -339,7 +351,8 @@ class Worker:
         step_rates = [t / s for t, (_, s) in zip(step_tokens, step_records)]  # all ranks, over rank 0's step time
         result = {**state, "start_step": start_step, "world_size": self.world,
                   "median_step_tokens_per_s": float(np.median(step_rates)) if step_rates else None,
-                  "memory_mb_per_worker": self.gather_memory(), "worker_nodes": self.worker_nodes()}
+                  "memory_mb_per_worker": self.gather_memory(), "worker_nodes": self.worker_nodes(),
+                  "precision": self.precision}
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()  # ZeRO-3 can abort at interpreter exit otherwise
