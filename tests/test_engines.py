@@ -194,3 +194,24 @@ def test_vllm_label_scores_and_cut_prompts_on_smollm2():
     (samples,) = engine.generate([messages], n=2, temperature=0.7, max_tokens=16)
     assert len(samples) == 2
     assert engine.label_scores([messages], ["Answer:"], [["A", "B"]])[0].truncated
+
+
+def test_an_engine_that_reserves_a_gpu_runs_on_it_or_fails_naming_the_cuda_stack(monkeypatch):
+    import torch
+
+    from safeconf.config import EngineConfig
+    from safeconf.engines.base import engine_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU node whose CUDA install is broken
+    with pytest.raises(RuntimeError, match=r"engine.num_gpus=1.*sees no CUDA device: torch .* built for CUDA .*"
+                                           r"engine.device=cpu"):
+        engine_device(EngineConfig(num_gpus=1))
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        engine_device(EngineConfig(device="cuda"))
+    assert engine_device(EngineConfig()) == "cpu"  # no GPU reserved: the CPU, as the embedded default runs
+    assert engine_device(EngineConfig(num_gpus=1, device="cpu")) == "cpu"  # asked for: logical GPUs, CPU compute
+    assert engine_device(EngineConfig(tensor_parallel_size=2)) == "cuda"  # its GPU workers check their own
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_device(EngineConfig(num_gpus=1)) == "cuda"
+    with pytest.raises(ValueError, match="engine.device must be"):
+        load_config(overrides=["engine.device=tpu"])

