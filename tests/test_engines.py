@@ -95,7 +95,17 @@ def random_adapter(tmp_path_factory):
 
 @pytest.mark.slow
 def test_hf_option_logprobs_and_adapter(random_adapter):
-    base = option_scores(make_engine(ModelConfig(), EngineConfig(kind="hf")))
+    engine = make_engine(ModelConfig(), EngineConfig(kind="hf"))
+    forward, seen = engine.model.forward, []
+
+    def recording(*args, **kwargs):  # the label scores ask the model for the last position's logits only
+        out = forward(*args, **kwargs)
+        seen.append(tuple(out.logits.shape))
+        return out
+
+    engine.model.forward = recording
+    base = option_scores(engine)
+    assert seen and all(shape[1] == 1 for shape in seen), seen
     assert [len(s) for s in base] == [2, 3] and all(lp <= 0 for s in base for lp in s)
     assert base[0] == pytest.approx(base[1][:2], abs=1e-4)  # same context, same scores
     tuned = option_scores(make_engine(ModelConfig(adapter=random_adapter), EngineConfig(kind="hf")))

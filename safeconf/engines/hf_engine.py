@@ -47,7 +47,9 @@ class HFEngine(Engine):
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=self.device)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1, :].float()
+        # the last position's logits only: all of them would be (batch x length x vocab), tens of GB at pipeline
+        # batch sizes with a 152k vocabulary
+        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, :].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         return [[logprobs[row, token].item() for token in tokens] for row, tokens in enumerate(targets)]
 
@@ -70,8 +72,9 @@ class HFEngine(Engine):
             tokenizer=self.tokenizer,  # generate needs it to match stop strings
         )
         generated = output.sequences[:, encoded["input_ids"].shape[1]:]
-        logits = torch.stack(output.logits, dim=1).float()  # (rows, steps, vocab)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated[..., None]).squeeze(-1)
+        # step by step, each step's logits to fp32 alone: no (rows x steps x vocab) fp32 copy
+        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, generated[:, i, None]).squeeze(-1)
+                                for i, step in enumerate(output.logits)], dim=1)
         completions = []
         stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         for row in range(generated.shape[0]):
