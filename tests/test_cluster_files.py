@@ -386,3 +386,15 @@ def test_embedded_cpu_config_is_the_tiny_default():
     assert cfg.model.name == "embedded" and cfg.data == "embedded"
     assert cfg.engine.num_gpus == 0 and not cfg.train.use_gpu
     assert "://" not in cfg.out
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "rayservice.yaml"])
+def test_every_pod_gets_hf_token_for_gated_models(name):
+    """Ray places any task on any pod (a training tokenisation task on a CPU pod), so each one needs the token."""
+    spec = _yaml("kuberay", name)["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig")
+    groups = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            names = {entry["name"] for entry in container.get("env") or []}
+            assert "HF_TOKEN" in names, (name, group.get("groupName", "head"), container["name"])
