@@ -7,6 +7,7 @@ the way through: variants and samples are list columns, so every stage is a map 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from collections import Counter
 import pyarrow as pa
 
 from safeconf import io
-from safeconf.config import Config, config_from_dict
+from safeconf.config import Config, EngineConfig, config_from_dict
 from safeconf.confidence import question_confidence
 from safeconf.data.loaders import read_questions
 from safeconf.engines.base import (
@@ -293,7 +294,7 @@ class EnginePlacementGroups:
     as it starts each actor, and gets a fresh group (see placement_bundles) whose child tasks and actors, vLLM's GPU
     workers, stay inside it. STRICT_PACK: an engine's CPU bundle and its GPU bundles on one node (PACK could put the
     actor on a node without a GPU). The groups belong to the driver and would outlive the stage, holding their GPUs
-    through training and evaluation: `remove` (or the with-block's end) frees them when the stage ends."""
+    through training and evaluation: `remove` (engine_actors does, when the stage ends) frees them."""
 
     def __init__(self, bundles: list[dict] | None):
         self.bundles = bundles
@@ -313,11 +314,37 @@ class EnginePlacementGroups:
         while self.groups:
             remove_placement_group(self.groups.pop())
 
-    def __enter__(self) -> "EnginePlacementGroups":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+@contextlib.contextmanager
+def engine_actors(engine: EngineConfig):
+    """One stage's engine actor pool: yields the EnginePlacementGroups for map_on_engines and removes them when the
+    stage ends; Ray Data's start timeout becomes an error naming the setting, what one engine asks for and what the
+    cluster has."""
+    placement = EnginePlacementGroups(placement_bundles(engine))
+    try:
+        yield placement
+    except Exception as error:
+        if "Timed out while starting actors" not in str(error):
+            raise
+        raise RuntimeError(start_timeout_message(engine)) from error
+    finally:
+        placement.remove()
+
+
+def start_timeout_message(engine: EngineConfig) -> str:
+    import ray
+
+    asks = {k: v for k, v in engine_actor_resources(engine).items() if v}
+    bundles = placement_bundles(engine)
+    has = {k: ray.cluster_resources().get(k, 0) for k in ("CPU", "GPU", "memory")}
+    free = {k: ray.available_resources().get(k, 0) for k in ("CPU", "GPU", "memory")}
+    return (f"Timed out while starting actors: {engine.concurrency} engine actor(s) not started within "
+            f"engine.start_timeout_s={engine.start_timeout_s:g} s. Each asks for {asks}"
+            + (f" in a placement group of {bundles}" if bundles else "")
+            + f"; the cluster has {has} in all, {free} free now. A fresh autoscaling cluster must boot GPU nodes, pull "
+            "the image, run setup_commands, download the weights and start vLLM within this window: raise "
+            "engine.start_timeout_s (the 7B/8B configs use 3600), or fit engine.num_gpus / num_cpus / memory_gib "
+            "to the node types (python -m safeconf.cluster_check CLUSTER CONFIG).")
 
 
 def build_dataset(questions: pa.Table, config: Config, stage_class=EngineStage,
@@ -408,7 +435,7 @@ def run_pipeline(config: Config) -> dict:
     init_ray(config.ray_address)
     confidence_uri = io.join(out, "confidence")
     # overwrite: a rerun replaces the previous run's files instead of adding its own beside them
-    with EnginePlacementGroups(placement_bundles(config.engine)) as placement:  # freed for training when done
+    with engine_actors(config.engine) as placement:  # placement groups freed for training when done
         build_dataset(questions, config, placement=placement).write_parquet(confidence_uri, mode="overwrite")
     sft_counts = build_sft(confidence_uri, io.join(out, "sft"), config.sft)
     sampled = summarise(confidence_uri)

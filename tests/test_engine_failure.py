@@ -143,13 +143,14 @@ UNPLACEABLE_SCRIPT = RAY + textwrap.dedent(
     """
     import pyarrow as pa
     from safeconf.config import load_config
-    from safeconf.pipeline import map_on_engines
+    from safeconf.pipeline import engine_actors, map_on_engines
 
     # a GPU engine on a CPU-only cluster: no node can ever hold the actor
     config = load_config(overrides=["engine.num_gpus=1", "engine.start_timeout_s=3", "engine.memory_gib=0"])
     started = time.time()
     try:
-        map_on_engines(ray.data.from_arrow(pa.table({"id": ["a"]})), object, config).take_all()
+        with engine_actors(config.engine) as placement:
+            map_on_engines(ray.data.from_arrow(pa.table({"id": ["a"]})), object, config, placement).take_all()
         print("RESULT " + json.dumps({"error": None}))
     except Exception as error:
         print("RESULT " + json.dumps({"error": f"{type(error).__name__}: {error}"[:2000],
@@ -162,4 +163,7 @@ def test_an_engine_stage_no_node_can_place_fails_within_its_start_timeout():
     result = run_script(UNPLACEABLE_SCRIPT, timeout=300)
     assert result["error"] is not None, "a stage that cannot be placed must fail, not wait"
     assert "Timed out while starting actors" in result["error"], result
+    # what to change, what one engine asks for and what the cluster has
+    assert "engine.start_timeout_s=3 s" in result["error"] and "'num_gpus': 1.0" in result["error"], result
+    assert "the cluster has {'CPU': " in result["error"] and "'GPU': 0" in result["error"], result
     assert result["seconds"] < 60, result

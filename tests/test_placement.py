@@ -18,8 +18,7 @@ SCRIPT = textwrap.dedent(
     import ray
     from safeconf.config import load_config
     from ray.util import placement_group_table
-    from safeconf.engines.base import placement_bundles
-    from safeconf.pipeline import EnginePlacementGroups, map_on_engines
+    from safeconf.pipeline import engine_actors, map_on_engines
 
     @ray.remote(num_gpus=1, num_cpus=0)
     class GpuWorker:  # what vLLM's Ray executor starts: one actor per GPU, no CPU
@@ -39,7 +38,7 @@ SCRIPT = textwrap.dedent(
              log_to_driver=False)
     config = load_config(overrides=["engine.tensor_parallel_size=2", "engine.num_cpus=1", "engine.concurrency=1",
                                     "engine.batch_size=2"])
-    with EnginePlacementGroups(placement_bundles(config.engine)) as placement:
+    with engine_actors(config.engine) as placement:
         rows = map_on_engines(ray.data.range(4), TensorParallelStage, config, placement).take_all()
         groups = list(placement.groups)
         print("STRATEGIES", sorted({placement_group_table(g)["strategy"] for g in groups}))

@@ -37,8 +37,7 @@ from safeconf.evaluation.results import (
     sample_size_warnings,
     truncated_prompts,
 )
-from safeconf.engines.base import placement_bundles
-from safeconf.pipeline import EnginePlacementGroups, ingest, init_ray, map_on_engines, question_dataset
+from safeconf.pipeline import engine_actors, ingest, init_ray, map_on_engines, question_dataset
 from safeconf.schema import QUESTION_FIELDS
 
 log = logging.getLogger(__name__)
@@ -207,7 +206,7 @@ def load_aux(spec: str, limit: int, name: str, safe_only: bool = False) -> tuple
 def predict(questions: pa.Table, config: Config, plan: dict, role: str, uri: str) -> tuple[list[dict], dict]:
     """Run EvalStage over the questions on an actor pool, then the post-hoc calibrations (calibrate_posthoc) over
     all of its rows; the predictions are written to `uri` and returned, with what the calibrations fitted."""
-    with EnginePlacementGroups(placement_bundles(config.engine)) as placement:  # freed when this pass is done
+    with engine_actors(config.engine) as placement:  # placement groups freed when this pass is done
         ds = map_on_engines(question_dataset(questions, config.engine.batch_size), EvalStage, config, placement,
                             plan=plan, role=role)
         ds.write_parquet(uri, mode="overwrite")  # a re-run replaces the old predictions, never mixes with them
