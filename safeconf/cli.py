@@ -32,6 +32,20 @@ def add_stage(stages, name: str, help: str, description: str) -> argparse.Argume
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeconf", description="Calibrated LLM safety self-evaluation on Ray.")
     stages = parser.add_subparsers(dest="stage", required=True)
+    guard = add_stage(
+        stages, "guard",
+        help="guard-tuning: plain fine-tuning on a gold-labelled pool, before SafeConf (safeconf.guard)",
+        description="Fine-tune the model on the gold answers of a labelled pool (no confidence in the target) and "
+        "merge the LoRA into OUT/guard/merged: the model to run the other stages on (model.name=OUT/guard/merged; "
+        "jobs/full.py with guard.data does this itself). Pool questions that equal a calibration (data) or held-out "
+        "(eval.data) question are left out and counted; OUT/guard/guard_summary.json has the counts and the "
+        "training summary. Resumes like train; --fresh starts over.",
+    )
+    guard.add_argument("--data", help="the gold-labelled pool SPEC (guard.data)")
+    guard.add_argument("--out", help="run directory; the stage writes OUT/guard/ (default: runs/latest)")
+    guard.add_argument("--fresh", action="store_true", help="remove the guard run's checkpoints and start over")
+    _add_common(guard)
+
     pipeline = add_stage(
         stages, "pipeline",
         help="questions -> mutations -> k samples -> self-consistency confidence -> fine-tuning set",
@@ -115,6 +129,11 @@ def stage_plan(args, config):
     from safeconf import io, stages
     from safeconf.guard import guard_model
 
+    if args.stage == "guard":
+        plan = stages.guard_plan(config)
+        if plan is None:
+            raise SystemExit("safeconf guard: give the pool: --data SPEC or guard.data=SPEC")
+        return plan
     if args.stage == "pipeline":
         return stages.pipeline_plan(config)
     if args.stage == "train":
@@ -150,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     # --data of evaluate names the held-out questions, not the config's data (the pipeline's questions)
     explicit = {"out": getattr(args, "out", None), "limit": getattr(args, "limit", None),
                 "data": args.data if args.stage == "pipeline" else None}
+    if args.stage == "guard" and args.data:
+        explicit["guard"] = {"data": args.data}
     if args.stage == "serve":  # the model and adapter options land in the config the replicas are built from
         explicit["model"] = {k: v for k, v in (("name", args.model), ("adapter", args.adapter)) if v}
     try:

@@ -399,3 +399,14 @@ def test_what_only_safeconf_reads_leaves_the_guard_model_alone(tmp_path, key):
     pool = pool_file(tmp_path)
     before = stages.job_plans(config(tmp_path, f"guard.data={pool}"))["guard"]
     assert stages.job_plans(config(tmp_path, f"guard.data={pool}", key))["guard"].fingerprint == before.fingerprint
+
+
+def test_cli_guard_runs_the_guard_stage_on_the_pool_it_names(tmp_path, stub_runners, capsys):
+    pool = pool_file(tmp_path)
+    assert cli_main(["guard", "--data", pool, "--out", str(tmp_path / "run"), "--fresh"]) == 0
+    (name, call), = stub_runners
+    expected = stages.guard_plan(config(tmp_path, f"guard.data={pool}"))
+    assert name == "guard" and call == {"run_key": expected.args["run_key"], "fresh": True}
+    ran(stub_runners)
+    with pytest.raises(SystemExit, match="give the pool"):
+        cli_main(["guard", "--out", str(tmp_path / "run")])
