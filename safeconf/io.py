@@ -46,6 +46,16 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def delete(uri: str) -> None:
+    """Remove a file or folder (local or object store); nothing when it does not exist."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def publish_dir(local_dir: str, uri: str) -> None:
     """Copy a local folder to a local path or object store URI, replacing what was there."""
     fs, path = filesystem(uri)

@@ -312,16 +312,8 @@ class StagePlan:
 
     def clear_outputs(self) -> None:
         for uri in self.outputs:
-            _delete(uri)
+            io.delete(uri)
 
-
-def _delete(uri: str) -> None:
-    fs, path = io.filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
 
 
 def guard_plan(config: Config) -> StagePlan | None:
@@ -341,7 +333,9 @@ def guard_plan(config: Config) -> StagePlan | None:
     inputs = {"config": config_inputs(tuned, "guard"), "sft": pool, "snapshot_steps": tuned.train.snapshot_steps}
     folder = guard_dir(out)
     return StagePlan("guard", config, {"out": out, "run_key": train_run_key(tuned, pool)}, inputs,
-                     outputs=[io.join(folder, p) for p in ("sft", "adapter", "merged", "snapshots", "rejects.parquet",
+                     # not snapshots/: they belong to the Ray Train run, which a redo resumes (run_training clears
+                     # them when it starts a run afresh)
+                     outputs=[io.join(folder, p) for p in ("sft", "adapter", "merged", "rejects.parquet",
                                                            "train_summary.json", "guard_summary.json")],
                      done=io.join(folder, "guard_summary.json"))
 
@@ -501,7 +495,7 @@ def run_job(config: Config, stages: list[str], from_stage: str | None = None,
     check_upstream(plans, stages, out)
     for name in stages:  # --from: nothing of what it redoes survives, even if a stage fails before its turn
         if name in forced and name in plans:
-            _delete(marker_path(out, name))
+            io.delete(marker_path(out, name))
             plans[name].clear_outputs()
     report = {}
     for name in stages:
@@ -523,7 +517,7 @@ def run_plan(plan: StagePlan, out: str, forced: bool = False,
         log.info("stage %s up to date (fingerprint %s); skipped", name, plan.fingerprint[:12])
         return {"stage_seconds": marker.get("stage_seconds", 0.0), "status": "up to date"}
     log.info("stage %s: %s; running it (fingerprint %s)", name, reason, plan.fingerprint[:12])
-    _delete(marker_path(out, name))  # a redo that fails leaves no marker claiming the old outputs
+    io.delete(marker_path(out, name))  # a redo that fails leaves no marker claiming the old outputs
     plan.clear_outputs()  # and nothing of the old run mixes with the new one (e.g. a stale train/merged)
     started = time.time()
     try:

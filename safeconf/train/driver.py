@@ -136,6 +136,8 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
     found = run_fs.get_file_info(run_path).type != pafs.FileType.NotFound
     if found and fresh:
         run_fs.delete_dir(run_path)
+    if fresh or not found:  # the snapshots of another (or a restarted) run are not this run's learning curve
+        io.delete(io.join(out, "snapshots"))
     log.info("Ray Train run %s in %s: %s", run_name, storage,
              "old checkpoints removed, starting over" if found and fresh
              else "resuming from its checkpoints (same inputs)" if found else "new run")
