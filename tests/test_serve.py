@@ -236,7 +236,8 @@ def test_deployment_options_from_config():
     options = deployment_options(config)
     assert options["autoscaling_config"]["min_replicas"] == 2 and options["autoscaling_config"]["max_replicas"] == 4
     assert options["ray_actor_options"]["num_gpus"] == 1
-    assert options["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    # a GPU replica's CPU threads come from its own reservation (engine.num_cpus), not the node's core count
+    assert options["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
     config.engine.tensor_parallel_size = 2
     tp = deployment_options(config)
     # the replica's CPUs and memory in the first bundle (it must fit in it), one GPU bundle per vLLM worker
