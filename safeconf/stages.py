@@ -60,6 +60,7 @@ SPEED_ONLY = {
     "engine.batch_size": "questions per engine call",
     "engine.concurrency": "engine actors",
     "engine.num_gpus": "placement",
+    "engine.device": "placement (CUDA or the CPU; a run moved between them is the same run, as with engine.num_gpus)",
     "engine.num_cpus": "placement",
     "engine.memory_gib": "placement",
     "engine.tensor_parallel_size": "GPUs per engine (the same model, sharded)",

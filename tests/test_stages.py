@@ -44,7 +44,8 @@ def test_a_result_relevant_key_changes_the_fingerprint(tmp_path, stage, key):
     "engine.concurrency=3", "engine.batch_size=4", "engine.num_cpus=2", "engine.cpu_threads=2",
     "engine.memory_gib=8", "model.cache_dir=/tmp/elsewhere", "train.cpus_per_worker=0.5", "train.cpu_threads=2",
     "train.log_every=1", "train.checkpoint_every=7", "train.max_failures=3", "train.storage_path=/tmp/ckpt",
-    "train.run_name=other", "train.zero_stage=3", "train.offload_optimizer=true", "ray_address=auto",
+    "train.run_name=other", "train.zero_stage=3", "train.offload_optimizer=true", "ray_address=auto", "engine.device=cpu",
+    "train.gradient_checkpointing=true",
     "serve.port=9000",
 ])
 def test_a_speed_or_placement_key_changes_no_fingerprint(tmp_path, key):
