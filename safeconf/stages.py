@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 
 import pyarrow.fs as pafs
@@ -42,6 +42,7 @@ from safeconf.config import Config
 log = logging.getLogger(__name__)
 
 STAGES = ("guard", "pipeline", "train", "evaluate")
+TRAINING_STAGES = ("guard", "train")  # run on Ray Train: named by a run key, resumed from checkpoints
 
 # The config keys (top-level keys and sections) each stage reads.
 READS = {
@@ -240,13 +241,19 @@ def sft_identity(dataset: str) -> dict:
 
 
 def train_run_key(config: Config, sft) -> str:
-    """The key that names the Ray Train run (train_run_name): the train fingerprint's inputs without the
-    output-only keys, plus the checkpoint layout. Same key: resume (or restore a finished run); another: new run."""
-    inputs = train_inputs(config, sft)
-    inputs["config"] = {k: v for k, v in inputs["config"].items() if k not in TRAIN_OUTPUT_ONLY}
+    """The key that names the Ray Train run of training `config` on the SFT set `sft` (run_key_of)."""
+    return run_key_of(train_inputs(config, sft), config)
+
+
+def run_key_of(inputs: dict, config: Config) -> str:
+    """The key that names a training stage's Ray Train run (train_run_name): its fingerprint's config and SFT inputs
+    without the output-only keys, plus the checkpoint layout. Same key: resume (or restore a finished run); another:
+    new run."""
+    keyed = {"config": {k: v for k, v in inputs["config"].items() if k not in TRAIN_OUTPUT_ONLY},
+             "sft": inputs["sft"]}
     flat = flatten(config.to_dict())
-    inputs["checkpoint_layout"] = {k: flat[k] for k in CHECKPOINT_LAYOUT}
-    return fingerprint(inputs)
+    keyed["checkpoint_layout"] = {k: flat[k] for k in CHECKPOINT_LAYOUT}
+    return fingerprint(keyed)
 
 
 def train_run_name(config: Config, run_key: str) -> str:
@@ -285,7 +292,8 @@ def _run_evaluate(config: Config, data: str, out: str, adapter: str = "", model:
     return run_evaluation(config, data, out, model=model, adapter=adapter or None)
 
 
-# What runs each stage, called as runner(config, **StagePlan.args); tests replace them with stubs.
+# What runs each stage, called as runner(config, **StagePlan.args), the training stages with run_key and fresh too;
+# tests replace them with stubs.
 RUNNERS: dict[str, Callable[..., dict]] = {"guard": _run_guard, "pipeline": _run_pipeline, "train": _run_train, "evaluate": _run_evaluate}
 
 
@@ -301,14 +309,19 @@ class StagePlan:
     outputs: list[str]
     done: str
     upstream: tuple[str, ...] = ()
-    fingerprint: str = field(init=False)
 
-    def __post_init__(self):
-        self.fingerprint = fingerprint(self.inputs)
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs)
+
+    @property
+    def run_key(self) -> str | None:
+        """The key naming a training stage's Ray Train run (run_key_of its inputs); None for the others."""
+        return run_key_of(self.inputs, self.config) if self.name in TRAINING_STAGES else None
 
     def run(self, fresh: bool = False) -> dict:
         """Run the stage; fresh=True makes training start over instead of resuming its checkpoints."""
-        args = {**self.args, "fresh": fresh} if self.name in ("guard", "train") else self.args
+        args = {**self.args, "run_key": self.run_key, "fresh": fresh} if self.name in TRAINING_STAGES else self.args
         return RUNNERS[self.name](self.config, **args)
 
     def clear_outputs(self) -> None:
@@ -333,7 +346,7 @@ def guard_plan(config: Config) -> StagePlan | None:
                                 "eval.data": spec_identity(config.eval.data)}}
     inputs = {"config": config_inputs(tuned, "guard"), "sft": pool, "snapshot_steps": tuned.train.snapshot_steps}
     folder = guard_dir(out)
-    return StagePlan("guard", config, {"out": out, "run_key": train_run_key(tuned, pool)}, inputs,
+    return StagePlan("guard", config, {"out": out}, inputs,
                      # not snapshots/: they belong to the Ray Train run, which a redo resumes (run_training clears
                      # them when it starts a run afresh)
                      outputs=[io.join(folder, p) for p in ("sft", "adapter", "merged", "rejects.parquet",
@@ -342,12 +355,12 @@ def guard_plan(config: Config) -> StagePlan | None:
 
 
 def on_guard_model(plan: StagePlan, guard: StagePlan | None) -> StagePlan:
-    """A stage that runs on the guard-tuned model: its model is identified by the guard stage's fingerprint (the
-    merged folder does not exist yet when the job is planned)."""
+    """A stage that runs on the guard-tuned model: its model is identified by the guard stage's fingerprint, in
+    its fingerprint and (for training) its run key, which derive from the inputs (the merged folder does not
+    exist yet when the job is planned, and is rewritten by every redo of the guard stage)."""
     if guard is None:
         return plan
     plan.inputs["config"]["model.name"] = upstream("guard", guard.fingerprint)
-    plan.fingerprint = fingerprint(plan.inputs)
     plan.upstream = tuple(s for s in STAGES if s == "guard" or s in plan.upstream)
     return plan
 
@@ -375,8 +388,7 @@ def train_plan(config: Config, dataset: str, out: str, sft=None) -> StagePlan:
     """Training on the SFT folder `dataset` into `out`; `sft` identifies the set (default: its files)."""
     dataset, out = io.normalise_uri(dataset), io.normalise_uri(out)
     sft = sft if sft is not None else sft_identity(dataset)
-    return StagePlan("train", config, {"dataset": dataset, "out": out, "run_key": train_run_key(config, sft)},
-                     train_inputs(config, sft),
+    return StagePlan("train", config, {"dataset": dataset, "out": out}, train_inputs(config, sft),
                      outputs=[io.join(out, p) for p in ("adapter", "merged", "train_summary.json")],
                      done=io.join(out, "adapter"), upstream=_stages_read(sft))
 

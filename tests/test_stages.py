@@ -122,7 +122,7 @@ def write_sft(folder, rows: int):
 def test_the_training_run_name_changes_with_the_sft_set_and_the_result_config(tmp_path):
     cfg = config(tmp_path)
     sft = write_sft(tmp_path / "sft", 3)
-    name = lambda c=cfg: stages.train_run_name(c, stages.train_plan(c, str(sft), str(tmp_path / "t")).args["run_key"])  # noqa: E731
+    name = lambda c=cfg: stages.train_run_name(c, stages.train_plan(c, str(sft), str(tmp_path / "t")).run_key)  # noqa: E731
     first = name()
     assert first.startswith("safeconf-train-") and len(first) == len("safeconf-train-") + 12
     assert name() == first  # same inputs: the same run, so an interrupted one resumes
@@ -135,7 +135,7 @@ def test_the_training_run_name_changes_with_the_sft_set_and_the_result_config(tm
 
 def test_in_a_job_the_training_run_is_keyed_by_the_pipeline_fingerprint(tmp_path):
     a, b = stages.job_plans(config(tmp_path)), stages.job_plans(config(tmp_path, "sampling.k=8"))
-    assert a["train"].args["run_key"] != b["train"].args["run_key"]
+    assert a["train"].run_key != b["train"].run_key
     assert a["train"].inputs["sft"] == {"stage": "pipeline", "fingerprint": a["pipeline"].fingerprint}
     assert a["train"].upstream == ("pipeline",) and a["evaluate"].upstream == ("pipeline", "train")
     own = stages.job_plans(config(tmp_path, f"train.dataset={write_sft(tmp_path / 'mine', 2)}"))
@@ -330,7 +330,7 @@ def test_cli_train_uses_the_same_run_key_rule_and_fresh(tmp_path, stub_runners):
     assert cli_main(["train", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "t"), "--fresh"]) == 0
     (_, call), = stub_runners
     cfg = load_config(overrides=[f"out={tmp_path / 't'}"])
-    assert call == {"dataset": str(sft), "run_key": stages.train_plan(cfg, str(sft), str(tmp_path / "t")).args["run_key"],
+    assert call == {"dataset": str(sft), "run_key": stages.train_plan(cfg, str(sft), str(tmp_path / "t")).run_key,
                     "fresh": True}
 
 
@@ -383,6 +383,20 @@ def test_with_a_guard_pool_every_later_stage_runs_on_the_guard_model(tmp_path, s
     assert ran(stub_runners) == ["train", "evaluate"]
 
 
+def test_safeconf_training_on_the_guard_model_keeps_its_run_key_once_the_merged_model_exists(tmp_path):
+    """The train stage's Ray Train run is keyed by the guard stage's fingerprint, not by the merged folder's files:
+    planned before the guard ran (no folder) or after (a folder rewritten by every guard redo), an interrupted
+    SafeConf training resumes; another guard model starts a new run."""
+    guarded = lambda *extra: config(tmp_path, f"guard.data={pool_file(tmp_path)}", *extra)  # noqa: E731
+    before = stages.job_plans(guarded())["train"]
+    merged = tmp_path / "run" / "guard" / "merged"
+    merged.mkdir(parents=True)
+    (merged / "model.safetensors").write_bytes(b"weights")
+    after = stages.job_plans(guarded())["train"]
+    assert after.run_key == before.run_key and after.fingerprint == before.fingerprint
+    assert stages.job_plans(guarded("guard.learning_rate=1e-3"))["train"].run_key != before.run_key
+
+
 @pytest.mark.parametrize("key", ["guard.epochs=2", "guard.lora_target_modules=[q_proj]", "guard.limit=3",
                                  "guard.val_fraction=0.5", "train.micro_batch_size=8", "model.dtype=float32",
                                  "data=jsonl:/tmp/other.jsonl", "eval.data=jsonl:/tmp/heldout.jsonl"])
@@ -391,7 +405,7 @@ def test_what_the_guard_model_depends_on_changes_its_fingerprint(tmp_path, key):
     before = stages.job_plans(config(tmp_path, f"guard.data={pool}"))["guard"]
     after = stages.job_plans(config(tmp_path, f"guard.data={pool}", key))["guard"]
     assert after.fingerprint != before.fingerprint
-    assert after.args["run_key"] != before.args["run_key"]  # an interrupted guard run never resumes on other inputs
+    assert after.run_key != before.run_key  # an interrupted guard run never resumes on other inputs
 
 
 @pytest.mark.parametrize("key", ["train.learning_rate=1e-3", "train.lora_target_modules=[q_proj]", "sampling.k=8",
@@ -407,7 +421,7 @@ def test_cli_guard_runs_the_guard_stage_on_the_pool_it_names(tmp_path, stub_runn
     assert cli_main(["guard", "--data", pool, "--out", str(tmp_path / "run"), "--fresh"]) == 0
     (name, call), = stub_runners
     expected = stages.guard_plan(config(tmp_path, f"guard.data={pool}"))
-    assert name == "guard" and call == {"run_key": expected.args["run_key"], "fresh": True}
+    assert name == "guard" and call == {"run_key": expected.run_key, "fresh": True}
     ran(stub_runners)
     with pytest.raises(SystemExit, match="give the pool"):
         cli_main(["guard", "--out", str(tmp_path / "run")])
