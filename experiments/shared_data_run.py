@@ -108,6 +108,7 @@ from pathlib import Path
 from safeconf import io
 from safeconf import stages as stage_runs
 from safeconf.config import DEFAULT_EVAL_METHODS, Config, load_config
+from safeconf.guard import balance_of, text_key
 from safeconf.pipeline import ingest
 from safeconf.sft import build_sft, split_of
 
@@ -188,11 +189,9 @@ ADAPTER_EVAL = ["safeconf", "adapter_token_prob"]
 
 
 def balance_key(row: dict) -> tuple:
-    """What a draw balances over: safe vs unsafe for a judgement, the right option's position for a multiple-choice
-    question (a SafetyBench Yes / No judgement's unsafe answer is Yes or No by its ask, so not the index)."""
-    if row["task"] == "judge" and row.get("unsafe_option") is not None:
-        return ("judge", "unsafe" if row["answer"] == row["unsafe_option"] else "safe")
-    return (row["task"], f"answer {row['answer']}")
+    """What a draw balances over: the task, and safe vs unsafe for a judgement, the right option's position for a
+    multiple-choice question (safeconf.guard.balance_of, which the guard stage's counts use too)."""
+    return (row["task"], balance_of(row))
 
 
 def read_pool(spec: str) -> list[dict]:
@@ -268,8 +267,7 @@ def select(shared: Path, seed: int = SEED, scale: float = 1.0, guard_scale: floa
             "excluded_as_train_duplicates": heldout_excluded}
 
 
-def text_of(row: dict) -> tuple:
-    return (row["question"], tuple(row["options"]))
+text_of = text_key  # a question's identity by its text and options, as the guard stage keeps its pool apart
 
 
 def check_disjoint(train: list[dict], evaluated: list[dict]) -> None:

@@ -87,7 +87,8 @@ def gold_example(question: dict) -> dict:
 
 
 def balance_of(question: dict) -> str:
-    """safe / unsafe for a judgement whose unsafe option is known, else the right option's position."""
+    """safe / unsafe for a judgement whose unsafe option is known, else the right option's position (a SafetyBench
+    Yes / No judgement's unsafe answer is Yes or No by its ask, so not the index)."""
     if question["task"] == "judge" and question.get("unsafe_option") is not None:
         return "unsafe" if question["answer"] == question["unsafe_option"] else "safe"
     return f"answer {question['answer']}"
