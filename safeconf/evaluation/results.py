@@ -117,10 +117,10 @@ def base_rate_reference(rows: list[dict], config: EvalConfig) -> dict | None:
     """The constant forecaster a calibration claim must beat: the method's own answers with one confidence for
     all, its accuracy on the calibration split. Its ECE is small wherever accuracy is stable, but its AUROC is 0.5,
     its sharpness and resolution 0; a method that does no better says nothing about single questions."""
-    calibration = [r for r in rows if r["answer"] is not None and r["split"] == "calibration"]
-    if not calibration:
+    _, right = correctness([r for r in rows if r["split"] == "calibration"])
+    if not right.size:
         return None
-    rate = float(np.mean([r["choice"] == r["answer"] for r in calibration]))
+    rate = float(right.mean())
     constant = [{**r, "confidence": rate} for r in rows]
     return {"confidence": rate, "overall": score_rows(constant, config),
             "test": score_rows([r for r in constant if r["split"] == "test"], config)}
