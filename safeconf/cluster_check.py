@@ -13,8 +13,11 @@ What each stage asks for comes from the code that asks for it, never from a copy
   serve replicas safeconf.serving.deployment.deployment_options, up to serve.max_replicas of them (Ray Serve)
 Every request must fit one node type (CPU, GPU, custom resources; memory where the node type declares it), a
 tensor-parallel engine's placement group on one node (vLLM's tensor parallelism stays inside a node), and as many
-requests as the stage makes at once must fit the nodes the cluster may scale to. It prints what fits where and
-exits 1 on a misfit (2 on a file it cannot read).
+requests as the stage makes at once must fit the nodes the cluster may scale to. On every GPU node type a stage
+may land on, its GPU memory plan (safeconf.memory_plan: weights, KV cache, activations with or without gradient
+checkpointing) must fit that node type's GPU, known from its instance type, GKE accelerator label or Ray
+`accelerator_type:NAME` resource (or --gpu-memory-gib). It prints what fits where and the memory plan, and exits 1
+on a misfit (2 on a file it cannot read).
 
 Which stages run where: a launcher cluster runs every stage the config has sections for (a config with a `serve`
 section is an endpoint config: serve; one with data/out/train/... a run: engines and training); a RayJob runs
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from safeconf import memory_plan
 from safeconf.config import Config, load_config
 
 GIB = 1024**3
@@ -46,6 +50,7 @@ class NodeType:
     resources: dict[str, float]  # Ray resources of one node: CPU, GPU, memory (bytes) where declared, custom
     max_nodes: int  # how many of them the cluster may have at once (the head's type: 1 + its max_workers)
     head: bool = False
+    accelerator: str = ""  # the GPU model (memory_plan.GPU_MEMORY_GIB), where the file says which
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Fit:
     per_node: dict[str, int] = field(default_factory=dict)  # node type -> units one node of it holds (> 0 only)
     capacity: int = 0  # units the whole cluster can hold at once
     problems: list[str] = field(default_factory=list)
+    memory: list[str] = field(default_factory=list)  # the GPU memory plan per node type
 
 
 # --- the cluster side ---
@@ -98,7 +104,10 @@ def launcher_cluster(doc: dict, path: str = "<launcher>") -> Cluster:
             raise ValueError(f"{path}: available_node_types.{name}.resources is missing; declare CPU and GPU (and "
                              "memory) so the autoscaler, and this check, know what the node holds")
         count = int(node_type.get("max_workers", 0)) + (1 if name == head else 0)
-        types.append(NodeType(name, {k: float(v) for k, v in resources.items()}, count, head=name == head))
+        node_config = node_type.get("node_config") or {}
+        machine = str(node_config.get("InstanceType") or node_config.get("machineType") or "")
+        types.append(NodeType(name, {k: float(v) for k, v in resources.items()}, count, head=name == head,
+                              accelerator=memory_plan.accelerator_of(machine, ray_resources=resources)))
     return Cluster(path, "launcher", types, doc.get("max_workers"))
 
 
@@ -109,10 +118,17 @@ def kuberay_cluster(doc: dict, path: str = "<kuberay>") -> Cluster:
                "RayCluster": lambda: spec}[kind]()
     if not cluster:
         raise ValueError(f"{path}: {kind} without a cluster spec (rayClusterSpec / rayClusterConfig)")
-    types = [NodeType("head", kuberay_group_resources(cluster["headGroupSpec"], f"{path}: headGroupSpec"), 1, head=True)]
-    for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
-        name = group.get("groupName") or f"workerGroupSpecs[{i}]"
-        types.append(NodeType(name, kuberay_group_resources(group, f"{path}: {name}"), int(group.get("maxReplicas", 0))))
+    types = []
+    groups = [("head", cluster["headGroupSpec"], 1)] + [
+        (group.get("groupName") or f"workerGroupSpecs[{i}]", group, int(group.get("maxReplicas", 0)))
+        for i, group in enumerate(cluster.get("workerGroupSpecs") or [])]
+    for name, group, count in groups:
+        resources = kuberay_group_resources(group, f"{path}: {'headGroupSpec' if name == 'head' else name}")
+        # the GPU model: the nodeSelector's GKE accelerator or well-known instance-type label, or a Ray resource
+        selector = (group.get("template") or {}).get("spec", {}).get("nodeSelector") or {}
+        accelerator = memory_plan.accelerator_of(str(selector.get("node.kubernetes.io/instance-type", "")),
+                                                 str(selector.get("cloud.google.com/gke-accelerator", "")), resources)
+        types.append(NodeType(name, resources, count, head=name == "head", accelerator=accelerator))
     return Cluster(path, kind, types)
 
 
@@ -265,6 +281,31 @@ def check(cluster: Cluster, requests: list[Request]) -> list[Fit]:
     return fits
 
 
+def check_memory(cluster: Cluster, config: Config, fits: list[Fit], gpu_memory_gib: float | None = None) -> None:
+    """Add each GPU stage's memory plan on every GPU node type it may land on to its Fit: a misfit where the plan
+    exceeds the node type's GPU, a note where the GPU model is unknown."""
+    types = {n.name: n for n in cluster.node_types}
+    for fit in fits:
+        if unit(fit.request).get("GPU", 0) <= 0:
+            continue  # a CPU stage; a tensor-parallel engine's GPUs are in its placement group's bundles
+        for name in fit.per_node:
+            node = types[name]
+            gib = gpu_memory_gib or memory_plan.GPU_MEMORY_GIB.get(node.accelerator)
+            if not gib:
+                fit.memory.append(f"{name}: GPU memory unknown (no instance type, GKE accelerator label or Ray "
+                                  "accelerator_type:NAME resource names its GPU; --gpu-memory-gib sets it): no plan")
+                continue
+            plan = memory_plan.stage_plan(config, fit.request.stage, gib)
+            if isinstance(plan, str):
+                fit.memory.append(f"{name}: {plan}")
+                continue
+            gpu = f"{node.accelerator or 'GPU'} {gib:g} GiB"
+            fit.memory.append(f"{name} ({gpu}): {plan.describe()}" + ("" if plan.fits else "  TOO BIG"))
+            if not plan.fits:
+                fit.problems.append(f"stage '{fit.request.stage}' needs {plan.total / GIB:.1f} GiB per GPU on {name} "
+                                    f"({gpu}), over the {plan.limit / GIB:.1f} GiB it may use; change {plan.fix}")
+
+
 def _capacity(cluster: Cluster, per_node_counts: dict[str, int]) -> int:
     """Units the cluster holds at once: the largest node types first, within the launcher's max_workers."""
     types = {n.name: n for n in cluster.node_types}
@@ -301,12 +342,15 @@ def config_sections(path: str | Path) -> set[str]:
     return set(values)
 
 
-def check_files(cluster_path: str | Path, config_path: str | Path) -> tuple[Cluster, list[Fit]]:
-    """Load both files and check the config's stages that run on that cluster."""
+def check_files(cluster_path: str | Path, config_path: str | Path,
+                gpu_memory_gib: float | None = None) -> tuple[Cluster, list[Fit]]:
+    """Load both files and check the config's stages that run on that cluster: resources, then GPU memory."""
     cluster = load_cluster(cluster_path)
     stages = stages_for(cluster.kind, config_sections(config_path))
     config = load_config(str(config_path))
-    return cluster, check(cluster, stage_requests(config, stages))
+    fits = check(cluster, stage_requests(config, stages))
+    check_memory(cluster, config, fits, gpu_memory_gib)
+    return cluster, fits
 
 
 def report(cluster: Cluster, config_path: str, fits: list[Fit]) -> str:
@@ -320,6 +364,7 @@ def report(cluster: Cluster, config_path: str, fits: list[Fit]) -> str:
         if fit.per_node:
             head += f" -> fits {_where(cluster, fit.per_node)}; up to {fit.capacity} at once"
         lines.append(head + ("" if fit.problems else "  OK"))
+        lines += [f"    GPU memory per GPU on {line}" for line in fit.memory]
         lines += [f"    MISFIT {problem}" for problem in fit.problems]
     return "\n".join(lines)
 
@@ -330,15 +375,17 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("cluster", help="a cluster-launcher config or a KubeRay manifest")
     parser.add_argument("configs", nargs="+", help="SafeConf run configs")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="GPU memory of every GPU node type, where the cluster file does not say which GPU")
     args = parser.parse_args(argv)
     ok = True
     try:
         cluster = load_cluster(args.cluster)
         lines = ["node types:"] + [f"  {n.name} (up to {n.max_nodes}): {_resources(n.resources)}"
-                                   for n in cluster.node_types]
+                                   + (f" {n.accelerator}" if n.accelerator else "") for n in cluster.node_types]
         print("\n".join(lines))
         for path in args.configs:
-            _, fits = check_files(args.cluster, path)
+            _, fits = check_files(args.cluster, path, args.gpu_memory_gib)
             print(report(cluster, path, fits))
             ok = ok and not any(f.problems for f in fits)
     except (OSError, ValueError, KeyError) as err:

@@ -8,6 +8,7 @@ the node types of cluster/aws.yaml, cluster/gcp.yaml and cluster/kuberay/*.yaml.
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safeconf import cluster_check
+from safeconf import cluster_check, memory_plan
 from safeconf.cluster_check import Cluster, NodeType, Request, check, check_files, kuberay_cluster, launcher_cluster
 from safeconf.config import load_config
 
@@ -170,3 +171,84 @@ def test_module_runs_as_a_script():
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "serve replicas: 4 x" in run.stdout and "OK" in run.stdout
+
+
+# --- the GPU memory plan (safeconf.memory_plan) ---
+
+
+def test_model_shapes_give_the_published_parameter_counts():
+    """The shapes behind the plan reproduce each model card's parameter count (7.62B and 8.03B)."""
+    assert memory_plan.KNOWN_SHAPES["Qwen/Qwen2.5-7B-Instruct"].params == pytest.approx(7.62e9, rel=0.01)
+    assert memory_plan.KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B-Instruct"].params == pytest.approx(8.03e9, rel=0.01)
+
+
+def test_a_local_model_folder_gives_its_shape(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({  # SmolLM2-135M's config.json
+        "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}))
+    assert memory_plan.model_shape(str(tmp_path)).params == pytest.approx(134.5e6, rel=0.01)
+    assert memory_plan.model_shape("someone/unknown-model") is None
+
+
+@pytest.mark.parametrize("cluster_file", ["aws.yaml", "gcp.yaml"])
+@pytest.mark.parametrize("config", ["qwen2.5-7b.yaml", "llama3-8b.yaml"])
+def test_shipped_gpu_configs_print_a_memory_plan_per_gpu_node_type(cluster_file, config):
+    _, fits = check_files(CLUSTER / cluster_file, CLUSTER / "configs" / config)
+    for fit in fits:
+        assert {line.split(" ")[0] for line in fit.memory} == {"gpu_1x", "gpu_8x"}, fit.memory
+        assert all("GiB usable" in line and "TOO BIG" not in line for line in fit.memory)
+
+
+def test_training_without_gradient_checkpointing_does_not_fit_a_24gb_gpu(tmp_path):
+    """The issue's estimate: micro-batch 4 x 1024 tokens of a 7B model keeps 15-35 GB of activations."""
+    config = yaml.safe_load((CLUSTER / "configs" / "qwen2.5-7b.yaml").read_text())
+    config["train"]["gradient_checkpointing"] = False
+    path = tmp_path / "no-checkpointing.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _, fits = check_files(CLUSTER / "gcp.yaml", path)
+    train = next(f for f in fits if f.request.stage == "train workers")
+    [on_l4] = [p for p in train.problems if "gpu_1x" in p]
+    assert "L4 22.5 GiB" in on_l4 and "train.gradient_checkpointing: true" in on_l4
+    plan = memory_plan.train_plan(load_config(str(path)), memory_plan.KNOWN_SHAPES["Qwen/Qwen2.5-7B-Instruct"], 22.5)
+    activations = plan.terms["activations"] / GIB
+    assert 15 < activations < 35
+    checkpointed = memory_plan.activation_bytes(memory_plan.KNOWN_SHAPES["Qwen/Qwen2.5-7B-Instruct"], 4096, 2, True)
+    assert checkpointed / GIB < activations / 5
+
+
+def test_an_engine_whose_weights_do_not_fit_names_tensor_parallelism(tmp_path):
+    config = yaml.safe_load((CLUSTER / "configs" / "llama3-8b.yaml").read_text())
+    config["model"]["dtype"] = "float32"  # 32 GB of weights on one 24 GB GPU
+    path = tmp_path / "fp32-engine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cluster_check.main([str(CLUSTER / "aws.yaml"), str(path)]) == 1
+    _, fits = check_files(CLUSTER / "aws.yaml", path)
+    engines = next(f for f in fits if f.request.stage == "engine actors")
+    assert any("engine.tensor_parallel_size" in p and "A10G" in p for p in engines.problems)
+    config["engine"].update(tensor_parallel_size=2, num_gpus=0.0)  # split over two GPUs of the 8-GPU node
+    path.write_text(yaml.safe_dump(config))
+    _, fits = check_files(CLUSTER / "aws.yaml", path)
+    engines = next(f for f in fits if f.request.stage == "engine actors")
+    # the placement group (two GPU bundles) fits only the 8-GPU node, where each GPU holds half the weights
+    assert not engines.problems and [line.split(" ")[0] for line in engines.memory] == ["gpu_8x"]
+    assert "weights 15.0" in engines.memory[0]
+
+
+def test_kuberay_gpu_model_from_the_node_selector_or_a_ray_resource():
+    doc = copy.deepcopy(_yaml("kuberay/rayjob.yaml"))
+    gpu = next(g for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert kuberay_cluster(doc).node_types[-1].accelerator == ""  # the shipped manifest leaves the GPU open
+    gpu["template"]["spec"]["nodeSelector"] = {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert {n.name: n.accelerator for n in kuberay_cluster(doc).node_types}["gpu"] == "L4"
+    gpu["template"]["spec"]["nodeSelector"] = {}
+    gpu["rayStartParams"] = {"resources": '"{\\"accelerator_type:H100\\": 1}"'}
+    assert {n.name: n.accelerator for n in kuberay_cluster(doc).node_types}["gpu"] == "H100"
+
+
+def test_cli_gpu_memory_option_plans_an_unnamed_gpu(capsys):
+    args = [str(CLUSTER / "kuberay/rayjob.yaml"), str(CLUSTER / "configs" / "qwen2.5-7b.yaml")]
+    assert cluster_check.main(args) == 0
+    assert "GPU memory unknown" in capsys.readouterr().out
+    assert cluster_check.main(args + ["--gpu-memory-gib", "16"]) == 1  # a 16 GB GPU cannot hold 14 GiB + KV
+    out = capsys.readouterr().out
+    assert "TOO BIG" in out and "MISFIT stage 'engine actors' needs" in out

@@ -398,3 +398,31 @@ def test_every_pod_gets_hf_token_for_gated_models(name):
         for container in group["template"]["spec"]["containers"]:
             names = {entry["name"] for entry in container.get("env") or []}
             assert "HF_TOKEN" in names, (name, group.get("groupName", "head"), container["name"])
+
+
+def _cuda_stack() -> dict[str, str]:
+    """The `#   key: value` statements of the CUDA stack at the head of cluster/constraints.txt."""
+    stack = {}
+    for line in (CLUSTER / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"#\s+(cuda|nvidia-driver|nvcc):\s+(\S+)", line)
+        if match:
+            stack[match.group(1)] = match.group(2)
+    return stack
+
+
+def test_the_cuda_stack_is_stated_once_and_the_gpu_images_carry_its_driver():
+    stack = _cuda_stack()
+    assert stack.keys() == {"cuda", "nvidia-driver", "nvcc"}
+    driver = int(stack["nvidia-driver"])
+    images = [node["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+              for node in _yaml("gcp.yaml")["available_node_types"].values() if node["resources"].get("GPU")]
+    families = [re.search(r"common-cu(\d+)-.*-nvidia-(\d+)$", image) for image in images]
+    assert all(families), images
+    for family in families:
+        assert int(family.group(2)) >= driver, f"{family.group(0)}: its driver is older than the R{driver} CUDA needs"
+        assert family.group(1) == stack["cuda"].replace(".", ""), family.group(0)
+    # the CUDA build comes from the torch pin alone: no CUDA-tagged wheel index or local version anywhere
+    for name in ("aws.yaml", "gcp.yaml", "Dockerfile"):
+        text = (CLUSTER / name).read_text(encoding="utf-8")
+        assert "download.pytorch.org" not in text and "+cu" not in text, name
+

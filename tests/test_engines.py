@@ -214,7 +214,7 @@ def test_an_engine_that_reserves_a_gpu_runs_on_it_or_fails_naming_the_cuda_stack
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU node whose CUDA install is broken
     with pytest.raises(RuntimeError, match=r"engine.num_gpus=1.*sees no CUDA device: torch .* built for CUDA .*"
-                                           r"engine.device=cpu"):
+                                           r"driver R580 or newer .*engine.device=cpu"):
         engine_device(EngineConfig(num_gpus=1))
     with pytest.raises(RuntimeError, match="sees no CUDA device"):
         engine_device(EngineConfig(device="cuda"))

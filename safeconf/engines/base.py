@@ -309,8 +309,9 @@ def engine_device(engine: EngineConfig) -> str:
             f"engine.num_gpus={engine.num_gpus:g}, engine.tensor_parallel_size={engine.tensor_parallel_size} "
             f"(engine.device={engine.device}) but this node's torch sees no CUDA device: torch {torch.__version__} "
             f"built for CUDA {torch.version.cuda or 'none (a CPU build)'}, CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}. Install the torch build of vLLM's CUDA with a "
-            "driver that supports it (cluster/README.md), or set engine.device=cpu to run on the CPU on purpose.")
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}. The pinned torch and vLLM are CUDA 13.0 builds, which "
+            "need an NVIDIA driver R580 or newer (cluster/constraints.txt; `nvidia-smi` shows the node's); or set "
+            "engine.device=cpu to run on the CPU on purpose.")
     return "cuda"
 
 
