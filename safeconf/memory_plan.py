@@ -7,7 +7,8 @@ setting to change:
                   sequence inside engine.gpu_memory_utilization of the GPU (vLLM refuses to start otherwise)
   train workers   base weights (whole, or a ZeRO-3 shard plus the gathered parameters), the LoRA matrices with
                   their fp32 master copy, gradients and Adam state, the activations of one micro-batch (every
-                  layer's, or with gradient checkpointing every layer's input plus one layer's), and the logits
+                  layer's, or with gradient checkpointing every layer's input plus one layer's), and the logits of
+                  the reply positions
   every stage     CUDA context and allocator slack (CUDA_OVERHEAD_GIB)
 
 Activation coefficients: a LLaMA/Qwen2 decoder layer keeps ~16 hidden-sized and ~5 intermediate-sized tensors
@@ -28,6 +29,9 @@ CUDA_OVERHEAD_GIB = 1.5  # CUDA context, NCCL buffers and the caching allocator'
 HIDDEN_TENSORS_PER_LAYER = 16
 INTERMEDIATE_TENSORS_PER_LAYER = 5
 LOGITS_BYTES = 2 + 4 + 4  # the bf16 logits, their fp32 upcast in the loss, and its gradient
+# The LM head runs on the target positions only (train.data.causal_lm_loss: logits_to_keep = the longest reply + 1);
+# a SafeConf reply ("Answer: B\nConfidence: 80%") is ~10-20 tokens: 64 bounds it with room.
+LOGIT_POSITIONS = 64
 LORA_STATE_BYTES = 4 + 4 + 8  # fp32 master weight, gradient, Adam's two moments
 VLLM_ACTIVATION_GIB = 2.0  # vLLM's profiled forward peak for a 7-8B model at its default batched-token budget
 
@@ -178,7 +182,7 @@ def train_plan(config: Config, shape: ModelShape, gpu_gib: float) -> StagePlan:
     terms = {**weight_terms, "LoRA + optimizer state": lora_bytes,
              "activations" + (" (checkpointed)" if train.gradient_checkpointing else ""):
                  activation_bytes(shape, tokens, dtype, train.gradient_checkpointing),
-             "logits": tokens * shape.vocab * LOGITS_BYTES,
+             "logits": train.micro_batch_size * min(LOGIT_POSITIONS, train.max_length) * shape.vocab * LOGITS_BYTES,
              "CUDA context": CUDA_OVERHEAD_GIB * GIB}
     fix = ("train.micro_batch_size or train.max_length (raise train.gradient_accumulation to keep the batch)"
            if train.gradient_checkpointing else
