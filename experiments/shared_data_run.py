@@ -389,7 +389,8 @@ def guard_entry(main_out: str, curve: dict) -> dict:
     """The guard stage's pool and training, and the held-out accuracy at each curve point (adapter_token_prob of
     the snapshot adapter on the base model: the guard model's option probability)."""
     summary = io.read_json(io.join(main_out, "guard", "guard_summary.json"))
-    points = [{"examples": examples, **guard_entry_point(name)} for name, examples in curve.items()]
+    points = [{"examples": examples, **guard_entry_point(name)}
+              for name, examples in sorted(curve.items(), key=lambda item: item[1])]  # by pool examples
     return {"pool": summary["pool"], "train": {k: summary["train"].get(k) for k in (
         "steps", "examples", "train_tokens", "tokens_per_s", "final_train_loss", "val_loss_per_epoch", "precision",
         "seconds")}, "curve": points}
@@ -504,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         guard_train = io.join(main_out, "guard", "train_summary.json")
         if io.exists(guard_train):
             points["final"] = (io.join(main_out, "guard", "adapter"), io.read_json(guard_train)["examples"]["train"]["kept"])
-        for name, (adapter, examples) in points.items():
+        for name, (adapter, examples) in sorted(points.items(), key=lambda item: item[0] != "final"):
+            # the final model first: the curve's main point, ready before the snapshots when a session is short
             if not io.exists(adapter):  # a snapshot step past the end of the pool
                 continue
             point_out = str(out / "guard_curve" / name)
@@ -512,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             steps[f"guard_curve_{name}"] = {"evaluate": run_evaluation_once(config, point_out, specs["heldout"], adapter)}
             guard_points[point_out] = examples
         if args.guard_curve_only:
-            curve = [{"examples": n, **guard_entry_point(p)} for p, n in guard_points.items()]
+            curve = [{"examples": n, **guard_entry_point(p)} for p, n in sorted(guard_points.items(),
+                                                                                 key=lambda item: item[1])]
             io.write_json(str(out / "guard_curve.json"), {"points": curve, "steps": steps})
             print(json.dumps({"guard_curve": str(out / "guard_curve.json"), "steps": steps}, indent=2))
             return 0
