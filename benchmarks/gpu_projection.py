@@ -103,7 +103,7 @@ def project(measured: dict, config_path: str, questions: int) -> dict:
         hours[name] = {"pipeline": generation, "train": train_tokens / train_rate / 3600,
                        "evaluate": generation * eval_share}
         hours[name]["total"] = sum(hours[name].values())
-    engine_gpus = config.engine.concurrency * config.engine.tensor_parallel_size
+    engine_gpus = config.engine.pool[1] * config.engine.tensor_parallel_size
     for h in hours.values():  # the stages run one after another, each on its own GPUs
         h["wall"] = (h["pipeline"] + h["evaluate"]) / engine_gpus + h["train"] / config.train.num_workers
     return {"config": config_path, "model": config.model.name, "m": m, "k": k, "decode_tokens": decode,

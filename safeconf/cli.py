@@ -98,6 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
     _add_common(evaluate)
 
+    judge = add_stage(
+        stages, "judge",
+        help="offline batch judging: every row of a question set or text log, with a run's calibrated method",
+        description="Judge every row of --data with the method and threshold the endpoint serves (the same judging "
+        "code): OUT/judgements/*.parquet (per row: label, p_unsafe, tier, confidence, decision), OUT/rejects/ "
+        "(rows refused, with their location and reason) and OUT/summary.json (counts per tier; read = judged + "
+        "rejected). Streamed through Ray Data: files are read and validated on the workers, an engine pool judges "
+        "(engine.concurrency, or MIN-MAX for an autoscaling pool). With --run, the run's tuned model, adapter and "
+        "calibrated threshold; else model.*, serve.metrics_path and serve.threshold as for `safeconf serve`.",
+    )
+    judge.add_argument("--data", required=True, help="SPEC: a question set (format:path, a .jsonl / .parquet file, a "
+                       "folder or a glob, local or s3://), or a plain log with --text-column")
+    judge.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
+    judge.add_argument("--run", help="a finished run (jobs/full.py's out, or an experiment's output directory): "
+                       "judge with its model, adapter and calibrated threshold")
+    judge.add_argument("--text-column", default="", help="judge the texts of this column of a .jsonl / Parquet log "
+                       "(no gold labels needed) instead of questions")
+    _add_common(judge)
+
     serve = add_stage(
         stages, "serve",
         help="Ray Serve endpoint: calibrated judgements over HTTP (+ OpenAI-style chat)",
@@ -155,7 +174,30 @@ def stage_plan(args, config):
     return stages.evaluate_plan(config, data, config.out, adapter=adapter, model=model)
 
 
+def judge_config(args, config):
+    """The config `safeconf judge` judges with: with --run, the run's model (its guard-tuned one when it has one),
+    its adapter and its calibrated threshold (RUN/eval/metrics.json), as the endpoint of that run would."""
+    from safeconf import io
+    from safeconf.guard import guard_model
+
+    if not args.run:
+        return config
+    run = evaluation_run(args)
+    if io.exists(guard_model(run)):
+        config.model.name = guard_model(run)
+    config.model.adapter = io.join(run, "train", "adapter")
+    config.serve.metrics_path = io.join(run, "eval", "metrics.json")
+    for needed in (config.model.adapter, config.serve.metrics_path):
+        if not io.exists(needed):
+            raise FileNotFoundError(f"--run {args.run}: {needed} is missing (a finished jobs/full.py run has it)")
+    return config
+
+
 def _run_stage(args, config) -> dict:
+    if args.stage == "judge":
+        from safeconf.batch_judge import run_judge
+
+        return run_judge(judge_config(args, config), args.data, args.out, text_column=args.text_column)
     if args.stage == "serve":
         from safeconf.serving import run_serve
 

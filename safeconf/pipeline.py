@@ -262,7 +262,9 @@ def map_on_engines(ds, stage_class, config: Config, placement: "EnginePlacementG
     mapped = ds.map_batches(
         stage_class,
         fn_constructor_kwargs={"config": config.to_dict(), **constructor_kwargs},
-        compute=ray.data.ActorPoolStrategy(size=engine.concurrency),
+        # a fixed pool, or an autoscaling one (engine.concurrency MIN-MAX): Ray Data adds actors while batches
+        # wait, and Ray places them on whatever nodes have room, the ones an autoscaler adds included
+        compute=ray.data.ActorPoolStrategy(min_size=engine.pool[0], max_size=engine.pool[1]),
         batch_size=engine.batch_size,
         batch_format="pyarrow",
         **engine_actor_resources(engine),
@@ -338,7 +340,7 @@ def start_timeout_message(engine: EngineConfig) -> str:
     bundles = placement_bundles(engine)
     has = {k: ray.cluster_resources().get(k, 0) for k in ("CPU", "GPU", "memory")}
     free = {k: ray.available_resources().get(k, 0) for k in ("CPU", "GPU", "memory")}
-    return (f"Timed out while starting actors: {engine.concurrency} engine actor(s) not started within "
+    return (f"Timed out while starting actors: {engine.pool[0]} engine actor(s) not started within "
             f"engine.start_timeout_s={engine.start_timeout_s:g} s. Each asks for {asks}"
             + (f" in a placement group of {bundles}" if bundles else "")
             + f"; the cluster has {has} in all, {free} free now. A fresh autoscaling cluster must boot GPU nodes, pull "

@@ -252,3 +252,20 @@ def test_cli_gpu_memory_option_plans_an_unnamed_gpu(capsys):
     assert cluster_check.main(args + ["--gpu-memory-gib", "16"]) == 1  # a 16 GB GPU cannot hold 14 GiB + KV
     out = capsys.readouterr().out
     assert "TOO BIG" in out and "MISFIT stage 'engine actors' needs" in out
+
+
+def test_an_autoscaling_engine_pool_needs_its_fewest_to_fit_and_says_where_it_stops(tmp_path):
+    config = yaml.safe_load((CLUSTER / "configs" / "qwen2.5-7b.yaml").read_text())
+    config["engine"]["concurrency"] = "2-40"  # the cluster holds 24 one-GPU engines at most
+    path = tmp_path / "elastic.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _, fits = check_files(CLUSTER / "aws.yaml", path)
+    engines = next(f for f in fits if f.request.stage == "engine actors")
+    assert (engines.request.least, engines.request.count) == (2, 40)
+    assert not engines.problems and engines.notes == ["the autoscaling pool grows to at most 24 of its 40 actors "
+                                                      "on this cluster"]
+    config["engine"]["concurrency"] = "30-40"
+    path.write_text(yaml.safe_dump(config))
+    _, fits = check_files(CLUSTER / "aws.yaml", path)
+    engines = next(f for f in fits if f.request.stage == "engine actors")
+    assert "asks for 30 at once" in engines.problems[0]

@@ -321,3 +321,14 @@ def test_placement_settings_are_checked_by_name():
     assert any("serve.proxy_location must be EveryNode, HeadOnly or Disabled" in p
                for p in load_config(overrides=["serve.proxy_location=everynode"]).serve.problems())
     assert load_config(overrides=["serve.proxy_location=HeadOnly"]).serve.problems() == []
+
+
+def test_engine_concurrency_is_a_count_or_a_range():
+    from safeconf.config import load_config
+
+    assert load_config(None, ["engine.concurrency=4"]).engine.pool == (4, 4)
+    assert load_config(None, ["engine.concurrency=1-8"]).engine.pool == (1, 8)
+    assert load_config(None, engine={"concurrency": 2}).engine.pool == (2, 2)
+    for bad in ("0", "8-1", "two", "1-"):
+        with pytest.raises(ValueError, match="engine.concurrency"):
+            load_config(None, [f"engine.concurrency={bad}"])

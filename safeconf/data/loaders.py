@@ -223,7 +223,7 @@ def _judge(location, raw, rid, source, lang, category, content_field, content, l
 # readers in the schema
 
 
-def _jsonl_bytes(data: bytes, name: str) -> Iterator[RawRecord]:
+def _jsonl_bytes(data: bytes, name: str, keep: Callable[[dict], dict] = _schema_record) -> Iterator[RawRecord]:
     # Decode line by line so that one bad line (invalid UTF-8 or JSON) does not kill the file.
     for number, line in enumerate(data.split(b"\n"), start=1):
         if number == 1 and line.startswith(b"\xef\xbb\xbf"):
@@ -246,7 +246,7 @@ def _jsonl_bytes(data: bytes, name: str) -> Iterator[RawRecord]:
         if not isinstance(obj, dict):
             yield RawRecord(location, None, ("row", f"expected a JSON object, got {type(obj).__name__}"), _raw(text))
             continue
-        yield RawRecord(location, _schema_record(obj), None, _raw(text))
+        yield RawRecord(location, keep(obj), None, _raw(text))
 
 
 def read_jsonl(path) -> Iterator[RawRecord]:
@@ -262,6 +262,32 @@ def read_json(path) -> Iterator[RawRecord]:
             yield RawRecord(location, None, ("row", f"expected a JSON object, got {type(item).__name__}"), _raw(item))
         else:
             yield RawRecord(location, _schema_record(item), None, _raw(item))
+
+
+def read_texts(path, column: str) -> Iterator[RawRecord]:
+    """Rows of a plain log to judge (`safeconf judge --text-column`): a .jsonl file or Parquet file(s), each row
+    kept as {"id": ..., column: ...}; the column is checked by the caller, so a row without it is a reject there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keep = lambda obj: {"id": obj.get("id"), column: obj.get(column)}  # noqa: E731
+    path = _existing(path)
+    if path.suffix == ".jsonl":
+        yield from _jsonl_bytes(path.read_bytes(), str(path), keep)
+        return
+    for file in _files(path, ".parquet"):
+        try:
+            parquet = pq.ParquetFile(file)
+            names = parquet.schema_arrow.names
+            if column not in names:
+                raise DataFormatError(f"{file}: no column {column!r} (it has {', '.join(names)})")
+            n = 0
+            for batch in parquet.iter_batches(columns=[c for c in ("id", column) if c in names]):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield RawRecord(_row_location(file, n), keep(row), None, _raw(row))
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(f"{file}: not a readable Parquet file: {exc}") from exc
 
 
 def read_parquet(path) -> Iterator[RawRecord]:
