@@ -184,3 +184,63 @@ def test_submitted_job_fails_cleanly_then_resumes_across_nodes_on_the_object_sto
     assert judgement["method"] == "safeconf" and judgement["decision"] in ("accept", "defer")
     assert 0.0 <= judgement["confidence"] <= 1.0
     assert judgement["threshold"] == metrics["methods"]["safeconf"]["selective"]["threshold"]
+
+
+# Placement groups must not outlive their stage. One worker node with 3 CPUs and 2 logical GPUs (Ray schedules them;
+# no device behind them): each tensor-parallel engine holds a STRICT_PACK group of {CPU: 2} + 2 x {GPU: 1}, the
+# whole node's GPUs and two of its CPUs, and computes on the CPU (engine.device=cpu). Training asks for 2 CPUs on
+# that node and the evaluation for a group like the pipeline's: neither can be placed while the pipeline's group
+# is held, so a leaked group times out the next stage instead of completing it.
+LOGICAL_GPU_RUN = ["limit=8", "engine.kind=hf", "engine.tensor_parallel_size=2", "engine.device=cpu",
+                   "engine.num_cpus=2", "engine.concurrency=1", "engine.batch_size=4", "engine.start_timeout_s=120",
+                   "sampling.k=1", "mutation.operators=shuffle", "mutation.variants_per_question=1",
+                   "sft.val_fraction=0.25", "train.num_workers=1", "train.cpus_per_worker=2", "train.max_steps=2",
+                   "train.micro_batch_size=1", "eval.methods=token_prob,safeconf", "eval.bootstrap_samples=10",
+                   "eval.general_data=", "eval.over_refusal_data=", "eval.verdict_methods="]
+
+_PLACEMENT_GROUPS = """
+import json, ray
+ray.init(address="{address}", logging_level="ERROR")
+print("GROUPS " + json.dumps([{{"state": g["state"], "bundles": list(g["bundles"].values()),
+                               "strategy": g["strategy"]}} for g in ray.util.placement_group_table().values()]))
+"""
+
+
+def _engine_groups(cluster) -> list[dict]:
+    """The cluster's placement groups with GPU bundles (the engines'), from a client of its own."""
+    table = subprocess.run([sys.executable, "-c", _PLACEMENT_GROUPS.format(address=cluster.address)],
+                           env=cluster.env, capture_output=True, text=True, timeout=120)
+    groups = json.loads(next(line for line in table.stdout.splitlines() if line.startswith("GROUPS "))[7:])
+    return [g for g in groups if {"GPU": 1.0} in g["bundles"]]
+
+
+def test_tensor_parallel_engines_on_logical_gpus_free_their_groups_between_stages(tmp_path):
+    from safeconf import io
+    from safeconf.testing.local_cluster import LocalCluster
+
+    out, log_path = tmp_path / "run", tmp_path / "job.log"
+    with LocalCluster({"node_a": 3}, gpus={"node_a": 2}) as cluster, open(log_path, "w") as log:
+        job = subprocess.Popen([sys.executable, "jobs/full.py", f"out={out}", *LOGICAL_GPU_RUN], cwd=REPO,
+                               env={**cluster.env, "RAY_ADDRESS": cluster.address}, stdout=log,
+                               stderr=subprocess.STDOUT)
+        try:
+            # when training starts, the pipeline's groups must be gone already (a leaked group would leave
+            # training waiting for the node's CPUs for ever: fail at once instead)
+            deadline = time.monotonic() + 1200
+            while "stage train:" not in log_path.read_text(errors="replace") and job.poll() is None:
+                assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+                time.sleep(2)
+            at_train = _engine_groups(cluster)
+            assert at_train and all(g["state"] == "REMOVED" for g in at_train), at_train
+            assert job.wait(timeout=1200) == 0, log_path.read_text(errors="replace")[-4000:]
+        finally:
+            job.kill()
+        engine_groups = _engine_groups(cluster)
+    for stage in ("pipeline", "train", "evaluate"):
+        assert io.exists(f"{out}/stages/{stage}.json"), stage
+    # the pipeline's and the evaluation's engines (base model, then the adapter: one group each), all removed
+    assert len(engine_groups) > len(at_train), engine_groups
+    assert all(g["state"] == "REMOVED" and g["strategy"] == "STRICT_PACK" for g in engine_groups), engine_groups
+    assert all([{k: b[k] for k in ("CPU", "GPU") if k in b} for b in g["bundles"]]
+               == [{"CPU": 2.0}, {"GPU": 1.0}, {"GPU": 1.0}] for g in engine_groups), engine_groups
+
