@@ -281,6 +281,12 @@ def map_on_engines(ds, stage_class, config: Config, placement: "EnginePlacementG
     # Bounded: actors asking for what no node has (a GPU bundle on a CPU cluster) fail the stage instead of waiting.
     # Later datasets built on this one carry its context, so the write that runs the stage sees it.
     mapped.context.wait_for_min_actors_s = engine.start_timeout_s or -1
+    if engine.pool[0] < engine.pool[1]:
+        # An autoscaling pool must be free to take the nodes that join. Ray Data's per-operator reservation splits
+        # the cluster between the light task operators around the engines and the engines, and the pool's share
+        # stays below a second engine however many nodes join (measured on the loopback cluster: "exceeded
+        # resource limits" until the end, every batch on the first node). Without it the pool grows onto them.
+        mapped.context.op_resource_reservation_enabled = False
     return mapped
 
 

@@ -244,3 +244,35 @@ def test_tensor_parallel_engines_on_logical_gpus_free_their_groups_between_stage
     assert all([{k: b[k] for k in ("CPU", "GPU") if k in b} for b in g["bundles"]]
                == [{"CPU": 2.0}, {"GPU": 1.0}, {"GPU": 1.0}] for g in engine_groups), engine_groups
 
+
+
+# An elastic engine pool (engine.concurrency MIN-MAX) on a cluster that grows: the pipeline starts with one worker
+# node whose 2 CPUs hold one engine actor (engine.num_cpus=2); a second node joins once sampling is under way, as an
+# autoscaler adds one, and Ray Data's autoscaling actor pool starts an engine there for the batches still waiting.
+ELASTIC_RUN = ["limit=24", "engine.kind=hf", "engine.batch_size=1", "engine.concurrency=1-2", "engine.num_cpus=2",
+               "sampling.k=1", "mutation.operators=shuffle", "mutation.variants_per_question=1"]
+
+
+def test_an_elastic_engine_pool_grows_onto_a_node_added_mid_run(tmp_path):
+    from safeconf import io
+    from safeconf.testing.local_cluster import LocalCluster
+
+    out, log_path = tmp_path / "run", tmp_path / "pipeline.log"
+    with LocalCluster({"node_a": 2}) as cluster, open(log_path, "w") as log:
+        first = cluster.wait_for({"node_a": True})["node_a"]
+        job = subprocess.Popen([sys.executable, "-m", "safeconf.cli", "pipeline", "--out", str(out), *ELASTIC_RUN],
+                               cwd=REPO, env={**cluster.env, "RAY_ADDRESS": cluster.address}, stdout=log,
+                               stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while "MapBatches(EngineStage)" not in log_path.read_text(errors="replace"):  # the run has begun
+                assert job.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+                time.sleep(1)
+            added = cluster.add_worker("node_b", cpus=4)
+            assert job.wait(timeout=1200) == 0, log_path.read_text(errors="replace")[-4000:]
+        finally:
+            job.kill()
+    summary = io.read_json(f"{out}/summary.json")
+    by_node = summary["questions_by_node"]
+    assert by_node.get(added, 0) > 0, (by_node, first, added)  # an engine started on the new node and sampled
+    assert sum(by_node.values()) == summary["questions"] == 24  # every question sampled once
