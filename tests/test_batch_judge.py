@@ -128,3 +128,24 @@ def test_judge_a_text_log_in_the_local_s3_from_the_cli(local_s3, tmp_path):
 def test_text_column_needs_a_log_format(question_folder):
     with pytest.raises(ValueError, match="--text-column"):
         read_tasks(f"xstest:{question_folder}", text_column="text")
+
+
+def test_judge_with_a_run_takes_its_model_adapter_and_calibration(tmp_path):
+    """--run RUN: the run's guard-tuned model when it has one, its adapter and its metrics.json (the calibrated
+    threshold), as the run's endpoint; an experiment's output directory stands for its main run."""
+    from safeconf.cli import build_parser, judge_config
+
+    experiment = tmp_path / "experiment"
+    run = experiment / "main"
+    for folder in ("stages", "train/adapter", "eval", "guard/merged"):
+        (run / folder).mkdir(parents=True)
+    (run / "eval" / "metrics.json").write_text("{}")
+    args = build_parser().parse_args(["judge", "--data", "embedded", "--out", str(tmp_path / "o"),
+                                      "--run", str(experiment)])
+    config = judge_config(args, load_config(None))
+    assert config.model.name == str(run / "guard" / "merged")
+    assert config.model.adapter == str(run / "train" / "adapter")
+    assert config.serve.metrics_path == str(run / "eval" / "metrics.json")
+    (run / "eval" / "metrics.json").unlink()
+    with pytest.raises(FileNotFoundError, match="metrics.json is missing"):
+        judge_config(args, load_config(None))
