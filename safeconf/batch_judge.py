@@ -11,6 +11,7 @@ method and threshold by the endpoint's own judging code (serving.judging), strea
   content, so a retried batch rewrites its own file instead of adding a second.
 - Judging: a pool of engine actors (engine.concurrency; MIN-MAX for an autoscaling pool) runs judge_batch and
   with_decision, so each row gets what /v1/judge answers for it: label, p_unsafe, tier, confidence, decision.
+  Tier and label are null (counted as "none") for a multiple-choice question whose options have no safe/unsafe side.
 - Output: DIR/judgements/*.parquet and DIR/summary.json (rows read = judged + rejected; counts per tier, label
   and reject reason).
 """
@@ -239,8 +240,9 @@ def summarise(out: str) -> dict:
     rejected = _read_dir(io.join(out, "rejects"), ["field", "reason"])
     reasons = Counter(f"{f}: {r}" for f, r in zip(rejected.column("field").to_pylist(),
                                                  rejected.column("reason").to_pylist())) if rejected else Counter()
+    # "none": a multiple-choice question without a safe/unsafe side (no label, no tier), or an unreadable answer
     count = lambda table, column: dict(sorted(Counter(  # noqa: E731
-        str(v) for v in table.column(column).to_pylist()).items())) if table else {}
+        "none" if v is None else str(v) for v in table.column(column).to_pylist()).items())) if table else {}
     judged_rows, rejected_rows = judged.num_rows if judged else 0, rejected.num_rows if rejected else 0
     return {"read": judged_rows + rejected_rows, "judged": judged_rows, "rejected": rejected_rows,
             "tiers": count(judged, "tier"), "labels": count(judged, "label"), "status": count(judged, "status"),
