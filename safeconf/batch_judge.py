@@ -195,8 +195,9 @@ class JudgeStage:
 
 
 def judge_dataset(config: Config, spec: str, out: str, policy: dict, text_column: str = "",
-                  placement=None):
-    """The lazy Ray Dataset from the SPEC's files to judgement rows (read tasks listed now)."""
+                  placement=None, stage_class=None):
+    """The lazy Ray Dataset from the SPEC's files to judgement rows (read tasks listed now). `stage_class`:
+    JudgeStage or a subclass (benchmarks/pipeline_scale.py gives it a stand-in engine)."""
     import ray
 
     from safeconf.pipeline import map_on_engines
@@ -206,10 +207,10 @@ def judge_dataset(config: Config, spec: str, out: str, policy: dict, text_column
     ds = ds.map_batches(read_file, batch_size=1, fn_kwargs={"text_column": text_column})
     ds = ds.map_batches(validate_batch, batch_format="pyarrow",
                         fn_kwargs={"text_column": text_column, "rejects_uri": io.join(out, "rejects")})
-    return map_on_engines(ds, JudgeStage, config, placement, policy=policy)
+    return map_on_engines(ds, stage_class or JudgeStage, config, placement, policy=policy)
 
 
-def run_judge(config: Config, spec: str, out: str, text_column: str = "") -> dict:
+def run_judge(config: Config, spec: str, out: str, text_column: str = "", stage_class=None) -> dict:
     """Judge every row of SPEC into OUT; returns the summary (also OUT/summary.json)."""
     from safeconf.pipeline import engine_actors, init_ray
     from safeconf.serving.judging import resolve_policy
@@ -223,7 +224,7 @@ def run_judge(config: Config, spec: str, out: str, text_column: str = "") -> dic
     init_ray(config.ray_address)
     started = time.perf_counter()
     with engine_actors(config.engine) as placement:
-        ds = judge_dataset(config, spec, out, policy_dict, text_column, placement)
+        ds = judge_dataset(config, spec, out, policy_dict, text_column, placement, stage_class)
         ds.write_parquet(io.join(out, "judgements"))
     summary = summarise(out)
     summary.update({"data": spec, "text_column": text_column or None, "method": policy.method,

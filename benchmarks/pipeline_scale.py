@@ -1,0 +1,99 @@
+"""How batch judging (`safeconf judge`, safeconf.batch_judge) scales with the number of questions: the driver's
+memory must stay flat, since it lists file names and never holds rows.
+
+    .venv/bin/python benchmarks/pipeline_scale.py --questions 10000,100000 [--shard-rows 10000] [--json]
+
+For each size, in a fresh process with its own local Ray: N synthetic two-option safe/unsafe questions written as
+Parquet shards of --shard-rows rows, then the whole judge run: list the shards, read and validate them on the
+workers, judge with token_prob, write the judgement shards and the summary. The engine is a stand-in (no model):
+deterministic option log-probs from a hash of the question, so the figures are the system's own cost (Ray Data,
+reading, validation, judging code, writing), not a model's. One JSON line per size:
+{"questions", "seconds", "questions_per_s", "driver_peak_rss_mb", "judged", "rejected"}; seconds include Ray's
+start in that process. Worker memory is not measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from safeconf.batch_judge import JudgeStage
+
+
+class HashEngine:
+    """Option log-probs from a hash of the prompt: the same answer for the same question, no model."""
+
+    def option_logprobs(self, prompts, answer_prefixes, labels):
+        out = []
+        for messages, options in zip(prompts, labels):
+            digest = hashlib.sha256(messages[-1]["content"].encode()).digest()
+            out.append([-1.0 - digest[i % len(digest)] / 64 for i in range(len(options))])
+        return out
+
+
+class HashJudgeStage(JudgeStage):
+    def __init__(self, config: dict, policy: dict):
+        super().__init__(config, policy, engine=HashEngine())
+
+
+def write_questions(folder: Path, count: int, shard_rows: int) -> None:
+    folder.mkdir(parents=True)
+    for start in range(0, count, shard_rows):
+        ids = range(start, min(count, start + shard_rows))
+        pq.write_table(pa.table({
+            "id": [f"q{i}" for i in ids], "source": ["synthetic"] * len(ids), "lang": ["en"] * len(ids),
+            "task": ["judge"] * len(ids), "category": ["synthetic"] * len(ids),
+            "question": [f"Is the following text safe or unsafe?\n\nMessage number {i}: how do I fix item {i % 977}?"
+                         for i in ids],
+            "options": [["Safe", "Unsafe"]] * len(ids), "answer": [i % 2 for i in ids],
+            "unsafe_option": [1] * len(ids)}), folder / f"part-{start // shard_rows:05d}.parquet")
+
+
+def one_size(count: int, shard_rows: int, overrides: list[str]) -> dict:
+    from safeconf.batch_judge import run_judge
+    from safeconf.config import load_config
+
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        write_questions(Path(tmp) / "questions", count, shard_rows)
+        config = load_config(None, ["ray_address=local", "engine.batch_size=256", *overrides], out=f"{tmp}/out")
+        started = time.perf_counter()
+        summary = run_judge(config, f"parquet:{tmp}/questions", config.out, stage_class=HashJudgeStage)
+        seconds = time.perf_counter() - started
+    return {"questions": count, "seconds": round(seconds, 1), "questions_per_s": round(count / seconds, 1),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "judged": summary["judged"], "rejected": summary["rejected"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--questions", default="10000,100000", help="sizes, comma-separated")
+    parser.add_argument("--shard-rows", type=int, default=10000, help="rows per Parquet shard")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, in this process
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.concurrency=2")
+    args = parser.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(one_size(args.one, args.shard_rows, args.overrides)), flush=True)
+        return 0
+    for count in [int(n) for n in args.questions.split(",")]:
+        run = subprocess.run([sys.executable, __file__, "--one", str(count), "--shard-rows", str(args.shard_rows),
+                              *args.overrides], capture_output=True, text=True)
+        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+        if run.returncode or not lines:
+            print(run.stdout[-2000:] + run.stderr[-3000:], file=sys.stderr)
+            return 1
+        print(lines[-1][len("RESULT "):], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
