@@ -22,7 +22,6 @@ import fnmatch
 import hashlib
 import json
 import time
-from collections import Counter
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -236,24 +235,35 @@ def run_judge(config: Config, spec: str, out: str, text_column: str = "", stage_
 
 
 def summarise(out: str) -> dict:
-    """Counts over what the run wrote: rows read = judged + rejected, per tier, label and reject reason."""
-    judged = _read_dir(io.join(out, "judgements"), ["tier", "label", "status"])
-    rejected = _read_dir(io.join(out, "rejects"), ["field", "reason"])
-    reasons = Counter(f"{f}: {r}" for f, r in zip(rejected.column("field").to_pylist(),
-                                                 rejected.column("reason").to_pylist())) if rejected else Counter()
-    # "none": a multiple-choice question without a safe/unsafe side (no label, no tier), or an unreadable answer
-    count = lambda table, column: dict(sorted(Counter(  # noqa: E731
-        "none" if v is None else str(v) for v in table.column(column).to_pylist()).items())) if table else {}
-    judged_rows, rejected_rows = judged.num_rows if judged else 0, rejected.num_rows if rejected else 0
+    """Counts over what the run wrote: rows read = judged + rejected, per tier, label and reject reason. Counted by
+    Arrow, one column at a time, so a run of millions of rows costs the driver its distinct values only."""
+    judged = _count_values(io.join(out, "judgements"), ["tier", "label", "status"])
+    rejected = _count_values(io.join(out, "rejects"), ["reason_key"])
+    judged_rows, rejected_rows = sum(judged["status"].values()), sum(rejected["reason_key"].values())
     return {"read": judged_rows + rejected_rows, "judged": judged_rows, "rejected": rejected_rows,
-            "tiers": count(judged, "tier"), "labels": count(judged, "label"), "status": count(judged, "status"),
-            "rejected_by_reason": dict(reasons.most_common())}
+            "tiers": judged["tier"], "labels": judged["label"], "status": judged["status"],
+            "rejected_by_reason": dict(sorted(rejected["reason_key"].items(), key=lambda item: -item[1]))}
 
 
-def _read_dir(uri: str, columns: list[str]) -> pa.Table | None:
+def _count_values(uri: str, columns: list[str]) -> dict[str, dict[str, int]]:
+    """{column: {value: rows}} over a folder of Parquet files ("none" for a null: a multiple-choice question without
+    a safe/unsafe side has no label or tier); reason_key is a reject's "field: reason"."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
+    counts: dict[str, dict[str, int]] = {column: {} for column in columns}
     if not io.exists(uri):
-        return None
+        return counts
     fs, path = io.filesystem(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    for column in columns:
+        if column == "reason_key":
+            table = dataset.to_table(columns=["field", "reason"])
+            values = pc.binary_join_element_wise(table["field"], table["reason"], ": ")
+        else:
+            values = dataset.to_table(columns=[column])[column]
+        for entry in pc.value_counts(values).to_pylist():
+            key = "none" if entry["values"] is None else str(entry["values"])
+            counts[column][key] = counts[column].get(key, 0) + entry["counts"]
+        counts[column] = dict(sorted(counts[column].items()))
+    return counts
