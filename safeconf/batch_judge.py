@@ -98,7 +98,7 @@ def read_file(batch: dict, text_column: str = ""):
         rows = []
         try:
             if text_column:
-                fmt, path = parse_spec(spec)
+                _, path = parse_spec(spec)  # fetches a remote file into this worker's cache
                 records = read_texts(path, text_column)
             else:
                 records = read_questions(spec)
