@@ -14,16 +14,20 @@ so a rerun with the same out dir skips every step whose inputs are unchanged: st
   1b. guard     main's guard stage (safeconf.guard) on the pool: plain SFT on the gold answers, merged into
                 OUT/main/guard/merged, the model every later step uses; snapshots at --guard-curve pool examples,
                 each (and the final adapter) evaluated on the held-out questions in OUT/guard_curve/<point>
-                (adapter_token_prob on the base model). --guard-curve-only evaluates the snapshots a running or
-                stopped guard stage has written so far, and stops.
-  1c. base_model  every baseline on the untrained base model (OUT/base_model): the rows kept beside the
-                guard-tuned model's, with its general ability and over-refusal.
-  2. main       jobs/full.py's pipeline -> train -> evaluate (safeconf.stages.run_job) in OUT/main: ONE pipeline
+                (adapter_token_prob on the base model; the point "untrained" is the base model's token_prob).
+                --guard-curve-only evaluates the snapshots a running or stopped guard stage has written so far,
+                and stops.
+  2. main       jobs/full.py's pipeline -> train -> evaluate (safeconf.stages.run_job): ONE pipeline
                 run on the train questions (mutate, k samples per variant, confidence, SFT set), SafeConf
                 fine-tuned on all of them, and the evaluation
                 of every base-model baseline (config.DEFAULT_EVAL_METHODS, the three post-hoc calibrations included)
                 and of the fine-tuned model (safeconf, adapter_token_prob) on the held-out questions, with general
-                ability and over-refusal before and after.
+                ability and over-refusal before and after. With a guard pool this is the calibration experiment,
+                in OUT/calibration, starting from the guard model: only the sets guard-tuning taught
+                (CALIBRATION_SETS: DiaSafety), its train questions plus 320 more, and a fresh held-out draw of 600
+                that the guard curve (which chose the set) never saw.
+  2b. base_model  every baseline on the untrained base model (OUT/base_model), on the same held-out questions: the
+                rows kept beside the guard-tuned model's, with its general ability and over-refusal.
   3. models     OUT/models/<name>: an SFT set built from the main pipeline's confidence table (no new sampling:
                 safeconf.sft.build_sft with that model's sft settings, on a nested subset of the train questions),
                 then the train and evaluate stages (only that model's own methods; no base-model pass):
@@ -55,6 +59,9 @@ Chosen sizes (--scale 1):
            validation split; ~3,910 trained on (15 over train.max_length=512 tokens are skipped), ~817k tokens:
            DiaSafety ~151 tokens an example, COLD ~266, SafetyBench ~315 (Chinese costs SmolLM2 several tokens a
            character). LoRA r=16 on all seven projections, lr 5e-4, 1 epoch, micro-batch 4 (guard.* defaults).
+  calibration (with a guard pool) train 640 DiaSafety questions (the 320 above + 320 more from its train file),
+           held-out 600 (a fresh balanced draw from DiaSafety val, none of the 140 above); examples trained: main
+           ~620, safeconf_50 ~310, safeconf_25 and each ablation ~155.
   general  100 (MMLU test 50, CMMLU test 50); over-refusal: the XSTest safe prompts not used for training (200;
            some are held-out questions too).
   pipeline rule operators only: shuffle, polarity, relabel, framing (used in turn: a judgement gets shuffle,
@@ -169,6 +176,16 @@ GUARD = [
     Draw("cold", "cold:{d}/cold/train.csv", 1000),
     Draw("safetybench", "safetybench:{d}/safetybench/test_zh_subset.json", 600, balance=False),
 ]
+# The calibration experiment (issue 20, item 2): SafeConf and its baselines on the guard-tuned model only on the sets
+# that guard-tuning taught. Chosen from the guard curve (RESULTS.md): the final guard model's held-out accuracy has a
+# 95% interval above chance on DiaSafety alone (0.707 [0.636, 0.782]); COLD (0.543 [0.453, 0.621]), SafetyBench
+# (0.311, 4-option and Yes / No questions) and XSTest (0.500; not in the pool) were not learned. Because that choice
+# was made on the curve's held-out questions, the experiment is evaluated on a FRESH held-out draw from the same
+# file (none of the curve's), and trains on the set's train questions plus more from its train file; all drawn after
+# the guard pool, so every draw above is unchanged.
+CALIBRATION_SETS = ("diasafety",)
+CALIBRATION_TRAIN_MORE = [Draw("diasafety", "diasafety:{d}/diasafety/train.json", 320)]
+CALIBRATION_HELDOUT = [Draw("diasafety", "diasafety:{d}/diasafety/val.json", 600)]
 # Over-refusal: XSTest's safe prompts that are no training question (all 200 of them at --scale 1).
 OVER_REFUSAL = Draw("xstest-safe", "xstest:{d}/xstest/xstest_prompts.csv", 200, balance=False)
 
@@ -263,8 +280,16 @@ def select(shared: Path, seed: int = SEED, scale: float = 1.0, guard_scale: floa
     check_disjoint(train, heldout)
     check_disjoint(train, over_refusal)
     check_disjoint(guard, train + heldout)
-    return {"train": train, "heldout": heldout, "general": general, "over_refusal": over_refusal, "guard": guard,
-            "excluded_as_train_duplicates": heldout_excluded}
+    chosen = {"train": train, "heldout": heldout, "general": general, "over_refusal": over_refusal, "guard": guard,
+              "excluded_as_train_duplicates": heldout_excluded}
+    if guard:  # the calibration experiment's questions (CALIBRATION_SETS), drawn last
+        trained_texts.update(text_of(r) for r in guard)
+        more = [r for d in scaled(CALIBRATION_TRAIN_MORE, scale) for r in draw(d)]
+        chosen["calibration_train"] = [r for r in train if r["source"] in CALIBRATION_SETS] + more
+        trained_texts.update(text_of(r) for r in more)
+        chosen["calibration_heldout"] = [r for d in scaled(CALIBRATION_HELDOUT, scale) for r in draw(d)]
+        check_disjoint(chosen["calibration_train"] + guard, chosen["calibration_heldout"] + heldout)
+    return chosen
 
 
 text_of = text_key  # a question's identity by its text and options, as the guard stage keeps its pool apart
@@ -379,9 +404,10 @@ def curve_steps(config: Config, examples: list[int]) -> dict[int, int]:
 
 
 def guard_entry_point(out: str) -> dict:
-    """One guard curve point: the held-out scores of adapter_token_prob, overall and per data set."""
-    methods = read_metrics(out)["methods"]["adapter_token_prob"]
-    return {"out": out, "overall": methods.get("overall"), "by_source": methods.get("by_source"),
+    """One guard curve point: the held-out scores of its one method (adapter_token_prob; token_prob for the
+    untrained model), overall and per data set."""
+    (method, methods), = read_metrics(out)["methods"].items()
+    return {"out": out, "method": method, "overall": methods.get("overall"), "by_source": methods.get("by_source"),
             "verdict_consistency": methods.get("verdict_consistency")}
 
 
@@ -505,12 +531,14 @@ def main(argv: list[str] | None = None) -> int:
         guard_train = io.join(main_out, "guard", "train_summary.json")
         if io.exists(guard_train):
             points["final"] = (io.join(main_out, "guard", "adapter"), io.read_json(guard_train)["examples"]["train"]["kept"])
+        points["untrained"] = ("", 0)  # the curve's start: the untrained model's token_prob on the same questions
         for name, (adapter, examples) in sorted(points.items(), key=lambda item: item[0] != "final"):
             # the final model first: the curve's main point, ready before the snapshots when a session is short
-            if not io.exists(adapter):  # a snapshot step past the end of the pool
+            if adapter and not io.exists(adapter):  # a snapshot step past the end of the pool
                 continue
             point_out = str(out / "guard_curve" / name)
-            config = model_config(base, point_out, specs["heldout"], ["adapter_token_prob"], aux=False)
+            method = "adapter_token_prob" if adapter else "token_prob"
+            config = model_config(base, point_out, specs["heldout"], [method], aux=False)
             steps[f"guard_curve_{name}"] = {"evaluate": run_evaluation_once(config, point_out, specs["heldout"], adapter)}
             guard_points[point_out] = examples
         if args.guard_curve_only:
@@ -519,27 +547,36 @@ def main(argv: list[str] | None = None) -> int:
             io.write_json(str(out / "guard_curve.json"), {"points": curve, "steps": steps})
             print(json.dumps({"guard_curve": str(out / "guard_curve.json"), "steps": steps}, indent=2))
             return 0
-    # 2. the untrained model's baselines: the rows kept beside the guard-tuned model's (its general ability and
-    # over-refusal too)
-    base_out = str(out / "base_model")
-    steps["base_model"] = {"evaluate": run_evaluation_once(
-        model_config(base, base_out, specs["heldout"], DEFAULT_EVAL_METHODS), base_out, specs["heldout"])}
-    # 3. SafeConf on the guard-tuned model (or the base model without a pool): pipeline -> train -> evaluate
+    # 2. SafeConf on the guard-tuned model (or the base model without a pool): pipeline -> train -> evaluate. With a
+    # guard model, on the calibration sets' questions in OUT/calibration (starting from main's merged guard model);
+    # main keeps its guard stage, whose fingerprint names the train and held-out sets its pool is kept apart from
+    train, heldout = "train", "heldout"
+    if guard_model:
+        train, heldout = "calibration_train", "calibration_heldout"
+        base = load_config(None, [f"data={specs[train]}", *overrides[1:]])
+        main_out = str(out / "calibration")
+        main_config = model_config(base, main_out, specs[heldout], DEFAULT_EVAL_METHODS + ["adapter_token_prob"],
+                                   model=guard_model, aux=True)
     steps["main"] = stage_runs.run_job(main_config, ["pipeline", "train", "evaluate"])  # skips what is up to date
     pipeline_fingerprint = stage_runs.read_marker(main_out, "pipeline")["fingerprint"]
     summary = io.read_json(io.join(main_out, "summary.json"))
+    # 3. the untrained model's baselines on the same questions: the rows kept beside the guard-tuned model's (its
+    # general ability and over-refusal too)
+    base_out = str(out / "base_model")
+    base_config = model_config(base, base_out, specs[heldout], DEFAULT_EVAL_METHODS)
+    steps["base_model"] = {"evaluate": run_evaluation_once(base_config, base_out, specs[heldout])}
 
-    order = nested_order(chosen["train"], args.seed)
+    order = nested_order(chosen[train], args.seed)
     planned = {f"safeconf_{round(f * 100)}": ({}, ADAPTER_EVAL, f"SafeConf on {f:.0%} of the train questions", f)
                for f in curve if f < 1}
     planned.update({name: (*ABLATIONS[name], args.ablation_fraction) for name in ablations})
     models = {"safeconf": {**model_entry(main_out, "SafeConf (main): confidence over the original and its variants",
                                          1.0, summary.get("sft"), steps["main"]),
-                           "train_questions": len(chosen["train"])}}
+                           "train_questions": len(chosen[train])}}
     for name, (sft, methods, description, fraction) in planned.items():
         model_out = str(out / "models" / name)
         ids = subset(order, fraction)
-        config = model_config(base, model_out, specs["heldout"], methods, sft, dataset=io.join(model_out, "sft"),
+        config = model_config(base, model_out, specs[heldout], methods, sft, dataset=io.join(model_out, "sft"),
                               model=guard_model)
         built = sft_build(main_out, model_out, config, ids, pipeline_fingerprint)
         model_steps = {"sft": {"stage_seconds": built["stage_seconds"], "status": built["status"]},
@@ -565,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         "base_model": {"methods": read_metrics(base_out)["methods"],
                        "general_ability": read_metrics(base_out).get("general_ability"),
                        "over_refusal": read_metrics(base_out).get("over_refusal")},
-        "guard": guard_entry(main_out, guard_points) if guard_points else None,
+        "guard": guard_entry(str(out / "main"), guard_points) if guard_points else None,
+        "calibration": {"sets": list(CALIBRATION_SETS), "train": train, "heldout": heldout} if guard_model else None,
         "model": {"name": guard_model or base.model.name, "guard_tuned": bool(guard_model)},
         "models": models,
         "general_ability": main_metrics.get("general_ability"),

@@ -85,6 +85,22 @@ def test_the_guard_pool_is_large_disjoint_and_leaves_the_other_draws_as_they_wer
         assert [r["id"] for r in without[side]] == [r["id"] for r in chosen[side]], side
 
 
+def test_the_calibration_experiment_draws_its_own_sets_questions_disjoint_from_the_curve_and_the_pool(chosen, script):
+    train, heldout = chosen["calibration_train"], chosen["calibration_heldout"]
+    assert {r["source"] for r in train + heldout} == set(script.CALIBRATION_SETS) == {"diasafety"}
+    assert len(train) == 640 and len(heldout) == 600
+    # the main train draw's DiaSafety questions are kept, and more are added
+    assert {r["id"] for r in chosen["train"] if r["source"] == "diasafety"} < {r["id"] for r in train}
+    # held-out: none of the curve's held-out questions (which chose the set), none trained on by the guard or SafeConf
+    evaluated = {script.text_of(r) for r in heldout}
+    for side in ("heldout", "guard", "train"):
+        assert not evaluated & {script.text_of(r) for r in chosen[side]}, side
+    assert not {script.text_of(r) for r in train} & {script.text_of(r) for r in chosen["guard"]}
+    for rows in (train, heldout):
+        assert Counter(script.balance_key(r) for r in rows) == {("judge", "safe"): len(rows) // 2,
+                                                                 ("judge", "unsafe"): len(rows) // 2}
+
+
 def test_selection_is_seeded(chosen, script):
     ids = {side: [r["id"] for r in chosen[side]] for side in ("train", "heldout")}
     again = script.select(shared_data(), seed=0)

@@ -189,13 +189,20 @@ def test_a_guard_tuned_run_shows_the_untrained_rows_the_guard_curve_and_the_base
                                "seconds": 8400, "final_train_loss": 0.2},
                      "curve": [{"examples": 2000, "overall": scores(0.66, 0.1), "by_source": {"cold": scores(0.55, 0.1)},
                                 "verdict_consistency": {"share": 0.8, "n": 200}},
+                               {"examples": 0, "method": "token_prob", "overall": scores(0.48, 0.05),
+                                "by_source": {"diasafety": scores(0.51, 0.1)}},
                                {"examples": 1000, "overall": scores(0.61, 0.1), "by_source": {}}]}
+    data["calibration"] = {"sets": ["diasafety"], "train": "calibration_train", "heldout": "calibration_heldout"}
+    data["sizes"] = {"heldout": 560, "calibration_train": 640, "calibration_heldout": 600}
     wr.write(write_run(tmp_path, data), tmp_path / "site")
     text = (tmp_path / "site" / "RESULTS.md").read_text()
     guard = text[text.index("## Guard-tuning"):text.index("## Every method")]
     rows = [line for line in guard.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 1000", "| 2000"]  # untrained first, then in order
     assert "0.480" in rows[0] and "0.660" in rows[2] and "80.0% of 200" in rows[2]
+    assert "accuracy: cold | accuracy: diasafety" in guard  # every set of the curve, not only the experiment's
+    assert "sets guard-tuning taught: diasafety" in guard and "a fresh draw of 600 held-out questions" in guard
+    assert "# Results: SafeConf against its baselines on a guard-tuned model" in text
     methods = text[text.index("## Every method"):]
     assert "| untrained | token_prob |" in methods and "| guard | token_prob |" in methods
     assert "↳ base rate (0.610)" in methods and "75.0% of 200" in methods
