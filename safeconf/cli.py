@@ -132,21 +132,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluation_run(args) -> str | None:
     """The run directory `safeconf evaluate` evaluates: --run (an experiment's output directory stands for its
-    main run, OUT/main), else the folder above --out when it holds the pipeline's held-out split (--out RUN/eval)."""
+    main SafeConf run: OUT/calibration on a guard-tuned model, else OUT/main), else the folder above --out when it
+    holds the pipeline's held-out split (--out RUN/eval)."""
     from safeconf import io, stages
 
     if args.run:
         run = io.normalise_uri(args.run)
-        main_run = io.join(run, "main")
-        return main_run if io.exists(io.join(main_run, "stages")) else run
+        for main_run in (io.join(run, "calibration"), io.join(run, "main")):
+            if io.exists(stages.marker_path(main_run, "train")):
+                return main_run
+        return run
     parent = io.normalise_uri(args.out).rstrip("/").rsplit("/", 1)[0]
     return parent if io.exists(stages.val_questions(parent)) else None
+
+
+def run_model(run: str) -> str | None:
+    """The model a run's stages started from: its own guard-tuned model, else the model.name its train (or
+    pipeline) stage recorded (a folder such as an experiment's guard model, or a hub name); None if neither ran."""
+    from safeconf import io, stages
+    from safeconf.guard import guard_model
+
+    if io.exists(guard_model(run)):
+        return guard_model(run)
+    for stage in ("train", "pipeline"):
+        name = (((stages.read_marker(run, stage) or {}).get("inputs") or {}).get("config") or {}).get("model.name")
+        if isinstance(name, str):
+            return name
+    return None
 
 
 def stage_plan(args, config):
     """The StagePlan of the subcommand, with the defaults of safeconf.stages."""
     from safeconf import io, stages
-    from safeconf.guard import guard_model
 
     if args.stage == "guard":
         plan = stages.guard_plan(config)
@@ -166,9 +183,7 @@ def stage_plan(args, config):
     adapter = args.adapter or config.model.adapter
     if not adapter and run and io.exists(io.join(run, "train", "adapter")):
         adapter = io.join(run, "train", "adapter")
-    model = args.model
-    if not model and run and io.exists(guard_model(run)):  # the run's guard-tuned model: its baselines and base
-        model = guard_model(run)
+    model = args.model or (run_model(run) if run else None)  # the baselines' model and the adapter's base
     logging.getLogger(__name__).info("evaluating %s on model %s with adapter %s", data, model or config.model.name,
                                      adapter or "(none: baselines only)")
     return stages.evaluate_plan(config, data, config.out, adapter=adapter, model=model)

@@ -311,9 +311,16 @@ def test_cli_evaluate_defaults_to_eval_data_else_the_runs_held_out_split(tmp_pat
 def test_cli_evaluate_of_a_guard_tuned_run_or_an_experiment_uses_its_guard_model(tmp_path, stub_runners):
     experiment = tmp_path / "experiment"
     run = experiment / "main"
-    for folder in ("stages", "sft", "train/adapter", "guard/merged"):
-        (run / folder).mkdir(parents=True)
-    (run / "sft" / "val_questions.parquet").write_text("")
+
+    def trained(run_dir, model_name):
+        for folder in ("stages", "sft", "train/adapter"):
+            (run_dir / folder).mkdir(parents=True, exist_ok=True)
+        (run_dir / "sft" / "val_questions.parquet").write_text("")
+        marker = {"stage": "train", "inputs": {"config": {"model.name": model_name}}}
+        (run_dir / "stages" / "train.json").write_text(json.dumps(marker))
+
+    trained(run, stages.upstream("guard", "abc"))
+    (run / "guard" / "merged").mkdir(parents=True)
     for given in (run, experiment):  # the run itself, or the experiment's output directory
         assert cli_main(["evaluate", "--run", str(given), "--data", "jsonl:mine.jsonl",
                          "--out", str(tmp_path / "mine")]) == 0
@@ -323,6 +330,21 @@ def test_cli_evaluate_of_a_guard_tuned_run_or_an_experiment_uses_its_guard_model
     assert cli_main(["evaluate", "--run", str(run), "--model", "embedded", "--data", "jsonl:m.jsonl",
                      "--out", str(tmp_path / "m")]) == 0
     assert stub_runners[0][1]["model"] == "embedded"  # --model wins
+    ran(stub_runners)
+
+    # the experiment's calibration run (SafeConf started from main's guard model): the experiment stands for it
+    calibration = experiment / "calibration"
+    trained(calibration, str(run / "guard" / "merged"))
+    assert cli_main(["evaluate", "--run", str(experiment), "--data", "jsonl:m.jsonl", "--out", str(tmp_path / "c")]) == 0
+    (_, call), = stub_runners
+    assert call["adapter"] == f"{calibration}/train/adapter" and call["model"] == f"{run}/guard/merged"
+    ran(stub_runners)
+
+    # a run trained on the user's own model: its adapter goes on that model, not on the default one
+    own = tmp_path / "own"
+    trained(own, "Qwen/Qwen2.5-7B-Instruct")
+    assert cli_main(["evaluate", "--run", str(own), "--data", "jsonl:m.jsonl", "--out", str(tmp_path / "o")]) == 0
+    assert stub_runners[0][1]["model"] == "Qwen/Qwen2.5-7B-Instruct"
 
 
 def test_cli_train_uses_the_same_run_key_rule_and_fresh(tmp_path, stub_runners):
