@@ -190,16 +190,15 @@ def stage_plan(args, config):
 
 
 def judge_config(args, config):
-    """The config `safeconf judge` judges with: with --run, the run's model (its guard-tuned one when it has one),
-    its adapter and its calibrated threshold (RUN/eval/metrics.json), as the endpoint of that run would."""
+    """The config `safeconf judge` judges with: with --run, the model the run started from (run_model: its
+    guard-tuned one when it has one), its adapter and its calibrated threshold (RUN/eval/metrics.json), as the
+    endpoint of that run would."""
     from safeconf import io
-    from safeconf.guard import guard_model
 
     if not args.run:
         return config
     run = evaluation_run(args)
-    if io.exists(guard_model(run)):
-        config.model.name = guard_model(run)
+    config.model.name = run_model(run) or config.model.name
     config.model.adapter = io.join(run, "train", "adapter")
     config.serve.metrics_path = io.join(run, "eval", "metrics.json")
     for needed in (config.model.adapter, config.serve.metrics_path):

@@ -19,6 +19,7 @@ from safeconf import io
 from safeconf.config import Config, EngineConfig, config_from_dict
 from safeconf.confidence import question_confidence
 from safeconf.data.loaders import read_questions
+from safeconf.data.stream import count_values, question_stream, reject
 from safeconf.engines.base import (
     draw_labels,
     engine_runtime_env,
@@ -44,29 +45,22 @@ log = logging.getLogger(__name__)
 
 
 def ingest(spec: str, limit: int = 0) -> tuple[pa.Table, pa.Table, int]:
-    """(accepted questions, rejects with their reasons, rows read). Rows read = accepted + rejected."""
+    """(accepted questions, rejects with their reasons, rows read), on the driver: for the sets a driver holds
+    anyway (the evaluation's held-out questions, the guard pool, the experiment's draws); the pipeline streams its
+    questions instead (safeconf.data.stream). Rows read = accepted + rejected; the same validation."""
     accepted, rejected, seen, read = [], [], set(), 0
     for raw in read_questions(spec, limit=limit or None):
         read += 1
         if raw.error is not None:
-            field, reason = raw.error
-            rejected.append({"location": raw.location, "id": None, "field": field, "reason": reason, "raw": raw.raw})
+            rejected.append(reject(raw.location, *raw.error, raw.raw))
             continue
         row, problem = validate_record(raw.record, seen)
         if problem is None:
             accepted.append(row)
             continue
-        field, reason = problem
         record_id = raw.record.get("id") if isinstance(raw.record, dict) else None
-        rejected.append(
-            {
-                "location": raw.location,
-                "id": record_id if isinstance(record_id, str) else None,
-                "field": field,
-                "reason": reason,
-                "raw": raw.raw or json.dumps(raw.record, ensure_ascii=False, default=str)[:2000],
-            }
-        )
+        rejected.append(reject(raw.location, *problem,
+                               raw.raw or json.dumps(raw.record, ensure_ascii=False, default=str)[:2000], record_id))
     return (
         pa.Table.from_pylist(accepted, schema=QUESTION_SCHEMA),
         pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA),
@@ -355,12 +349,13 @@ def start_timeout_message(engine: EngineConfig) -> str:
             "to the node types (python -m safeconf.cluster_check CLUSTER CONFIG).")
 
 
-def build_dataset(questions: pa.Table, config: Config, stage_class=EngineStage,
+def build_dataset(questions, config: Config, stage_class=EngineStage,
                   placement: EnginePlacementGroups | None = None, **stage_kwargs):
-    """The lazy Ray Dataset from accepted questions to confidence rows. `stage_class`: EngineStage or a subclass
-    (benchmarks/pipeline_throughput.py times its engine calls), with its extra constructor arguments; `placement`:
-    where tensor-parallel engines get their placement groups (the caller removes them when the dataset is done)."""
-    ds = question_dataset(questions, config.engine.batch_size)
+    """The lazy Ray Dataset from accepted questions (a Ray Dataset, e.g. safeconf.data.stream.question_stream, or an
+    Arrow table) to confidence rows. `stage_class`: EngineStage or a subclass (benchmarks/pipeline_throughput.py
+    times its engine calls), with its extra constructor arguments; `placement`: where tensor-parallel engines get
+    their placement groups (the caller removes them when the dataset is done)."""
+    ds = question_dataset(questions, config.engine.batch_size) if isinstance(questions, pa.Table) else questions
     ds = ds.map_batches(mutate_batch, batch_format="pyarrow", fn_kwargs={"config": config.to_dict()})
     ds = map_on_engines(ds, stage_class, config, placement, **stage_kwargs)
     return ds.map_batches(confidence_batch, batch_format="pyarrow")
@@ -427,24 +422,29 @@ def _operator_entry(operators: dict, name: str) -> dict:
 
 
 def run_pipeline(config: Config) -> dict:
-    """Run the whole data pipeline into `config.out`; return the summary (also written to summary.json)."""
+    """Run the whole data pipeline into `config.out`; return the summary (also written to summary.json). The
+    questions stream from storage through Ray Data (safeconf.data.stream): validated on the workers, rejects into
+    OUT/rejects/; the driver holds neither the questions nor their ids."""
     import ray
 
     started = time.time()
     out = io.normalise_uri(config.out)
     io.make_dirs(out)
-    questions, rejects, read = ingest(config.data, config.limit)
-    io.write_table(io.join(out, "rejects.parquet"), rejects)
-    if rejects.num_rows:
-        log.warning("%d of %d rows rejected; reasons in %s", rejects.num_rows, read, io.join(out, "rejects.parquet"))
-    if questions.num_rows == 0:
-        raise ValueError(f"no usable questions in {config.data!r}: {read} read, all rejected (see rejects.parquet)")
-
+    rejects_uri, confidence_uri = io.join(out, "rejects"), io.join(out, "confidence")
+    if io.exists(rejects_uri):  # a rerun's rejects replace the last run's
+        io.delete(rejects_uri)
     init_ray(config.ray_address)
-    confidence_uri = io.join(out, "confidence")
+    questions = question_stream(config.data, rejects_uri, config.limit)  # a missing path fails here, before actors
     # overwrite: a rerun replaces the previous run's files instead of adding its own beside them
     with engine_actors(config.engine) as placement:  # placement groups freed for training when done
         build_dataset(questions, config, placement=placement).write_parquet(confidence_uri, mode="overwrite")
+    rejected = count_values(rejects_uri, ["field"])["field"]
+    accepted = io.read_table(confidence_uri, columns=["id"]).num_rows if io.exists(confidence_uri) else 0
+    read = accepted + sum(rejected.values())
+    if rejected:
+        log.warning("%d of %d rows rejected; reasons in %s", read - accepted, read, rejects_uri)
+    if accepted == 0:
+        raise ValueError(f"no usable questions in {config.data!r}: {read} read, all rejected (see {rejects_uri})")
     sft_counts = build_sft(confidence_uri, io.join(out, "sft"), config.sft)
     sampled = summarise(confidence_uri)
     alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
@@ -452,9 +452,9 @@ def run_pipeline(config: Config) -> dict:
     summary = {
         "data": config.data,
         "rows_read": read,
-        "rows_accepted": questions.num_rows,
-        "rows_rejected": rejects.num_rows,
-        "rejected_by_field": _count(rejects.column("field").to_pylist()),
+        "rows_accepted": accepted,
+        "rows_rejected": read - accepted,
+        "rejected_by_field": rejected,
         "answer_format": config.sampling.answer_format,
         **sampled,
         # Nodes that sampled part of the questions and were gone by the end: Ray Data retried the batches they
@@ -466,10 +466,3 @@ def run_pipeline(config: Config) -> dict:
     }
     io.write_json(io.join(out, "summary.json"), summary)
     return summary
-
-
-def _count(values: list) -> dict:
-    counts: dict = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts

@@ -4,7 +4,7 @@ the same defaults whoever calls it (serving stays in safeconf.serving: it runs n
 
     guard     guard.data (off while empty) -> OUT/guard/{sft, adapter, merged, guard_summary.json}: the model every
               later stage then uses (safeconf.guard)
-    pipeline  config.data -> OUT/summary.json, OUT/confidence/, OUT/sft/, OUT/rejects.parquet
+    pipeline  config.data -> OUT/summary.json, OUT/confidence/, OUT/sft/, OUT/rejects/
     train     OUT/sft (or train.dataset) -> OUT/train/{adapter, merged, train_summary.json}, checkpoints
     evaluate  eval.data (else OUT/sft/val_questions.parquet) + OUT/train/adapter -> OUT/eval/
 
@@ -380,7 +380,7 @@ def stage_config(config: Config) -> Config:
 def pipeline_plan(config: Config) -> StagePlan:
     out = io.normalise_uri(config.out)
     return StagePlan("pipeline", config, {}, {"config": config_inputs(config, "pipeline")},
-                     outputs=[io.join(out, p) for p in ("summary.json", "confidence", "sft", "rejects.parquet")],
+                     outputs=[io.join(out, p) for p in ("summary.json", "confidence", "sft", "rejects")],
                      done=io.join(out, "summary.json"))
 
 

@@ -18,8 +18,9 @@ import pytest
 from conftest import REPO
 
 from safeconf import io
-from safeconf.batch_judge import list_files, read_file, read_tasks, run_judge, validate_batch
+from safeconf.batch_judge import run_judge, validate_batch
 from safeconf.config import load_config
+from safeconf.data.stream import list_files, read_file, read_tasks
 from safeconf.serving.judging import TIERS
 
 EMBEDDED = REPO / "safeconf" / "data" / "embedded" / "questions.jsonl"
@@ -62,8 +63,8 @@ def test_files_are_listed_on_the_driver_and_a_missing_path_fails_first(question_
 def test_bad_rows_and_unreadable_files_are_rejects_with_their_location(question_folder, tmp_path):
     (question_folder / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
     rows = []
-    for spec in read_tasks(str(question_folder)):
-        for block in read_file({"spec": [spec]}):
+    for task, spec in enumerate(read_tasks(str(question_folder))):
+        for block in read_file({"spec": [spec], "task": [task]}):
             rows += block.to_pylist()
     assert len(rows) == 3 + 2 + 4 + 1  # the rows of the JSONL files, and one row for the unreadable file
     items = validate_batch(pa.Table.from_pylist(rows, schema=block.schema), "", str(tmp_path / "rejects"))
@@ -139,6 +140,7 @@ def test_judge_with_a_run_takes_its_model_adapter_and_calibration(tmp_path):
     run = experiment / "main"
     for folder in ("stages", "train/adapter", "eval", "guard/merged"):
         (run / folder).mkdir(parents=True)
+    (run / "stages" / "train.json").write_text(json.dumps({"inputs": {"config": {"model.name": {"stage": "guard"}}}}))
     (run / "eval" / "metrics.json").write_text("{}")
     args = build_parser().parse_args(["judge", "--data", "embedded", "--out", str(tmp_path / "o"),
                                       "--run", str(experiment)])

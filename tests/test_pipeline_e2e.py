@@ -34,7 +34,7 @@ def test_pipeline_end_to_end_on_smollm2(local_ray, questions_file, tmp_path):
 
     assert summary["rows_read"] == 6 == summary["rows_accepted"] + summary["rows_rejected"]
     assert summary["rows_rejected"] == 2 and summary["rejected_by_field"] == {"answer": 1, "id": 1}
-    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    rejects = pq.read_table(out / "rejects").to_pylist()
     assert {r["reason"].split()[0] for r in rejects} == {"answer", "duplicate"}
 
     rows = pq.read_table(out / "confidence").to_pylist()

@@ -566,14 +566,22 @@ def _embedded() -> Iterator[RawRecord]:
     return _jsonl_bytes(resource.read_bytes(), str(resource))
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """(format or "" when the SPEC names none, path as written): nothing is fetched or checked."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in FORMATS and not URI.match(spec):  # a bare s3:// / gs:// URI has its format in its extension
+        return prefix, rest
+    return "", spec
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
     """(format, local path) of a SPEC; raises ValueError / FileNotFoundError with the known formats."""
-    prefix, sep, rest = spec.partition(":")
-    if URI.match(spec):  # a bare s3:// / gs:// URI: the format comes from its extension
-        prefix, sep, rest = "", "", spec
-    if sep and prefix in FORMATS:
-        fmt, path = prefix, rest if prefix == "hf" else fetch(rest)
-    elif sep and len(prefix) > 1 and re.fullmatch(r"[A-Za-z][\w-]*", prefix) and not Path(spec).exists():
+    fmt, path = split_spec(spec)
+    prefix, sep, _ = spec.partition(":")
+    if fmt:
+        path = path if fmt == "hf" else fetch(path)
+    elif sep and not URI.match(spec) and len(prefix) > 1 and re.fullmatch(r"[A-Za-z][\w-]*", prefix) \
+            and not Path(spec).exists():
         # a single letter is a Windows drive, not a format
         raise ValueError(f"unknown data format {prefix!r} in {spec!r}; {_known()}")
     else:
