@@ -1,15 +1,18 @@
-"""How batch judging (`safeconf judge`, safeconf.batch_judge) scales with the number of questions: the driver's
-memory must stay flat, since it lists file names and never holds rows.
+"""How batch judging (`safeconf judge`) and the pipeline (`safeconf pipeline`) scale with the number of
+questions: the driver's memory must stay flat, since it lists file names and never holds the rows.
 
-    .venv/bin/python benchmarks/pipeline_scale.py --questions 10000,100000 [--shard-rows 10000] [--json]
+    .venv/bin/python benchmarks/pipeline_scale.py --questions 10000,100000 [--workload judge|pipeline]
+        [--shard-rows 10000]
 
 For each size, in a fresh process with its own local Ray: N synthetic two-option safe/unsafe questions written as
-Parquet shards of --shard-rows rows, then the whole judge run: list the shards, read and validate them on the
-workers, judge with token_prob, write the judgement shards and the summary. The engine is a stand-in (no model):
-deterministic option log-probs from a hash of the question, so the figures are the system's own cost (Ray Data,
-reading, validation, judging code, writing), not a model's. One JSON line per size:
-{"questions", "seconds", "questions_per_s", "driver_peak_rss_mb", "judged", "rejected"}; seconds include Ray's
-start in that process. Worker memory is not measured here.
+Parquet shards of --shard-rows rows, then the whole run. judge: list the shards, read and validate them on the
+workers, judge with token_prob, write the judgement shards and the summary. pipeline: read and validate (with the
+duplicate-id pass), mutate with the rule operators (3 variants a question), k=10 label samples per variant,
+confidence, write the confidence table, build the SFT set and the summary. The engine is a stand-in (no model):
+deterministic option log-probs from a hash of the prompt, so the figures are the system's own cost (Ray Data,
+reading, validation, mutation, judging or sampling code, writing), not a model's. One JSON line per size:
+{"workload", "questions", "seconds", "questions_per_s", "driver_peak_rss_mb", "accepted", "rejected"}; seconds
+include Ray's start in that process. Worker memory is not measured here.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from safeconf.batch_judge import JudgeStage
+from safeconf.engines.base import LabelScores
+from safeconf.pipeline import EngineStage
 
 
 class HashEngine:
@@ -40,10 +45,19 @@ class HashEngine:
             out.append([-1.0 - digest[i % len(digest)] / 64 for i in range(len(options))])
         return out
 
+    def label_scores(self, prompts, answer_prefixes, labels):
+        return [LabelScores(logprobs, [1] * len(logprobs), False, False)
+                for logprobs in self.option_logprobs(prompts, answer_prefixes, labels)]
+
 
 class HashJudgeStage(JudgeStage):
     def __init__(self, config: dict, policy: dict):
         super().__init__(config, policy, engine=HashEngine())
+
+
+class HashEngineStage(EngineStage):
+    def __init__(self, config: dict):
+        super().__init__(config, engine=HashEngine())
 
 
 def write_questions(folder: Path, count: int, shard_rows: int) -> None:
@@ -59,34 +73,46 @@ def write_questions(folder: Path, count: int, shard_rows: int) -> None:
             "unsafe_option": [1] * len(ids)}), folder / f"part-{start // shard_rows:05d}.parquet")
 
 
-def one_size(count: int, shard_rows: int, overrides: list[str]) -> dict:
+def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = "judge") -> dict:
     from safeconf.batch_judge import run_judge
     from safeconf.config import load_config
+    from safeconf.pipeline import run_pipeline
 
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         write_questions(Path(tmp) / "questions", count, shard_rows)
-        config = load_config(None, ["ray_address=local", "engine.batch_size=256", *overrides], out=f"{tmp}/out")
+        data = f"parquet:{tmp}/questions"
+        config = load_config(None, ["ray_address=local", "engine.batch_size=256", f"data={data}",
+                                    "mutation.operators=[shuffle,polarity,relabel,framing]",
+                                    "mutation.variants_per_question=3", "sampling.k=10", "sampling.answer_format=label",
+                                    *overrides], out=f"{tmp}/out")
         started = time.perf_counter()
-        summary = run_judge(config, f"parquet:{tmp}/questions", config.out, stage_class=HashJudgeStage)
+        if workload == "judge":
+            summary = run_judge(config, data, config.out, stage_class=HashJudgeStage)
+            accepted, rejected = summary["judged"], summary["rejected"]
+        else:
+            summary = run_pipeline(config, stage_class=HashEngineStage)
+            accepted, rejected = summary["rows_accepted"], summary["rows_rejected"]
         seconds = time.perf_counter() - started
-    return {"questions": count, "seconds": round(seconds, 1), "questions_per_s": round(count / seconds, 1),
+    return {"workload": workload, "questions": count, "seconds": round(seconds, 1),
+            "questions_per_s": round(count / seconds, 1),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "judged": summary["judged"], "rejected": summary["rejected"]}
+            "accepted": accepted, "rejected": rejected}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", default="10000,100000", help="sizes, comma-separated")
     parser.add_argument("--shard-rows", type=int, default=10000, help="rows per Parquet shard")
+    parser.add_argument("--workload", choices=("judge", "pipeline"), default="judge")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, in this process
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.concurrency=2")
     args = parser.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(one_size(args.one, args.shard_rows, args.overrides)), flush=True)
+        print("RESULT " + json.dumps(one_size(args.one, args.shard_rows, args.overrides, args.workload)), flush=True)
         return 0
     for count in [int(n) for n in args.questions.split(",")]:
         run = subprocess.run([sys.executable, __file__, "--one", str(count), "--shard-rows", str(args.shard_rows),
-                              *args.overrides], capture_output=True, text=True)
+                              "--workload", args.workload, *args.overrides], capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
         if run.returncode or not lines:
             print(run.stdout[-2000:] + run.stderr[-3000:], file=sys.stderr)

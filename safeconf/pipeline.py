@@ -363,15 +363,25 @@ def build_dataset(questions, config: Config, stage_class=EngineStage,
 
 def summarise(confidence_uri: str) -> dict:
     """Counts over the written confidence table: variants kept and dropped per mutation operator, samples and
-    the unreadable ones, prompts cut to fit the context, mean confidence."""
-    table = io.read_table(
-        confidence_uri, columns=["answer", "confidence", "variants", "dropped", "llm_prompts_truncated", "sampled_on"]
-    )
+    the unreadable ones, prompts cut to fit the context, mean confidence. Read a batch at a time, so the driver
+    holds one batch of questions, not the table."""
+    import pyarrow.dataset as pads
+
+    fs, path = io.filesystem(confidence_uri)
+    batches = pads.dataset(path, filesystem=fs, format="parquet").to_batches(
+        columns=["answer", "confidence", "variants", "dropped", "llm_prompts_truncated", "sampled_on"], batch_size=256)
     variants_by_mutation, operators, formats = {}, {}, {}
     samples = unreadable = tokens = 0
     sampled = sampled_cut = llm_requests = llm_cut = 0
     sampled_checked = llm_checked = True  # False once a prompt could not be checked (an engine without prompt_fits)
-    for row in table.to_pylist():
+    questions = without_gold = confidence_sum = confidence_count = 0
+    by_node = Counter()
+    for row in (row for batch in batches for row in batch.to_pylist()):
+        questions += 1
+        without_gold += row["answer"] is None
+        if row["confidence"] is not None:
+            confidence_sum, confidence_count = confidence_sum + row["confidence"], confidence_count + 1
+        by_node[str(row["sampled_on"])] += 1
         for variant in row["variants"]:
             mutation = variant["mutation"]
             variants_by_mutation[mutation] = variants_by_mutation.get(mutation, 0) + 1
@@ -394,11 +404,9 @@ def summarise(confidence_uri: str) -> dict:
         llm_checked &= row["llm_prompts_truncated"] is not None
     for entry in operators.values():
         entry["attempted"] = entry["kept"] + entry["dropped"]
-    confidences = [c for c in table.column("confidence").to_pylist() if c is not None]
-    by_node = Counter(str(node) for node in table.column("sampled_on").to_pylist())
     return {
-        "questions": table.num_rows,
-        "questions_without_gold": table.column("answer").null_count,
+        "questions": questions,
+        "questions_without_gold": without_gold,
         "variants_by_mutation": variants_by_mutation,
         # Per mutation operator: variants it was asked for (attempted) = kept + dropped, and why they were dropped.
         "mutations": {name: operators[name] for name in sorted(operators)},
@@ -412,7 +420,7 @@ def summarise(confidence_uri: str) -> dict:
             "sampling": {"prompts": sampled, "truncated": sampled_cut if sampled_checked else None},
             "llm_mutations": {"prompts": llm_requests, "truncated": llm_cut if llm_checked else None},
         },
-        "mean_confidence": sum(confidences) / len(confidences) if confidences else None,
+        "mean_confidence": confidence_sum / confidence_count if confidence_count else None,
         "questions_by_node": dict(sorted(by_node.items())),  # Ray node id of the engine actor -> questions sampled
     }
 
@@ -421,10 +429,11 @@ def _operator_entry(operators: dict, name: str) -> dict:
     return operators.setdefault(name, {"attempted": 0, "kept": 0, "dropped": 0, "dropped_by_reason": {}})
 
 
-def run_pipeline(config: Config) -> dict:
+def run_pipeline(config: Config, stage_class=EngineStage) -> dict:
     """Run the whole data pipeline into `config.out`; return the summary (also written to summary.json). The
     questions stream from storage through Ray Data (safeconf.data.stream): validated on the workers, rejects into
-    OUT/rejects/; the driver holds neither the questions nor their ids."""
+    OUT/rejects/; the driver holds neither the questions nor their ids. `stage_class`: EngineStage or a subclass
+    (benchmarks/pipeline_scale.py gives it a stand-in engine)."""
     import ray
 
     started = time.time()
@@ -437,16 +446,16 @@ def run_pipeline(config: Config) -> dict:
     questions = question_stream(config.data, rejects_uri, config.limit)  # a missing path fails here, before actors
     # overwrite: a rerun replaces the previous run's files instead of adding its own beside them
     with engine_actors(config.engine) as placement:  # placement groups freed for training when done
-        build_dataset(questions, config, placement=placement).write_parquet(confidence_uri, mode="overwrite")
+        build_dataset(questions, config, stage_class, placement).write_parquet(confidence_uri, mode="overwrite")
     rejected = count_values(rejects_uri, ["field"])["field"]
-    accepted = io.read_table(confidence_uri, columns=["id"]).num_rows if io.exists(confidence_uri) else 0
+    sampled = summarise(confidence_uri) if io.exists(confidence_uri) else {"questions": 0}
+    accepted = sampled["questions"]
     read = accepted + sum(rejected.values())
     if rejected:
         log.warning("%d of %d rows rejected; reasons in %s", read - accepted, read, rejects_uri)
     if accepted == 0:
         raise ValueError(f"no usable questions in {config.data!r}: {read} read, all rejected (see {rejects_uri})")
     sft_counts = build_sft(confidence_uri, io.join(out, "sft"), config.sft)
-    sampled = summarise(confidence_uri)
     alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
     summary = {

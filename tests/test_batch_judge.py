@@ -154,16 +154,17 @@ def test_judge_with_a_run_takes_its_model_adapter_and_calibration(tmp_path):
 
 
 def test_scale_benchmark_runs_at_a_small_size(local_ray):
-    """benchmarks/pipeline_scale.py's measurement at 300 questions in 3 shards: every question judged once by the
-    stand-in engine, deterministically."""
+    """benchmarks/pipeline_scale.py's measurement at 300 questions in 3 shards, judged and through the pipeline:
+    every question comes out once, with the stand-in engine."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pipeline_scale", REPO / "benchmarks" / "pipeline_scale.py")
     scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scale)
-    result = scale.one_size(300, 100, [])
-    assert (result["questions"], result["judged"], result["rejected"]) == (300, 300, 0)
-    assert result["questions_per_s"] > 0 and result["driver_peak_rss_mb"] > 0
+    for workload in ("judge", "pipeline"):
+        result = scale.one_size(300, 100, [], workload)
+        assert (result["questions"], result["accepted"], result["rejected"]) == (300, 300, 0), workload
+        assert result["questions_per_s"] > 0 and result["driver_peak_rss_mb"] > 0
     engine = scale.HashEngine()
     prompt = [[{"role": "user", "content": "x"}]]
     assert engine.option_logprobs(prompt, ["Answer:"], [["A", "B"]]) == engine.option_logprobs(prompt, ["Answer:"],
