@@ -627,7 +627,8 @@ def test_http_answers_equal_the_evaluation_predictions(client, endpoint):
 def test_a_replica_killed_under_load_gives_503_with_retry_after_and_comes_back(endpoint):
     """A bounded loopback load (4 clients in a loop, and a long chat completion) while the engine replica is killed
     (ray.kill on its actor): every request answers within the bound, with 200 or 503 + Retry-After in the error
-    shape, never another 5xx, a dropped connection or a hang; the requests the replica held get 503; Serve starts a
+    shape, never another 5xx, a dropped connection or a hang; the requests the replica held get 503; while Serve
+    counts no RUNNING replica, requests are refused at once (not after serve.request_timeout_s); Serve starts a
     new replica and requests answer 200 again."""
     import threading
 
@@ -672,7 +673,16 @@ def test_a_replica_killed_under_load_gives_503_with_retry_after_and_comes_back(e
     def recovered():  # a 200 to a request sent after the kill: only a new replica can answer it
         return any(r["status"] == 200 and r["began"] > kill["at"] for r in list(results))
 
-    clients = [threading.Thread(target=load, args=(i,)) for i in range(4)] + [threading.Thread(target=long_chat)]
+    running = []  # (time, RUNNING engine replicas) as Serve's controller says
+
+    def watch():
+        while not stop.is_set():
+            states = serve.status().applications["safeconf-test"].deployments["SafeConfJudge"].replica_states
+            running.append((time.time(), states.get("RUNNING", 0)))
+            time.sleep(0.2)
+
+    clients = [threading.Thread(target=load, args=(i,)) for i in range(4)] + [threading.Thread(target=long_chat),
+                                                                            threading.Thread(target=watch)]
     try:
         for t in clients:
             t.start()
@@ -701,6 +711,15 @@ def test_a_replica_killed_under_load_gives_503_with_retry_after_and_comes_back(e
     [chat] = [r for r in results if r["path"] == "/v1/chat/completions"]
     assert chat["status"] == 503, chat  # held by the replica that died
     assert recovered(), "no 200 from a replacement replica within 180 s"
+    # fast refusal: requests sent while no replica ran (the front looks every REPLICA_CHECK_S) got their 503 within
+    # 2 s (+ the HTTP round trip on this busy machine), far inside the 8 s request timeout they used to wait
+    down = [t for t, n in running if n == 0 and t > kill["at"]]
+    assert down, "Serve never counted the engine as down"
+    back = min((t for t, n in running if n > 0 and t > down[0]), default=float("inf"))
+    refused = [r for r in results if down[0] + 1.5 < r["began"] < back - 3.0 and r["path"] == "/v1/judge"]
+    assert refused, (down[0], back)  # the new replica takes longer to load the model than this window's margins
+    for r in refused:
+        assert r["status"] == 503 and r["seconds"] <= 2.0 + 1.0, {k: r[k] for k in ("status", "seconds", "began")}
     assert handle.replica_info.remote().result()["pid"] != before["pid"]
 
 

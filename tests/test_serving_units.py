@@ -448,6 +448,8 @@ class FakeResponse:
 class FakeHandle:
     """The engine's DeploymentHandle: records each call's options and arguments; `answer` says what it does."""
 
+    deployment_name = "SafeConfJudge"
+
     def __init__(self, answer, options=None, calls=None):
         self.answer, self.option_values, self.calls = answer, options or {}, calls if calls is not None else []
 
@@ -477,11 +479,38 @@ def front_with(answer, timeout_s=5.0, adapters=()):
     front.config, front.model_id, front.adapter_names = config, "embedded", list(adapters)
     front.timeout_s, front.retry_after_s = timeout_s, config.serve.retry_after_s
     front.engine, front.handles, front.metrics = FakeHandle(answer), {}, NoMetrics()
+    front.replicas_checked_at, front.engine_running = float("-inf"), True  # outside Serve the lookup fails: up
     return front
 
 
 def ask(front, body: dict):
     return asyncio.run(front.judge(JudgeRequest.model_validate(body)))
+
+
+def test_with_no_replica_running_the_front_refuses_at_once_and_looks_again_a_second_later(monkeypatch):
+    """All engine replicas dead or starting (Serve's controller counts no RUNNING one): 503 + Retry-After without
+    calling the engine, instead of waiting serve.request_timeout_s; the controller is asked at most once per
+    REPLICA_CHECK_S; once a replica runs, requests go through."""
+    import safeconf.serving.app as front_module
+
+    lookups = []
+    running = {"SafeConfJudge": 0}
+    monkeypatch.setattr(front_module, "running_replicas", lambda name: lookups.append(name) or running[name])
+
+    async def answers(name, items, deadline):
+        return {"result": [{"label": "safe"}]}
+
+    front = front_with(answers, timeout_s=60.0)
+    began = time.perf_counter()
+    refused = [ask(front, {"text": "hello"}) for _ in range(3)]
+    assert time.perf_counter() - began < 60.0 / 2  # not the request timeout's wait
+    for response in refused:
+        assert (response.status_code, response.headers["retry-after"]) == (503, "3")
+        assert "no judge replica is running" in json.loads(response.body)["error"]["message"]
+    assert front.engine.calls == [] and lookups == ["SafeConfJudge"]  # one lookup for the three, within the second
+    running["SafeConfJudge"] = 1
+    monkeypatch.setattr(front_module, "REPLICA_CHECK_S", 0.0)
+    assert ask(front, {"text": "hello"}).status_code == 200 and len(front.engine.calls) == 1
 
 
 def test_the_front_maps_each_engine_outcome_to_its_answer(monkeypatch):

@@ -52,6 +52,9 @@ MAIN = ""  # the name of the main model (model.name + model.adapter) among the s
 # The front waits this much longer than the engine's own deadline, so an engine that took the request answers
 # first (504, or its answer); past it, no engine replica took the request.
 ENGINE_GRACE_S = 2.0
+# How long the front trusts its last look at the engine deployment's replicas (Serve's controller): with none
+# RUNNING, a request is refused at once (503 + Retry-After) instead of waiting serve.request_timeout_s for one.
+REPLICA_CHECK_S = 1.0
 
 api = FastAPI(title="SafeConf", description="Calibrated safety judgements", docs_url=None, redoc_url=None,
               openapi_url=None)  # no schema pages: less surface, and nothing to show before auth
@@ -233,6 +236,20 @@ class JudgeFront:
         self.retry_after_s = self.config.serve.retry_after_s
         self.handles: dict[tuple[str, str], object] = {}  # (method, model) -> handle with those options
         self.metrics = Metrics()
+        self.replicas_checked_at, self.engine_running = -math.inf, True
+
+    async def engine_is_up(self) -> bool:
+        """Whether the engine deployment has a RUNNING replica, as Serve's controller last said (looked up at most
+        every REPLICA_CHECK_S, one lookup at a time; if the lookup fails, up: the request then takes its chances)."""
+        now = time.monotonic()
+        if now - self.replicas_checked_at >= REPLICA_CHECK_S:
+            self.replicas_checked_at = now
+            try:
+                self.engine_running = await asyncio.to_thread(running_replicas, self.engine.deployment_name) > 0
+            except Exception as error:  # a controller that cannot be asked must not refuse every request
+                log.warning("could not read the engine's replicas from Serve: %s", error)
+                self.engine_running = True
+        return self.engine_running
 
     def reconfigure(self, user_config: dict):
         """Serve's user_config of the front: request_timeout_s and retry_after_s change without a restart."""
@@ -309,6 +326,9 @@ class JudgeFront:
         if key not in self.handles:
             self.handles[key] = self.engine.options(method_name=method, multiplexed_model_id=name)
         timeout_s, retry_after_s = self.timeout_s, self.retry_after_s
+        if not await self.engine_is_up():  # all dead or starting: nothing can answer within the timeout's worth
+            raise Unanswered(unavailable_response("no judge replica is running (all are starting or restarting); "
+                                                  "retry after the Retry-After seconds", retry_after_s))
         deadline = time.time() + timeout_s  # wall clock: the engine may run on another node
         response = None
         try:
@@ -398,6 +418,15 @@ class JudgeFront:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return {"messages": messages, "n": body.n, "temperature": body.temperature, "top_p": body.top_p,
                 "max_tokens": max_tokens, "stop": stop}
+
+
+def running_replicas(deployment: str) -> int:
+    """RUNNING replicas of a deployment of this replica's application, from Serve's controller."""
+    from ray import serve
+
+    app = serve.get_replica_context().app_name
+    found = serve.status().applications[app].deployments[deployment]
+    return found.replica_states.get("RUNNING", 0)
 
 
 async def _awaited(response):
