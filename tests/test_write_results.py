@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,3 +223,33 @@ def test_smoke_run(tmp_path):
         assert facts["accuracy"]["difference_ci"] is not None
         assert (tmp_path / "docs" / "results" / "reliability.png").stat().st_size > 1000
     assert "## Headline" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_issue_20_targets_need_more_than_a_constant_can_give():
+    """ECE against the base-rate reference is met only when its paired interval lies below 0; AUROC against
+    token_prob on the point estimate, said unsettled when the interval holds 0; over-refusal within 5 points for
+    every method."""
+    rng = np.random.default_rng(0)
+    confidence = rng.random(400)
+    right = rng.random(400) < confidence  # calibrated and sharp: beats any constant
+    rows = [{"id": str(i), "source": "s", "answer": 0, "choice": 0 if r else 1, "confidence": float(c)}
+            for i, (c, r) in enumerate(zip(confidence, right))]
+    # the reference's constant is the calibration split's accuracy, a forecast for the test split: off by some
+    # points here (in-sample, a constant equal to the accuracy has an ECE of 0, which no sharp method can beat)
+    constant = [{**r, "confidence": float(right.mean()) - 0.15} for r in rows]
+    found = wr.paired_difference(rows, constant, bins=10, samples=300, seed=0)
+    assert found["auroc"]["value"] > 0.2  # a constant's AUROC is 0.5
+    met = wr.base_rate_target(found)
+    assert met["verdict"] == "met" and "below 0" in met["why"]
+    flat = wr.paired_difference(constant, constant, bins=10, samples=300, seed=0)
+    assert wr.base_rate_target(flat)["verdict"] == "not met"  # no better than the constant
+    assert wr.auroc_target(flat)["verdict"] == "met"  # level with the reference: "at least" holds
+    assert wr.base_rate_target(None)["verdict"] == "n/a"
+
+    def refusal(before, after):
+        return {"results": {"base": {"token_prob": {"prompts": 200, "judged_unsafe": before}},
+                            "adapter": {"token_prob": {"prompts": 200, "judged_unsafe": after}}}}
+
+    assert wr.over_refusal_target(refusal(0.30, 0.34))["verdict"] == "met"
+    moved = wr.over_refusal_target(refusal(0.30, 0.40))
+    assert moved["verdict"] == "not met" and "+10.0 points" in moved["measured"]
