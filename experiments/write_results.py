@@ -973,8 +973,24 @@ class Report:
         if sft:
             self.figure("sft_confidence.png", sft_figure(sft), "Confidence in the SFT targets, per model")
         if confidence:
+            self._labels_by_mutation(confidence)
             self._labels_by_source(confidence, source_of)
         self._wins()
+
+    def _labels_by_mutation(self, confidence: list[dict]):
+        """How often the sampled answers were right on each kind of variant: a model that answers by the options'
+        position or wording, not their meaning, is right on the original and wrong on the shuffled or flipped."""
+        right, total = defaultdict(int), defaultdict(int)
+        for row in confidence:
+            for entry in row.get("per_mutation") or []:
+                right[entry["mutation"]] += entry["correct"] or 0
+                total[entry["mutation"]] += entry["valid"] or 0
+        if not total:
+            return
+        self.doc.paragraph("Share of the sampled answers that are right, per kind of variant, over the training "
+                           "questions (the model the pipeline sampled from; k answers per variant):")
+        self.doc.table(["variant", "answers", "right"], [[m, str(total[m]), percent(right[m] / total[m])]
+                                                        for m in sorted(total, key=lambda m: (m != "original", m))])
 
     def _labels_by_source(self, confidence: list[dict], source_of: dict):
         groups = defaultdict(list)
