@@ -193,6 +193,7 @@ class GuardConfig:
     lora_rank: int = option(16, "LoRA rank of the guard adapter (merged into the model afterwards).")
     lora_target_modules: list = option(list(ALL_LINEAR), "Modules that get LoRA adapters: all seven linear projections by default (attention-only LoRA at 2e-4 did not learn the task on the 135M model; RESULTS.md).")
     snapshot_steps: list = option([], "Optimizer steps at which the guard adapter is also exported to OUT/guard/snapshots/step-N (a learning curve from one run).")
+    variants: int = option(0, "Rule variants of each pool question trained on beside it (mutation.operators' rule operators in turn: options shuffled, polarity flipped, labels restyled, framing), each with the gold answer in its own options, so the model learns what an answer means rather than where it stands. 0: the original prompt only (a model tuned so answers by position: RESULTS.md).")
 
 
 EVAL_METHODS = ["verbalized", "self_consistency", "mutation_consistency", "token_prob", "token_prob_temperature",
@@ -479,9 +480,10 @@ class Config:
         guard = self.guard
         if not 0 <= guard.val_fraction < 1:
             found.append("guard.val_fraction must be in [0, 1)")
-        if guard.learning_rate <= 0 or guard.epochs < 1 or guard.max_steps < 0 or guard.limit < 0 or guard.lora_rank < 1:
-            found.append("guard.learning_rate and guard.lora_rank must be > 0, guard.epochs >= 1, guard.max_steps and "
-                         "guard.limit >= 0")
+        if (guard.learning_rate <= 0 or guard.epochs < 1 or guard.max_steps < 0 or guard.limit < 0 or guard.lora_rank < 1
+                or guard.variants < 0):
+            found.append("guard.learning_rate and guard.lora_rank must be > 0, guard.epochs >= 1, guard.max_steps, "
+                         "guard.limit and guard.variants >= 0")
         if not guard.lora_target_modules:
             found.append("guard.lora_target_modules must name at least one module")
         for key, steps in (("train.snapshot_steps", self.train.snapshot_steps), ("guard.snapshot_steps", guard.snapshot_steps)):

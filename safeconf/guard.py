@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from safeconf import io
 from safeconf.config import Config
-from safeconf.mutations import original_of, original_variant
+from safeconf.mutations import RULE_OPERATORS, mutate_rules, original_of, original_variant
 from safeconf.prompts import format_target, render_messages
 from safeconf.schema import QUESTION_SCHEMA
 from safeconf.sft import SFT_SCHEMA, SPLITS, split_of
@@ -73,17 +73,25 @@ def excluded_texts(config: Config) -> set[tuple]:
     return texts
 
 
-def gold_example(question: dict) -> dict:
-    """One SFT row: the original prompt (as the judge sees it) -> the gold answer line, no confidence."""
-    variant = original_variant(question)
-    label = variant["labels"][question["answer"]]
-    target = format_target(variant["lang"], label, None, "none")
-    return {
-        "question_id": question["id"], "variant_id": variant["variant_id"], "mutation": "original",
-        "lang": question["lang"], "task": question["task"], "category": question["category"],
-        "messages": render_messages(variant) + [{"role": "assistant", "content": target}],
-        "target": target, "answer_label": label, "confidence": None,
-    }
+def gold_examples(question: dict, config: Config) -> list[dict]:
+    """SFT rows of one pool question, each a prompt -> its gold answer line, no confidence: the original prompt (as
+    the judge sees it) and, with guard.variants, that many rule variants of it, the gold answer in each variant's
+    own options and labels."""
+    variants = [original_variant(question)]
+    if config.guard.variants:
+        operators = [name for name in config.mutation.operators if name in RULE_OPERATORS] or list(RULE_OPERATORS)
+        variants = mutate_rules(question, operators, config.guard.variants, config.mutation.seed)["variants"]
+    rows = []
+    for variant in variants:
+        label = variant["labels"][variant["answer"]]
+        target = format_target(variant["lang"], label, None, "none")
+        rows.append({
+            "question_id": question["id"], "variant_id": variant["variant_id"], "mutation": variant["mutation"],
+            "lang": variant["lang"], "task": question["task"], "category": question["category"],
+            "messages": render_messages(variant) + [{"role": "assistant", "content": target}],
+            "target": target, "answer_label": label, "confidence": None,
+        })
+    return rows
 
 
 def balance_of(question: dict) -> str:
@@ -116,7 +124,7 @@ def build_guard_sft(config: Config, out: str) -> dict:
             left_out["also a calibration or held-out question"] += 1
             continue
         split = split_of(question["id"], config.guard.val_fraction, config.sft.seed)
-        rows[split].append(gold_example(question))
+        rows[split] += gold_examples(question, config)
         originals[split].append(original_of(question))
         balance[split][f"{question['source']}/{balance_of(question)}"] += 1
     if not rows["train"]:
@@ -128,6 +136,7 @@ def build_guard_sft(config: Config, out: str) -> dict:
                        pa.Table.from_pylist(originals[split], schema=QUESTION_SCHEMA))
     counts = {"read": read, "accepted": questions.num_rows, "rejected": rejects.num_rows,
               "left_out": dict(left_out), "examples": {s: len(rows[s]) for s in SPLITS},
+              "examples_by_variant": dict(Counter(r["mutation"] for s in SPLITS for r in rows[s])),
               "balance": {s: dict(sorted(balance[s].items())) for s in SPLITS}}
     log.info("guard pool: %s", counts)
     return counts

@@ -344,6 +344,9 @@ def guard_plan(config: Config) -> StagePlan | None:
             "val_fraction": config.guard.val_fraction, "split_seed": config.sft.seed,
             "kept_apart_from": {"data": spec_identity(config.data), "limit": config.limit,
                                 "eval.data": spec_identity(config.eval.data)}}
+    if config.guard.variants:  # only then: a pool of originals keeps the fingerprint it had before the setting
+        pool["variants"] = {"per_question": config.guard.variants, "operators": list(config.mutation.operators),
+                            "seed": config.mutation.seed}
     inputs = {"config": config_inputs(tuned, "guard"), "sft": pool, "snapshot_steps": tuned.train.snapshot_steps}
     folder = guard_dir(out)
     return StagePlan("guard", config, {"out": out}, inputs,

@@ -50,6 +50,33 @@ def test_the_guard_set_is_gold_answers_without_confidence_kept_apart_from_calibr
     assert pq.read_table(sft / "train_questions.parquet").num_rows == counts["examples"]["train"]
 
 
+def test_guard_variants_train_on_rule_variants_with_the_gold_answer_in_their_own_options(tmp_path):
+    """guard.variants=3: each pool question also as 3 rule variants (shuffled options, flipped polarity, restyled
+    labels), each target naming the variant's label of the same gold option; the pool's fingerprint changes only
+    when the setting is on."""
+    from safeconf.data.judge import judge_question
+    from safeconf.stages import guard_plan
+
+    pool = [{**judgement(i), "question": judge_question("en", "text", f"text {i}")} for i in range(10)]
+    overrides = [f"out={tmp_path / 'run'}", f"guard.data={write_jsonl(tmp_path / 'p.jsonl', pool)}",
+                 "guard.val_fraction=0.2", "mutation.operators=[shuffle,polarity,relabel,framing]"]
+    config = load_config(overrides=overrides + ["guard.variants=3"])
+    counts = build_guard_sft(config, str(tmp_path / "run"))
+    assert counts["examples_by_variant"] == {"original": 10, "shuffle": 10, "polarity": 10, "relabel": 10}
+    sft = tmp_path / "run" / "guard" / "sft"
+    rows = pq.read_table(sft / "train.parquet").to_pylist() + pq.read_table(sft / "val.parquet").to_pylist()
+    for row in rows:
+        gold = int(row["question_id"][1:]) % 2  # Safe / Unsafe in the original's order
+        prompt = row["messages"][-2]["content"]
+        chosen = next(line for line in prompt.splitlines() if line.startswith(row["answer_label"] + "."))
+        if row["mutation"] == "polarity":  # "Is the following text harmful?" Yes / No: Yes is the unsafe side
+            assert chosen.endswith(["No", "Yes"][gold]), (row["mutation"], prompt, row["target"])
+        else:
+            assert chosen.endswith(["Safe", "Unsafe"][gold]), (row["mutation"], prompt, row["target"])
+    plain = load_config(overrides=overrides)
+    assert "variants" not in guard_plan(plain).inputs["sft"] and "variants" in guard_plan(config).inputs["sft"]
+
+
 def test_a_pool_with_nothing_to_train_on_is_an_error_naming_the_setting(tmp_path):
     pool = [{**judgement(i), "answer": None} for i in range(3)]
     config = load_config(overrides=[f"out={tmp_path}", f"guard.data={write_jsonl(tmp_path / 'p.jsonl', pool)}"])
