@@ -6,8 +6,6 @@ list columns, so every stage is a pure per-row map and no shuffle is needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pyarrow as pa
 
 from safeconf.data.judge import JUDGE_OPTIONS, POLARITY_TABLE, UNSAFE
@@ -113,15 +111,6 @@ CONFIDENCE_SCHEMA = pa.schema(
 
 class DataFormatError(ValueError):
     """A file that cannot be read at all; the message names the file and, where known, the line."""
-
-
-@dataclass
-class Rejected:
-    location: str
-    id: str | None
-    field: str
-    reason: str
-    raw: str
 
 
 def _is_blank(value) -> bool:

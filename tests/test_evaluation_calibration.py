@@ -278,7 +278,7 @@ def test_validation_infers_checks_and_keeps_the_unsafe_option():
 
 
 def test_embedded_judgements_know_their_unsafe_option():
-    from safeconf.pipeline import ingest
+    from safeconf.data.ingest import ingest
 
     questions = ingest("embedded", 0)[0].to_pylist()
     judge_rows = [q for q in questions if q["task"] == "judge"]

@@ -6,7 +6,7 @@ driver   validate OUT/sft/{train,val}.parquet (a bad row stops the run here, nam
 worker   safeconf.train.worker
 driver   OUT/adapter (PEFT, HF format) [+ OUT/merged] + OUT/train_summary.json
 
-Resuming: the Ray Train run is named train.run_name + a key of its inputs (safeconf.stages.train_run_key: the
+Resuming: the Ray Train run is named train.run_name + a key of its inputs (safeconf.fingerprints.train_run_key: the
 result-relevant config, the SFT set's identity, the checkpoint layout). A run restarted after a worker failure
 (FailureConfig), or re-run with the same inputs and storage_path, loads the latest checkpoint and skips exactly
 the optimizer steps already taken (the plan is a function of the seed, the epoch and the data). Other inputs (a
@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 
 from safeconf import io
 from safeconf.config import Config
+from safeconf.fingerprints import sft_identity, train_run_key, train_run_name
 from safeconf.models import cpu_has_bf16, resolve_model
 from safeconf.train.data import SPLITS, Plan, load_tokenizer, read_sft_file, stream_order, tokenize_split
 from safeconf.train.worker import ADAPTER_DIR, FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, FAIL_MODE_ENV, STATE_FILE, train_loop
@@ -83,14 +84,13 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
     """LoRA fine-tune `config.model.name` on the SFT set in `dataset_uri` (train.parquet, val.parquet) with Ray Train
     and DeepSpeed; write OUT/adapter (PEFT), OUT/merged (with train.merge) and OUT/train_summary.json; return the
     summary. The Ray Train run is named train.run_name-<first 12 hex digits of run_key> in the storage (default
-    run_key: safeconf.stages.train_run_key of this config and the SFT files): the same key resumes from the latest
+    run_key: safeconf.fingerprints.train_run_key of this config and the SFT files): the same key resumes from the latest
     checkpoint (a finished run is restored as it ended); `fresh` removes that run's checkpoints first."""
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from safeconf.pipeline import init_ray
+    from safeconf.ray_utils import init_ray
 
     started = time.time()
     train = config.train
@@ -124,8 +124,6 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
     total_steps = steps_per_epoch * train.epochs
     if train.max_steps:
         total_steps = min(total_steps, train.max_steps)
-
-    from safeconf.stages import sft_identity, train_run_key, train_run_name
 
     storage = io.normalise_uri(train.storage_path) if train.storage_path else io.join(out, "checkpoints")
     if "://" not in storage:
