@@ -28,7 +28,8 @@ from safeconf.evaluation.methods import (
 from safeconf.evaluation.results import ESTIMATORS, guard_columns, method_summary
 from safeconf.evaluation.runner import EVAL_FIELDS, method_plan, role_configs, summarise
 from safeconf.mutations import original_variant
-from safeconf.schema import infer_unsafe_option, validate_record, variant_unsafe_option
+from safeconf.data.judge import infer_unsafe_option
+from safeconf.schema import validate_record, variant_unsafe_option
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
