@@ -101,7 +101,7 @@ def steady_state(batches: list[dict], free: bool) -> dict:
 
 def run_one(engine: str, answer_format: str, runner: str, count: int, overrides: list[str]) -> dict:
     from safeconf.config import load_config
-    from safeconf.pipeline import ingest
+    from safeconf.data.ingest import ingest
 
     questions, _, _ = ingest("embedded", limit=count)
     config = load_config(overrides=RULE_WORK + [f"engine.kind={engine}", f"sampling.answer_format={answer_format}"]

@@ -45,7 +45,7 @@ OVERRIDES = ["engine.kind=hf", "engine.memory_gib=1"]
 
 def judge_bodies(count: int) -> list[dict]:
     """Request bodies from the embedded questions, mcq and judgements mixed, in a fixed order."""
-    from safeconf.pipeline import ingest
+    from safeconf.data.ingest import ingest
 
     questions = ingest("embedded")[0].to_pylist()
     step = max(1, len(questions) // count)

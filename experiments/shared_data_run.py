@@ -112,12 +112,12 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from safeconf import io
+from safeconf import fingerprints, io
 from safeconf import stages as stage_runs
 from safeconf.config import DEFAULT_EVAL_METHODS, Config, load_config
 from safeconf.guard import balance_of, text_key
-from safeconf.pipeline import ingest
-from safeconf.sft import build_sft, split_of
+from safeconf.data.ingest import ingest
+from safeconf.sft import build_sft
 
 log = logging.getLogger("experiment")
 
@@ -212,7 +212,7 @@ def balance_key(row: dict) -> tuple:
 
 
 def read_pool(spec: str) -> list[dict]:
-    """The valid questions of a SPEC, in file order (pipeline.ingest: the same validation as every stage)."""
+    """The valid questions of a SPEC, in file order (safeconf.data.ingest: the same validation as every stage)."""
     questions, rejects, read = ingest(spec)
     if rejects.num_rows:
         log.info("%s: %d of %d rows rejected at the door (as the pipeline would)", spec, rejects.num_rows, read)
@@ -357,7 +357,7 @@ def sft_build(main_out: str, model_out: str, config: Config, ids: list[str], pip
     inputs = {"pipeline": pipeline_fingerprint, "sft": dataclasses.asdict(config.sft),
               "questions": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()}
     marker = io.join(model_out, "stages", "sft.json")
-    fingerprint = stage_runs.fingerprint(inputs)
+    fingerprint = fingerprints.fingerprint(inputs)
     done = io.read_json(marker) if io.exists(marker) else None
     if done and done["fingerprint"] == fingerprint and io.exists(io.join(sft_dir, "train.parquet")):
         return {**done, "status": "up to date"}

@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shared_data_run import SHARED, read_pool  # noqa: E402  (one reader of the shared sets)
 
 from safeconf.config import Config  # noqa: E402
-from safeconf.engines.base import SCORED_TOKENS, make_engine, softmax  # noqa: E402
+from safeconf.engines import make_engine  # noqa: E402
+from safeconf.engines.base import SCORED_TOKENS, softmax  # noqa: E402
 from safeconf.evaluation.methods import JudgeSettings, judge_each, question_block, scoring_messages  # noqa: E402
 from safeconf.evaluation.metrics import accuracy, adaptive_ece, auroc, brier, ece  # noqa: E402
 from safeconf.mutations import original_variant  # noqa: E402

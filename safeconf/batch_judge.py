@@ -109,7 +109,7 @@ def judge_dataset(config: Config, spec: str, out: str, policy: dict, text_column
                   placement=None, stage_class=None):
     """The lazy Ray Dataset from the SPEC's files to judgement rows (read tasks listed now). `stage_class`:
     JudgeStage or a subclass (benchmarks/pipeline_scale.py gives it a stand-in engine)."""
-    from safeconf.pipeline import map_on_engines
+    from safeconf.ray_utils import map_on_engines
 
     ds = raw_rows(read_tasks(spec, text_column), text_column).map_batches(validate_batch, batch_format="pyarrow",
                         fn_kwargs={"text_column": text_column, "rejects_uri": io.join(out, "rejects")})
@@ -118,7 +118,7 @@ def judge_dataset(config: Config, spec: str, out: str, policy: dict, text_column
 
 def run_judge(config: Config, spec: str, out: str, text_column: str = "", stage_class=None) -> dict:
     """Judge every row of SPEC into OUT; returns the summary (also OUT/summary.json)."""
-    from safeconf.pipeline import engine_actors, init_ray
+    from safeconf.ray_utils import engine_actors, init_ray
     from safeconf.serving.judging import resolve_policy
 
     out = io.normalise_uri(out)

@@ -7,7 +7,7 @@ KubeRay manifest (RayJob, RayService or RayCluster: the head and worker groups, 
 from the Ray container's limits and rayStartParams). CONFIG: a SafeConf run config (cluster/configs/*.yaml).
 
 What each stage asks for comes from the code that asks for it, never from a copy of it here:
-  engine actors  safeconf.pipeline.engine_actor_resources + safeconf.engines.base.placement_bundles, engine.concurrency
+  engine actors  safeconf.ray_utils.engine_actor_resources + safeconf.engines.base.placement_bundles, engine.concurrency
                  of them (the pipeline's sampling and LLM mutations, and the evaluation)
   train workers  safeconf.train.driver.worker_resources, train.num_workers of them (Ray Train)
   serve replicas safeconf.serving.deployment.deployment_options, up to serve.max_replicas of them (Ray Serve)
@@ -198,7 +198,7 @@ def stage_requests(config: Config, stages: list[str]) -> list[Request]:
     requests = []
     engine = config.engine
     if "engine" in stages:
-        from safeconf.pipeline import engine_actor_resources
+        from safeconf.ray_utils import engine_actor_resources
 
         bundles = placement_bundles(engine) or [_bundle(engine_actor_resources(engine))]
         keys = ("engine.concurrency, engine.tensor_parallel_size (placement group of one node), engine.num_cpus, "

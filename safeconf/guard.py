@@ -63,7 +63,7 @@ def text_key(question: dict) -> tuple:
 
 def excluded_texts(config: Config) -> set[tuple]:
     """The texts the pool must not share: the calibration questions (data) and the held-out ones (eval.data)."""
-    from safeconf.pipeline import ingest
+    from safeconf.data.ingest import ingest
 
     texts = set()
     for spec in (config.data, config.eval.data):
@@ -106,7 +106,7 @@ def build_guard_sft(config: Config, out: str) -> dict:
     """Read and validate guard.data, leave out questions without a gold answer or shared with the calibration and
     held-out sets (counted with the reason), and write OUT/guard/sft/{train,val}.parquet and
     {train,val}_questions.parquet; return the counts (read = accepted + rejected; accepted = used + left out)."""
-    from safeconf.pipeline import ingest
+    from safeconf.data.ingest import ingest
 
     questions, rejects, read = ingest(config.guard.data, config.guard.limit)
     sft = io.join(guard_dir(out), "sft")

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from safeconf.data.judge import JUDGE_OPTIONS, POLARITY_TABLE, PolarAsk, judge_options
+from safeconf.data.judge import OPTIONS_NOT_THE_ASKS, POLARITY_TABLE, UNKNOWN_ASK, normalise_option, polarity_entry
 from safeconf.prompts import DEFAULT_STYLE, FRAMINGS, LABEL_STYLES, labels_for
 from safeconf.schema import QUESTION_SCHEMA
 
@@ -75,33 +75,8 @@ def vary_framing(q: dict, rng: random.Random, slot: int) -> dict | None:
 
 # --- polarity: "is it safe?" <-> "is it harmful?", only for the asks in the polarity table ---
 
-UNKNOWN_ASK = "ask not in the polarity table"
-OPTIONS_NOT_THE_ASKS = "options do not match the ask"
 # Drops recorded once per question by mutate_rules, not for a variant slot: the slot goes to another operator.
 SLOTLESS_DROP_REASONS = frozenset({UNKNOWN_ASK, OPTIONS_NOT_THE_ASKS})
-
-
-def _normalise_option(text: str) -> str:
-    return text.strip().strip("。.!！").strip().lower()
-
-
-_SAFE_UNSAFE_SETS = [sorted(_normalise_option(o) for o in judge_options(lang)) for lang in JUDGE_OPTIONS]
-
-
-def polarity_entry(q: dict) -> tuple[PolarAsk | None, str | None]:
-    """(the table entry to flip q with, None); (None, why) for a safe/unsafe judgement the flip does not know;
-    (None, None) when polarity does not apply (multiple choice, other options: nothing to count)."""
-    if q["task"] != "judge" or len(q["options"]) != 2:
-        return None, None
-    options = sorted(_normalise_option(o) for o in q["options"])
-    entry = POLARITY_TABLE.get(q["question"].partition("\n")[0].strip())
-    if entry is not None:
-        if options == sorted(_normalise_option(o) for o in entry.options):
-            return entry, None
-        return None, OPTIONS_NOT_THE_ASKS  # "Is it safe?" answered Yes / No: which side Yes means is not known
-    if options in _SAFE_UNSAFE_SETS:
-        return None, UNKNOWN_ASK
-    return None, None  # e.g. a Yes / No judgement with an ask of its own: no safety polarity to count
 
 
 def flip_polarity(q: dict, rng: random.Random, slot: int) -> dict | None:
@@ -112,8 +87,8 @@ def flip_polarity(q: dict, rng: random.Random, slot: int) -> dict | None:
         return None
     flipped = POLARITY_TABLE[entry.opposite]
     # The side (safe / unsafe) each of q's options stands for, through the entry that knows its ask.
-    normalised = [_normalise_option(o) for o in entry.options]
-    side_of = [entry.sides[normalised.index(_normalise_option(o))] for o in q["options"]]
+    normalised = [normalise_option(o) for o in entry.options]
+    side_of = [entry.sides[normalised.index(normalise_option(o))] for o in q["options"]]
     option_map = [side_of.index(side) for side in flipped.sides]  # flipped option i means q's option option_map[i]
     _, newline, rest = q["question"].partition("\n")
     question = flipped.ask + newline + rest  # only the ask line changes; the judged content stays verbatim

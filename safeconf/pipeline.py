@@ -7,8 +7,6 @@ the way through: variants and samples are list columns, so every stage is a map 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import time
 from collections import Counter
@@ -16,56 +14,17 @@ from collections import Counter
 import pyarrow as pa
 
 from safeconf import io
-from safeconf.config import Config, EngineConfig, config_from_dict
+from safeconf.config import Config, config_from_dict
 from safeconf.confidence import question_confidence
-from safeconf.data.loaders import read_questions
-from safeconf.data.stream import count_values, question_stream, reject
-from safeconf.engines.base import (
-    draw_labels,
-    engine_runtime_env,
-    label_rng,
-    placement_bundles,
-    prompt_cut,
-)
+from safeconf.data.stream import count_values, question_stream
+from safeconf.engines.base import draw_labels, label_rng, prompt_cut
 from safeconf.mutations import LLM_OPERATORS, mutate_rules
 from safeconf.prompts import ANSWER_PREFIX, answer_text, parse_answer, render_messages
-from safeconf.schema import (
-    CONFIDENCE_SCHEMA,
-    MUTATED_SCHEMA,
-    QUESTION_SCHEMA,
-    REJECT_SCHEMA,
-    validate_record,
-)
+from safeconf.ray_utils import EnginePlacementGroups, engine_actors, init_ray, map_on_engines, question_dataset
+from safeconf.schema import CONFIDENCE_SCHEMA, MUTATED_SCHEMA
 from safeconf.sft import build_sft
 
 log = logging.getLogger(__name__)
-
-
-# --- validation at the door ---
-
-
-def ingest(spec: str, limit: int = 0) -> tuple[pa.Table, pa.Table, int]:
-    """(accepted questions, rejects with their reasons, rows read), on the driver: for the sets a driver holds
-    anyway (the evaluation's held-out questions, the guard pool, the experiment's draws); the pipeline streams its
-    questions instead (safeconf.data.stream). Rows read = accepted + rejected; the same validation."""
-    accepted, rejected, seen, read = [], [], set(), 0
-    for raw in read_questions(spec, limit=limit or None):
-        read += 1
-        if raw.error is not None:
-            rejected.append(reject(raw.location, *raw.error, raw.raw))
-            continue
-        row, problem = validate_record(raw.record, seen)
-        if problem is None:
-            accepted.append(row)
-            continue
-        record_id = raw.record.get("id") if isinstance(raw.record, dict) else None
-        rejected.append(reject(raw.location, *problem,
-                               raw.raw or json.dumps(raw.record, ensure_ascii=False, default=str)[:2000], record_id))
-    return (
-        pa.Table.from_pylist(accepted, schema=QUESTION_SCHEMA),
-        pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA),
-        read,
-    )
 
 
 # --- stages: each takes and returns a pyarrow batch of whole question rows ---
@@ -224,129 +183,6 @@ def _slot_of(variant: dict) -> int:
 
 
 # --- wiring ---
-
-
-def init_ray(address: str = "") -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or None, log_to_driver=True)
-
-
-def question_dataset(questions: pa.Table, batch_size: int):
-    """A Ray Dataset of questions in blocks of one engine batch, so actors pick up work as they free up."""
-    import ray
-
-    return ray.data.from_arrow([questions.slice(i, batch_size) for i in range(0, max(questions.num_rows, 1), batch_size)])
-
-
-def map_on_engines(ds, stage_class, config: Config, placement: "EnginePlacementGroups | None" = None,
-                   **constructor_kwargs):
-    """`ds.map_batches` on an actor pool of `stage_class` (each actor holds one engine), sized by the config. With
-    tensor parallelism each actor gets a placement group from `placement`, which the caller removes when the stage
-    ends (EnginePlacementGroups)."""
-    import ray
-
-    engine = config.engine
-    tensor_parallel = {}
-    if placement_bundles(engine):  # one placement group per engine actor, made when Ray Data starts it
-        if placement is None:
-            raise ValueError("tensor-parallel engines need an EnginePlacementGroups, removed when the stage ends")
-        tensor_parallel = {"ray_remote_args_fn": placement}
-    mapped = ds.map_batches(
-        stage_class,
-        fn_constructor_kwargs={"config": config.to_dict(), **constructor_kwargs},
-        # a fixed pool, or an autoscaling one (engine.concurrency MIN-MAX): Ray Data adds actors while batches
-        # wait, and Ray places them on whatever nodes have room, the ones an autoscaler adds included
-        compute=ray.data.ActorPoolStrategy(min_size=engine.pool[0], max_size=engine.pool[1]),
-        batch_size=engine.batch_size,
-        batch_format="pyarrow",
-        **engine_actor_resources(engine),
-        runtime_env=engine_runtime_env(engine),
-        # A dead actor process (OOM kill, segfault, lost node) is restarted and the batch it held is retried on it;
-        # the downstream write sees that batch's output once. Ray Data's default is unbounded (-1 both), so a batch
-        # that kills every actor would loop forever: past the bound the run fails with Ray's ActorDiedError,
-        # naming the stage's actor (MapWorker(MapBatches(<stage>))).
-        # Ray 2.60 has no named parameter for these yet and warns that **ray_remote_args is deprecated (2.64).
-        max_restarts=engine.max_restarts,
-        max_task_retries=engine.max_restarts,
-        **tensor_parallel,
-    )
-    # Bounded: actors asking for what no node has (a GPU bundle on a CPU cluster) fail the stage instead of waiting.
-    # Later datasets built on this one carry its context, so the write that runs the stage sees it.
-    mapped.context.wait_for_min_actors_s = engine.start_timeout_s or -1
-    if engine.pool[0] < engine.pool[1]:
-        # An autoscaling pool must be free to take the nodes that join. Ray Data's per-operator reservation splits
-        # the cluster between the light task operators around the engines and the engines, and the pool's share
-        # stays below a second engine however many nodes join (measured on the loopback cluster: "exceeded
-        # resource limits" until the end, every batch on the first node). Without it the pool grows onto them.
-        mapped.context.op_resource_reservation_enabled = False
-    return mapped
-
-
-def engine_actor_resources(engine) -> dict:
-    """What one engine actor of map_on_engines reserves, as Ray remote args. With tensor parallelism its GPUs are
-    in its placement group's bundles (placement_bundles), not on the actor. safeconf.cluster_check reads this."""
-    return {"num_cpus": engine.num_cpus, "num_gpus": 0 if placement_bundles(engine) else engine.num_gpus,
-            "memory": int(engine.memory_gib * 1024**3) or None}
-
-
-class EnginePlacementGroups:
-    """The placement groups of one stage's tensor-parallel engine actors: Ray Data calls this (ray_remote_args_fn)
-    as it starts each actor, and gets a fresh group (see placement_bundles) whose child tasks and actors, vLLM's GPU
-    workers, stay inside it. STRICT_PACK: an engine's CPU bundle and its GPU bundles on one node (PACK could put the
-    actor on a node without a GPU). The groups belong to the driver and would outlive the stage, holding their GPUs
-    through training and evaluation: `remove` (engine_actors does, when the stage ends) frees them."""
-
-    def __init__(self, bundles: list[dict] | None):
-        self.bundles = bundles
-        self.groups = []
-
-    def __call__(self) -> dict:
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        group = placement_group(self.bundles, strategy="STRICT_PACK")
-        self.groups.append(group)
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
-
-    def remove(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        while self.groups:
-            remove_placement_group(self.groups.pop())
-
-
-@contextlib.contextmanager
-def engine_actors(engine: EngineConfig):
-    """One stage's engine actor pool: yields the EnginePlacementGroups for map_on_engines and removes them when the
-    stage ends; Ray Data's start timeout becomes an error naming the setting, what one engine asks for and what the
-    cluster has."""
-    placement = EnginePlacementGroups(placement_bundles(engine))
-    try:
-        yield placement
-    except Exception as error:
-        if "Timed out while starting actors" not in str(error):
-            raise
-        raise RuntimeError(start_timeout_message(engine)) from error
-    finally:
-        placement.remove()
-
-
-def start_timeout_message(engine: EngineConfig) -> str:
-    import ray
-
-    asks = {k: v for k, v in engine_actor_resources(engine).items() if v}
-    bundles = placement_bundles(engine)
-    has = {k: ray.cluster_resources().get(k, 0) for k in ("CPU", "GPU", "memory")}
-    free = {k: ray.available_resources().get(k, 0) for k in ("CPU", "GPU", "memory")}
-    return (f"Timed out while starting actors: {engine.pool[0]} engine actor(s) not started within "
-            f"engine.start_timeout_s={engine.start_timeout_s:g} s. Each asks for {asks}"
-            + (f" in a placement group of {bundles}" if bundles else "")
-            + f"; the cluster has {has} in all, {free} free now. A fresh autoscaling cluster must boot GPU nodes, pull "
-            "the image, run setup_commands, download the weights and start vLLM within this window: raise "
-            "engine.start_timeout_s (the 7B/8B configs use 3600), or fit engine.num_gpus / num_cpus / memory_gib "
-            "to the node types (python -m safeconf.cluster_check CLUSTER CONFIG).")
 
 
 def build_dataset(questions, config: Config, stage_class=EngineStage,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import string
+
+from safeconf.data.judge import normalise_option
 from dataclasses import dataclass
 
 # Option label styles; the relabel mutation moves a question between them.
@@ -239,10 +241,6 @@ def _delimited(text: str, pos: int, quoted: bool) -> bool:
     return False
 
 
-def _normalised(option: str) -> str:
-    return option.strip().rstrip("。.!！").strip().lower()
-
-
 def _negation_of(names: list[str], index: int) -> int | None:
     """The option that negates option `index` ("Unsafe" for "Safe" and back), if there is one."""
     name = names[index]
@@ -377,7 +375,7 @@ def _decide(mentions: list[_Mention]) -> _Mention | None:
 
 def _find_answer(text: str, options: list[str], labels: list[str]) -> tuple[int, int] | None:
     """(option index, character offset) of the answer a reply names, or None."""
-    names = [_normalised(option) for option in options]
+    names = [normalise_option(option) for option in options]
     mentions = _label_mentions(text, labels, names)
     after_labels = [_PAIRED.match(text, m.end).end() for m in mentions]
     # Where option text is a label too (options "0", "1" labelled 1, 2), the label reading wins.

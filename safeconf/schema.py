@@ -6,11 +6,9 @@ list columns, so every stage is a pure per-row map and no shuffle is needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pyarrow as pa
 
-from safeconf.data.judge import JUDGE_OPTIONS, POLARITY_TABLE, UNSAFE
+from safeconf.data.judge import infer_unsafe_option
 
 LANGS = ("en", "zh")
 TASKS = ("mcq", "judge")
@@ -115,15 +113,6 @@ class DataFormatError(ValueError):
     """A file that cannot be read at all; the message names the file and, where known, the line."""
 
 
-@dataclass
-class Rejected:
-    location: str
-    id: str | None
-    field: str
-    reason: str
-    raw: str
-
-
 def _is_blank(value) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
@@ -136,24 +125,6 @@ def _check_text(value, field: str) -> str | None:
         return f"{field} must be a string, got {type(value).__name__}"
     if "\ufffd" in value:
         return f"{field} holds undecodable text (U+FFFD replacement characters)"
-    return None
-
-
-def _normalised_option(text: str) -> str:
-    return text.strip().strip("。.!！").strip().lower()
-
-
-def infer_unsafe_option(question: str, options: list[str]) -> int | None:
-    """The unsafe option of a judgement worded as this project words them, or None: options Safe / Unsafe
-    (安全 / 不安全) under any ask, or an ask of the polarity table with its own options ("Is it harmful?" Yes /
-    No: Yes). For rows that do not carry `unsafe_option` (JSONL written before the field, the embedded sample)."""
-    names = [_normalised_option(o) for o in options]
-    for safe, unsafe in (tuple(_normalised_option(o) for o in pair) for pair in JUDGE_OPTIONS.values()):
-        if sorted(names) == sorted([safe, unsafe]):
-            return names.index(unsafe)
-    entry = POLARITY_TABLE.get(question.partition("\n")[0].strip())
-    if entry is not None and sorted(names) == sorted(_normalised_option(o) for o in entry.options):
-        return names.index(_normalised_option(entry.options[entry.sides.index(UNSAFE)]))
     return None
 
 

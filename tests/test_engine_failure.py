@@ -63,7 +63,7 @@ CRASH_LOOP_SCRIPT = RAY + textwrap.dedent(
     """
     import pyarrow as pa
     from safeconf.config import load_config
-    from safeconf.pipeline import map_on_engines
+    from safeconf.ray_utils import map_on_engines
 
     attempts = Path(sys.argv[1])
 
@@ -143,7 +143,7 @@ UNPLACEABLE_SCRIPT = RAY + textwrap.dedent(
     """
     import pyarrow as pa
     from safeconf.config import load_config
-    from safeconf.pipeline import engine_actors, map_on_engines
+    from safeconf.ray_utils import engine_actors, map_on_engines
 
     # a GPU engine on a CPU-only cluster: no node can ever hold the actor
     config = load_config(overrides=["engine.num_gpus=1", "engine.start_timeout_s=3", "engine.memory_gib=0"])

@@ -26,7 +26,7 @@ from safeconf.evaluation.runner import (
     write_plots,
 )
 from safeconf.mutations import original_variant
-from safeconf.pipeline import ingest
+from safeconf.data.ingest import ingest
 
 _OPTION_LINE = re.compile(r"^(\S+?)\. (.*)$")
 
@@ -341,7 +341,7 @@ def untrained_adapter(tmp_path):
 @pytest.mark.slow
 def test_run_evaluation_end_to_end_on_smollm2(local_ray, tmp_path, untrained_adapter):
     from safeconf.data.loaders import read_questions
-    from safeconf.evaluation import run_evaluation
+    from safeconf.evaluation.runner import run_evaluation
 
     embedded = [r.record for r in read_questions("embedded")]
     picked = [next(q for q in embedded if q["lang"] == lang and q["task"] == task)

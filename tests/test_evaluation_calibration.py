@@ -28,7 +28,8 @@ from safeconf.evaluation.methods import (
 from safeconf.evaluation.results import ESTIMATORS, guard_columns, method_summary
 from safeconf.evaluation.runner import EVAL_FIELDS, method_plan, role_configs, summarise
 from safeconf.mutations import original_variant
-from safeconf.schema import infer_unsafe_option, validate_record, variant_unsafe_option
+from safeconf.data.judge import infer_unsafe_option
+from safeconf.schema import validate_record, variant_unsafe_option
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -278,7 +279,7 @@ def test_validation_infers_checks_and_keeps_the_unsafe_option():
 
 
 def test_embedded_judgements_know_their_unsafe_option():
-    from safeconf.pipeline import ingest
+    from safeconf.data.ingest import ingest
 
     questions = ingest("embedded", 0)[0].to_pylist()
     judge_rows = [q for q in questions if q["task"] == "judge"]

@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     import ray
     from safeconf.config import load_config
     from ray.util import placement_group_table
-    from safeconf.pipeline import engine_actors, map_on_engines
+    from safeconf.ray_utils import engine_actors, map_on_engines
 
     @ray.remote(num_gpus=1, num_cpus=0)
     class GpuWorker:  # what vLLM's Ray executor starts: one actor per GPU, no CPU
@@ -68,7 +68,7 @@ def test_tensor_parallel_engines_without_a_placement_owner_are_refused():
     import ray
 
     from safeconf.config import load_config
-    from safeconf.pipeline import map_on_engines
+    from safeconf.ray_utils import map_on_engines
 
     config = load_config(overrides=["engine.tensor_parallel_size=2"])
     with pytest.raises(ValueError, match="need an EnginePlacementGroups"):

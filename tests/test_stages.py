@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from safeconf import stages
+from safeconf import fingerprints, stages
 from safeconf.cli import main as cli_main
 from safeconf.config import describe_options, load_config
 
@@ -24,8 +24,8 @@ def test_fingerprint_is_sha256_of_canonical_json_whatever_the_key_order():
     b = {"sft": {"fingerprint": "x", "stage": "pipeline"}, "config": {"model.name": "embedded", "sampling.k": 4}}
     expected = hashlib.sha256(
         b'{"config":{"model.name":"embedded","sampling.k":4},"sft":{"fingerprint":"x","stage":"pipeline"}}').hexdigest()
-    assert stages.fingerprint(a) == stages.fingerprint(b) == expected
-    assert stages.fingerprint({"l": [1, 2]}) != stages.fingerprint({"l": [2, 1]})  # list order is meaningful
+    assert fingerprints.fingerprint(a) == fingerprints.fingerprint(b) == expected
+    assert fingerprints.fingerprint({"l": [1, 2]}) != fingerprints.fingerprint({"l": [2, 1]})  # list order is meaningful
 
 
 @pytest.mark.parametrize("stage,key", [
@@ -56,10 +56,10 @@ def test_a_speed_or_placement_key_changes_no_fingerprint(tmp_path, key):
 
 def test_every_key_the_fingerprints_leave_out_is_a_config_key():
     keys = {key for key, _, _ in describe_options()}
-    named = set(stages.SPEED_ONLY) | set(stages.CHECKPOINT_LAYOUT) | set(stages.TRAIN_OUTPUT_ONLY) | set(stages.SPEC_KEYS)
-    named |= {k for ks in stages.NOT_READ.values() for k in ks}
+    named = set(fingerprints.SPEED_ONLY) | set(fingerprints.CHECKPOINT_LAYOUT) | set(fingerprints.TRAIN_OUTPUT_ONLY) | set(fingerprints.SPEC_KEYS)
+    named |= {k for ks in fingerprints.NOT_READ.values() for k in ks}
     assert named <= keys, named - keys
-    assert {k.split(".")[0] for ks in stages.READS.values() for k in ks} <= {k.split(".")[0] for k in keys}
+    assert {k.split(".")[0] for ks in fingerprints.READS.values() for k in ks} <= {k.split(".")[0] for k in keys}
 
 
 def test_an_edited_data_file_changes_the_pipeline_fingerprint(tmp_path):
@@ -73,35 +73,35 @@ def test_an_edited_data_file_changes_the_pipeline_fingerprint(tmp_path):
     data.write_text('{"id": "b"}\n', encoding="utf-8")
     second = plan()
     assert second.fingerprint != first.fingerprint
-    changes = stages.changed_inputs(first.inputs, second.inputs)
+    changes = fingerprints.changed_inputs(first.inputs, second.inputs)
     assert changes == [f"data.files.q.jsonl.sha256 {first.inputs['config']['data']['files']['q.jsonl']['sha256'][:12]} "
                        f"-> {second.inputs['config']['data']['files']['q.jsonl']['sha256'][:12]}"]
 
 
 def test_large_files_are_identified_by_size_and_mtime(tmp_path, monkeypatch):
-    monkeypatch.setattr(stages, "CONTENT_HASH_MAX_BYTES", 4)
+    monkeypatch.setattr(fingerprints, "CONTENT_HASH_MAX_BYTES", 4)
     big = tmp_path / "big.parquet"
     big.write_bytes(b"12345678")
-    (entry,) = stages.path_identity(str(big)).values()
+    (entry,) = fingerprints.path_identity(str(big)).values()
     assert entry == {"size": 8, "mtime_ns": big.stat().st_mtime_ns}
 
 
 def test_specs_without_files_are_identified_by_their_text(tmp_path):
-    assert stages.spec_identity("hf:org/set", "data") == "hf:org/set"
-    assert stages.spec_identity("Qwen/Qwen2.5-7B-Instruct", "model") == "Qwen/Qwen2.5-7B-Instruct"
-    assert stages.spec_identity("embedded", "model") == "embedded"
-    assert stages.spec_identity(str(tmp_path / "gone.jsonl"), "data")["files"] is None  # the stage will say so
+    assert fingerprints.spec_identity("hf:org/set", "data") == "hf:org/set"
+    assert fingerprints.spec_identity("Qwen/Qwen2.5-7B-Instruct", "model") == "Qwen/Qwen2.5-7B-Instruct"
+    assert fingerprints.spec_identity("embedded", "model") == "embedded"
+    assert fingerprints.spec_identity(str(tmp_path / "gone.jsonl"), "data")["files"] is None  # the stage will say so
     folder = tmp_path / "adapter"
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{}")
     (folder / ".lock").write_text("")
-    assert list(stages.spec_identity(str(folder), "model")["files"]) == ["adapter_config.json"]
+    assert list(fingerprints.spec_identity(str(folder), "model")["files"]) == ["adapter_config.json"]
 
 
 def test_changed_inputs_name_the_keys_and_the_upstream_stage(tmp_path):
     old, new = stages.job_plans(config(tmp_path)), stages.job_plans(config(tmp_path, "sampling.k=8"))
-    assert stages.changed_inputs(old["pipeline"].inputs, new["pipeline"].inputs) == ["sampling.k 4 -> 8"]
-    (line,) = stages.changed_inputs(old["train"].inputs, new["train"].inputs)
+    assert fingerprints.changed_inputs(old["pipeline"].inputs, new["pipeline"].inputs) == ["sampling.k 4 -> 8"]
+    (line,) = fingerprints.changed_inputs(old["train"].inputs, new["train"].inputs)
     assert line.startswith("sft (the output of stage pipeline) " + old["pipeline"].fingerprint[:12] + " -> ")
 
 
@@ -122,7 +122,7 @@ def write_sft(folder, rows: int):
 def test_the_training_run_name_changes_with_the_sft_set_and_the_result_config(tmp_path):
     cfg = config(tmp_path)
     sft = write_sft(tmp_path / "sft", 3)
-    name = lambda c=cfg: stages.train_run_name(c, stages.train_plan(c, str(sft), str(tmp_path / "t")).run_key)  # noqa: E731
+    name = lambda c=cfg: fingerprints.train_run_name(c, stages.train_plan(c, str(sft), str(tmp_path / "t")).run_key)  # noqa: E731
     first = name()
     assert first.startswith("safeconf-train-") and len(first) == len("safeconf-train-") + 12
     assert name() == first  # same inputs: the same run, so an interrupted one resumes

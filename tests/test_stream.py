@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 from safeconf.data.stream import count_values, question_stream, raw_rows, read_tasks, repeated_ids
-from safeconf.pipeline import ingest
+from safeconf.data.ingest import ingest
 
 EMBEDDED = REPO / "safeconf" / "data" / "embedded" / "questions.jsonl"
 

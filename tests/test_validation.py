@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from safeconf.pipeline import ingest
+from safeconf.data.ingest import ingest
 from safeconf.schema import DataFormatError
 
 GOOD = {"id": "ok-1", "source": "t", "lang": "en", "task": "mcq", "category": "c", "question": "Which is safe?",

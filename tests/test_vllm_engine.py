@@ -9,7 +9,7 @@ import pytest
 from safeconf.config import EngineConfig, ModelConfig
 from safeconf.engines import make_engine
 from safeconf.mutations import original_variant
-from safeconf.pipeline import ingest
+from safeconf.data.ingest import ingest
 from safeconf.prompts import ANSWER_PREFIX, render_messages
 
 pytestmark = [

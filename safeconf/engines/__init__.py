@@ -1,5 +1,34 @@
-"""Inference engines behind one interface: generate n samples for a batch of chat prompts."""
+"""Inference engines behind one interface (safeconf.engines.base.Engine: n samples, label scores and next-token
+log-probs for a batch of chat prompts), and the factory that picks one: vLLM where it is installed, else
+transformers. The factory lives here, above the engines, so the interface imports none of them."""
 
-from safeconf.engines.base import Completion, Engine, make_engine, resolve_engine_kind
+from __future__ import annotations
+
+import importlib.util
+
+from safeconf.config import EngineConfig, ModelConfig
+from safeconf.engines.base import Completion, Engine
 
 __all__ = ["Completion", "Engine", "make_engine", "resolve_engine_kind"]
+
+
+def resolve_engine_kind(kind: str) -> str:
+    """'auto' picks vLLM where it is installed, else transformers."""
+    if kind == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return kind
+
+
+def make_engine(model: ModelConfig, engine: EngineConfig, seed: int = 0) -> Engine:
+    from safeconf.models import fetch, resolve_model
+
+    path = resolve_model(model.name, model.cache_dir)
+    adapter = fetch(model.adapter, model.cache_dir) if model.adapter else ""  # on this node, where it is loaded
+    kind = resolve_engine_kind(engine.kind)
+    if kind == "vllm":
+        from safeconf.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(path, model.dtype, engine, seed=seed, adapter=adapter)
+    from safeconf.engines.hf_engine import HFEngine
+
+    return HFEngine(path, model.dtype, engine, seed=seed, adapter=adapter)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 import os
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from safeconf.config import EngineConfig, ModelConfig
+from safeconf.config import EngineConfig
 from safeconf.prompts import OPTIONS_HEADING, answer_separator
 # Room kept after a scored prompt for the answer prefix, the label's tokens and its line end (and the one token
 # vLLM generates), when a scored prompt is fitted to the context or checked against it.
@@ -273,7 +272,7 @@ def _question_span(content: str) -> tuple[int, int]:
 
 def cpu_threads(config: EngineConfig) -> int:
     """Threads for a CPU engine: engine.cpu_threads, else OMP_NUM_THREADS (which the pipeline sets for its
-    engine actors when they start, see pipeline.map_on_engines), else every core this process may use."""
+    engine actors when they start, see ray_utils.map_on_engines), else every core this process may use."""
     return config.cpu_threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
 
 
@@ -315,13 +314,6 @@ def engine_device(engine: EngineConfig) -> str:
     return "cuda"
 
 
-def resolve_engine_kind(kind: str) -> str:
-    """'auto' picks vLLM where it is installed, else transformers."""
-    if kind == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-    return kind
-
-
 def placement_bundles(engine: EngineConfig) -> list[dict] | None:
     """Placement-group bundles of one tensor-parallel vLLM engine; None without tensor parallelism.
 
@@ -333,18 +325,3 @@ def placement_bundles(engine: EngineConfig) -> list[dict] | None:
         return None
     coordinator = {"CPU": engine.num_cpus} | ({"memory": int(engine.memory_gib * 1024**3)} if engine.memory_gib else {})
     return [coordinator] + [{"GPU": 1}] * engine.tensor_parallel_size
-
-
-def make_engine(model: ModelConfig, engine: EngineConfig, seed: int = 0) -> Engine:
-    from safeconf.models import fetch, resolve_model
-
-    path = resolve_model(model.name, model.cache_dir)
-    adapter = fetch(model.adapter, model.cache_dir) if model.adapter else ""  # on this node, where it is loaded
-    kind = resolve_engine_kind(engine.kind)
-    if kind == "vllm":
-        from safeconf.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(path, model.dtype, engine, seed=seed, adapter=adapter)
-    from safeconf.engines.hf_engine import HFEngine
-
-    return HFEngine(path, model.dtype, engine, seed=seed, adapter=adapter)

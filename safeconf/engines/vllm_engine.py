@@ -21,7 +21,7 @@ def _cpu_environment(config: EngineConfig) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     # Without a value vLLM drops torch to one thread "for serving". It must agree with the OpenMP runtime's
-    # own count, fixed when the process started: in Ray actors it is set then (pipeline.map_on_engines).
+    # own count, fixed when the process started: in Ray actors it is set then (ray_utils.map_on_engines).
     os.environ.setdefault("OMP_NUM_THREADS", str(len(cores)))
 
 

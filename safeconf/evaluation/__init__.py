@@ -1,9 +1,6 @@
 """Evaluation of safety self-evaluation: confidence methods vs the SafeConf fine-tune, metrics, selective
 judgement with a guarantee, over-refusal, general ability, plots and the report.
 
-`run_evaluation(config, data_spec, out_uri, model=None, adapter=None)` is the entry point (safeconf.evaluation.runner).
+`safeconf.evaluation.runner.run_evaluation(config, data_spec, out_uri, model=None, adapter=None)` is the entry
+point. The package imports none of its modules, so a module can import its siblings without a circle.
 """
-
-from safeconf.evaluation.runner import run_evaluation
-
-__all__ = ["run_evaluation"]

@@ -246,12 +246,6 @@ def metric_suite(bins: int = 10, coverages=(0.5, 0.8), l2_bins: int = 15) -> dic
     return suite
 
 
-def bootstrap_interval(metric: Metric, confidence, correct, samples: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> list[float] | None:
-    """Percentile bootstrap interval of one metric (questions resampled with replacement)."""
-    return score(confidence, correct, {"m": metric}, samples, seed, level)["m"]["ci"]
-
-
 def score(confidence, correct, metrics: dict[str, Metric], samples: int = 1000, seed: int = 0,
           level: float = 0.95) -> dict[str, dict]:
     """{name: {"value": point estimate, "ci": [low, high] or None}} for every metric.

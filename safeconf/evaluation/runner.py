@@ -37,7 +37,8 @@ from safeconf.evaluation.results import (
     sample_size_warnings,
     truncated_prompts,
 )
-from safeconf.pipeline import engine_actors, ingest, init_ray, map_on_engines, question_dataset
+from safeconf.data.ingest import ingest
+from safeconf.ray_utils import engine_actors, init_ray, map_on_engines, question_dataset
 from safeconf.schema import QUESTION_FIELDS
 
 log = logging.getLogger(__name__)

@@ -426,7 +426,7 @@ def run_serve(config: Config, port: int | None = None, blocking: bool = True) ->
 
     blocking=True keeps this process (and a local Ray it started) alive until Ctrl-C, then deletes the app.
     """
-    from safeconf.pipeline import init_ray
+    from safeconf.ray_utils import init_ray
 
     init_ray(config.ray_address)
     port = port or config.serve.port

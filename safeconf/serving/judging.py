@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 
 from safeconf.config import Config
-from safeconf.data.judge import UNSAFE, judge_options, judge_question
+from safeconf.data.judge import UNSAFE, infer_unsafe_option, judge_options, judge_question
 from safeconf.evaluation.methods import (
     ADAPTER_METHODS,
     JUDGE_METHODS,
@@ -38,7 +38,6 @@ from safeconf.evaluation.methods import (
 from safeconf.evaluation.selective import min_accepted
 from safeconf.mutations import detect_lang
 from safeconf.prompts import DEFAULT_STYLE, labels_for
-from safeconf.schema import infer_unsafe_option
 from safeconf.serving.schemas import JudgeRequest
 
 log = logging.getLogger("ray.serve")  # the replica's log file, beside Serve's own lines

@@ -6,7 +6,7 @@ driver   validate OUT/sft/{train,val}.parquet (a bad row stops the run here, nam
 worker   safeconf.train.worker
 driver   OUT/adapter (PEFT, HF format) [+ OUT/merged] + OUT/train_summary.json
 
-Resuming: the Ray Train run is named train.run_name + a key of its inputs (safeconf.stages.train_run_key: the
+Resuming: the Ray Train run is named train.run_name + a key of its inputs (safeconf.fingerprints.train_run_key: the
 result-relevant config, the SFT set's identity, the checkpoint layout). A run restarted after a worker failure
 (FailureConfig), or re-run with the same inputs and storage_path, loads the latest checkpoint and skips exactly
 the optimizer steps already taken (the plan is a function of the seed, the epoch and the data). Other inputs (a
@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 
 from safeconf import io
 from safeconf.config import Config
+from safeconf.fingerprints import sft_identity, train_run_key, train_run_name
 from safeconf.models import cpu_has_bf16, resolve_model
 from safeconf.train.data import SPLITS, Plan, load_tokenizer, read_sft_file, stream_order, tokenize_split
 from safeconf.train.worker import ADAPTER_DIR, FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, FAIL_MODE_ENV, STATE_FILE, train_loop
@@ -83,29 +84,41 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
     """LoRA fine-tune `config.model.name` on the SFT set in `dataset_uri` (train.parquet, val.parquet) with Ray Train
     and DeepSpeed; write OUT/adapter (PEFT), OUT/merged (with train.merge) and OUT/train_summary.json; return the
     summary. The Ray Train run is named train.run_name-<first 12 hex digits of run_key> in the storage (default
-    run_key: safeconf.stages.train_run_key of this config and the SFT files): the same key resumes from the latest
-    checkpoint (a finished run is restored as it ended); `fresh` removes that run's checkpoints first."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.data import ExecutionOptions
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from safeconf.pipeline import init_ray
+    run_key: safeconf.fingerprints.train_run_key of this config and the SFT files): the same key resumes from the
+    latest checkpoint (a finished run is restored as it ended); `fresh` removes that run's checkpoints first."""
+    from safeconf.ray_utils import init_ray
 
     started = time.time()
     train = config.train
     if train.offload_params and train.zero_stage != 3:
         raise ValueError("train.offload_params needs train.zero_stage=3 (ZeRO-2 does not partition parameters)")
     precision = training_precision(config)
-    out = io.normalise_uri(out_uri)
-    dataset = io.normalise_uri(dataset_uri)
+    out, dataset = io.normalise_uri(out_uri), io.normalise_uri(dataset_uri)
     # validate before anything starts: a bad row is an error naming file, row and column, not a worker crash
     tables = {split: read_sft_file(io.join(dataset, f"{split}.parquet")) for split in SPLITS}
     model_path = resolve_model(config.model.name, config.model.cache_dir)
     tokenizer = load_tokenizer(model_path)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
     init_ray(config.ray_address)
+    datasets, examples = tokenised_splits(tables, model_path, train)
+    steps = step_counts(train, examples["train"]["kept"], dataset)
+    run = prepare_run(config, out, dataset, run_key, fresh)
+    loop_config = {"config": config.to_dict(), "model_path": model_path, "precision": precision,
+                   "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                   else tokenizer.eos_token_id,
+                   "steps_per_epoch": steps["steps_per_epoch"], "total_steps": steps["total_steps"],
+                   **_fault_settings(run["name"]), "examples": {split: examples[split]["kept"] for split in SPLITS},
+                   "snapshot_uri": io.join(out, "snapshots")}
+    result = fit(train, run, datasets, loop_config)
+    exported = export_model(result, config, out, model_path, tokenizer, precision)
+    summary = training_summary(config, model_path, dataset, steps, examples, run, exported, result, precision)
+    summary["seconds"] = round(time.time() - started, 1)
+    io.write_json(io.join(out, "train_summary.json"), summary)
+    return summary
+
+
+def tokenised_splits(tables: dict, model_path: str, train) -> tuple[dict, dict]:
+    """({split: tokenized Ray Dataset}, {split: example counts, skipped rows with their reasons}), each split in
+    its seeded stream order."""
     datasets, examples = {}, {}
     for split in SPLITS:
         ordered = stream_order(tables[split], train.seed)
@@ -113,20 +126,29 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         for reason, entry in examples[split]["skipped"].items():
             log.warning("%s.parquet: skipped %d rows (%s), e.g. rows %s", split, entry["count"], entry["detail"],
                         entry["rows"][:5])
+    return datasets, examples
+
+
+def step_counts(train, kept: int, dataset: str) -> dict:
+    """Optimizer steps per epoch and in all (train.max_steps caps them), and the examples an epoch leaves out."""
     plan = Plan(train.num_workers, train.micro_batch_size, train.gradient_accumulation, train.group_window, train.seed)
-    steps_per_epoch, left_out = plan.epoch_counts(examples["train"]["kept"])
+    steps_per_epoch, left_out = plan.epoch_counts(kept)
     if steps_per_epoch == 0:
         raise ValueError(
-            f"{dataset}/train.parquet: {examples['train']['kept']} usable examples are too few for one step of "
+            f"{dataset}/train.parquet: {kept} usable examples are too few for one step of "
             f"{train.num_workers} workers x gradient_accumulation {train.gradient_accumulation} (at least one "
             "example per micro-batch on every worker)"
         )
     total_steps = steps_per_epoch * train.epochs
     if train.max_steps:
         total_steps = min(total_steps, train.max_steps)
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "left_out": left_out}
 
-    from safeconf.stages import sft_identity, train_run_key, train_run_name
 
+def prepare_run(config: Config, out: str, dataset: str, run_key: str, fresh: bool) -> dict:
+    """The Ray Train run's name, storage and key; with `fresh` its old checkpoints go. Snapshots of another (or a
+    restarted) run are removed: they are not this run's learning curve."""
+    train = config.train
     storage = io.normalise_uri(train.storage_path) if train.storage_path else io.join(out, "checkpoints")
     if "://" not in storage:
         os.makedirs(storage, exist_ok=True)
@@ -136,11 +158,22 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
     found = run_fs.get_file_info(run_path).type != pafs.FileType.NotFound
     if found and fresh:
         run_fs.delete_dir(run_path)
-    if fresh or not found:  # the snapshots of another (or a restarted) run are not this run's learning curve
+    if fresh or not found:
         io.delete(io.join(out, "snapshots"))
     log.info("Ray Train run %s in %s: %s", run_name, storage,
              "old checkpoints removed, starting over" if found and fresh
              else "resuming from its checkpoints (same inputs)" if found else "new run")
+    return {"name": run_name, "storage_path": storage, "key": run_key, "fresh": bool(fresh),
+            "resumed": found and not fresh}
+
+
+def fit(train, run: dict, datasets: dict, loop_config: dict):
+    """TorchTrainer.fit of train_loop across train.num_workers workers; a worker group that cannot be placed in
+    train.start_timeout_s becomes an error naming the settings."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     # ray.train.report waits for the controller's poll; its default 2 s interval would dominate short steps
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     # Ray Train passes its RAY_TRAIN_* variables on to its controller; a worker group that cannot be placed in this
@@ -149,16 +182,12 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
     resources = worker_resources(train)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "config": config.to_dict(), "model_path": model_path, "precision": precision, "pad_token_id": pad_token_id,
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, **_fault_settings(run_name),
-            "examples": {split: examples[split]["kept"] for split in SPLITS}, "snapshot_uri": io.join(out, "snapshots"),
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources,
                                      placement_strategy=train.placement_strategy),
         run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
+            name=run["name"],
+            storage_path=run["storage_path"],
             failure_config=FailureConfig(max_failures=train.max_failures, controller_failure_limit=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -170,7 +199,7 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except Exception as error:
         if "worker group startup timed out" not in str(error):
             raise
@@ -181,16 +210,19 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
             f"{train.max_failures + 1} attempts: no node has room for them, or the autoscaler did not add one in "
             "time. Raise train.start_timeout_s, or fit train.cpus_per_worker / train.use_gpu to the cluster's node "
             "types (python -m safeconf.cluster_check CLUSTER CONFIG)") from error
-    final = result.return_value or {}
 
+
+def export_model(result, config: Config, out: str, model_path: str, tokenizer, precision: str) -> dict:
+    """The final checkpoint's adapter (with the tokenizer: self-contained for serving) to OUT/adapter, merged into
+    the model in OUT/merged with train.merge; {"adapter", "merged", "state": the training state it ended in}."""
     adapter_uri = io.join(out, ADAPTER_DIR)
-    merged_uri = io.join(out, "merged") if train.merge else None
+    merged_uri = io.join(out, "merged") if config.train.merge else None
     with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as scratch:
         with open(os.path.join(folder, STATE_FILE)) as f:
             state = json.load(f)
         adapter_local = os.path.join(scratch, ADAPTER_DIR)
         shutil.copytree(os.path.join(folder, ADAPTER_DIR), adapter_local)
-        tokenizer.save_pretrained(adapter_local)  # the adapter folder is self-contained for serving
+        tokenizer.save_pretrained(adapter_local)
         io.publish_dir(adapter_local, adapter_uri)
         if merged_uri:
             merged_local = os.path.join(scratch, "merged")
@@ -200,15 +232,20 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
                 "float32" if precision == "fp32" else "bfloat16")
             merge_adapter(model_path, adapter_local, merged_local, dtype)
             io.publish_dir(merged_local, merged_uri)
-    state = {**state, **final}
+    return {"adapter": adapter_uri, "merged": merged_uri, "state": {**state, **(result.return_value or {})}}
 
-    summary = {
+
+def training_summary(config: Config, model_path: str, dataset: str, steps: dict, examples: dict, run: dict,
+                     exported: dict, result, precision: str) -> dict:
+    """OUT/train_summary.json: steps, losses, tokens/s, memory, where each rank ran, the run and its outputs."""
+    train, state = config.train, exported["state"]
+    return {
         "model": model_path,
         "dataset": dataset,
         "steps": state["global_step"],
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "epochs": state["global_step"] / steps_per_epoch,
+        "total_steps": steps["total_steps"],
+        "steps_per_epoch": steps["steps_per_epoch"],
+        "epochs": state["global_step"] / steps["steps_per_epoch"],
         "start_step": state["starts"][-1],
         "starts": state["starts"],  # the step each attempt started from: more than one = resumed from a checkpoint
         "attempts": len(state["starts"]),
@@ -224,18 +261,14 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
         "peak_rss_mb_per_worker": state.get("peak_rss_mb"),
         # resident memory after loading, after DeepSpeed's set-up and at the last report, anonymous vs file-backed
         "memory_mb_per_worker": state.get("memory_mb_per_worker"),
-        "examples": {**examples, "left_out_per_epoch": left_out},
+        "examples": {**examples, "left_out_per_epoch": steps["left_out"]},
         "num_workers": train.num_workers,
         "worker_nodes": state.get("worker_nodes"),  # the Ray node id of each rank, in rank order (last attempt)
         "zero_stage": train.zero_stage,
         "precision": state.get("precision", precision),  # as the workers trained (fp16 on GPUs without bf16)
-        "adapter": adapter_uri,
-        "merged": merged_uri,
+        "adapter": exported["adapter"],
+        "merged": exported["merged"],
         "checkpoint": result.checkpoint.path,
-        "run": {"name": run_name, "storage_path": storage, "key": run_key, "fresh": bool(fresh),
-                "resumed": found and not fresh},
-        "seconds": round(time.time() - started, 1),
+        "run": run,
         "config": config.to_dict()["train"],
     }
-    io.write_json(io.join(out, "train_summary.json"), summary)
-    return summary
