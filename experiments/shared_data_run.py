@@ -478,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guard-curve", default="1000,2000",
                         help="pool examples at which the guard adapter is snapshot and evaluated on the held-out "
                         "questions (the whole pool is always a point)")
+    parser.add_argument("--base-methods", default=",".join(DEFAULT_EVAL_METHODS),
+                        help="the eval methods of the untrained base model's rows (step 2b); fewer is faster")
     parser.add_argument("--guard-curve-only", action="store_true",
                         help="only evaluate the guard snapshots that exist so far (while, or after, the guard stage "
                         "ran; e.g. a stopped run's), into OUT/guard_curve.json; the full run reuses them")
@@ -563,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. the untrained model's baselines on the same questions: the rows kept beside the guard-tuned model's (its
     # general ability and over-refusal too)
     base_out = str(out / "base_model")
-    base_config = model_config(base, base_out, specs[heldout], DEFAULT_EVAL_METHODS)
+    base_config = model_config(base, base_out, specs[heldout], [m for m in args.base_methods.split(",") if m])
     steps["base_model"] = {"evaluate": run_evaluation_once(base_config, base_out, specs[heldout])}
 
     order = nested_order(chosen[train], args.seed)
