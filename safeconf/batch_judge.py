@@ -111,8 +111,11 @@ def judge_dataset(config: Config, spec: str, out: str, policy: dict, text_column
     JudgeStage or a subclass (benchmarks/pipeline_scale.py gives it a stand-in engine)."""
     from safeconf.ray_utils import map_on_engines
 
-    ds = raw_rows(read_tasks(spec, text_column), text_column).map_batches(validate_batch, batch_format="pyarrow",
-                        fn_kwargs={"text_column": text_column, "rejects_uri": io.join(out, "rejects")})
+    ds = raw_rows(read_tasks(spec, text_column), text_column).map_batches(
+        validate_batch, batch_format="pyarrow",
+        fn_kwargs={"text_column": text_column, "rejects_uri": io.join(out, "rejects")})
+    # engine-batch-sized blocks: the actors share a file's rows instead of one taking its whole block
+    ds = ds.repartition(target_num_rows_per_block=config.engine.batch_size)
     return map_on_engines(ds, stage_class or JudgeStage, config, placement, policy=policy)
 
 

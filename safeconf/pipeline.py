@@ -192,7 +192,9 @@ def build_dataset(questions, config: Config, stage_class=EngineStage,
     times its engine calls), with its extra constructor arguments; `placement`: where tensor-parallel engines get
     their placement groups (the caller removes them when the dataset is done)."""
     ds = question_dataset(questions, config.engine.batch_size) if isinstance(questions, pa.Table) else questions
-    ds = ds.map_batches(mutate_batch, batch_format="pyarrow", fn_kwargs={"config": config.to_dict()})
+    # batch_size: one engine batch per task, so Ray Data does not merge the engine-sized blocks back together
+    ds = ds.map_batches(mutate_batch, batch_format="pyarrow", batch_size=config.engine.batch_size,
+                        fn_kwargs={"config": config.to_dict()})
     ds = map_on_engines(ds, stage_class, config, placement, **stage_kwargs)
     return ds.map_batches(confidence_batch, batch_format="pyarrow")
 
@@ -279,7 +281,8 @@ def run_pipeline(config: Config, stage_class=EngineStage) -> dict:
     if io.exists(rejects_uri):  # a rerun's rejects replace the last run's
         io.delete(rejects_uri)
     init_ray(config.ray_address)
-    questions = question_stream(config.data, rejects_uri, config.limit)  # a missing path fails here, before actors
+    # a missing path fails here, before any actor starts
+    questions = question_stream(config.data, rejects_uri, config.limit, config.engine.batch_size)
     # overwrite: a rerun replaces the previous run's files instead of adding its own beside them
     with engine_actors(config.engine) as placement:  # placement groups freed for training when done
         build_dataset(questions, config, stage_class, placement).write_parquet(confidence_uri, mode="overwrite")

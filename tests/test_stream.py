@@ -70,6 +70,13 @@ def test_limit_takes_the_first_rows_in_read_order(local_ray, folder, tmp_path):
     assert count_values(str(tmp_path / "rejects"), ["field"])["field"] == {"id": 1}
 
 
+def test_questions_come_in_engine_batch_sized_blocks(local_ray, tmp_path):
+    """One file's rows are not one block: engine actors take a block at a time, so a 40-question file in one
+    block would go to a single actor however many there are."""
+    rows = question_stream("embedded", str(tmp_path / "rejects"), limit=40, batch_size=4).materialize()
+    assert rows.count() == 40 and rows.num_blocks() == 10
+
+
 def test_a_path_that_does_not_exist_fails_on_the_driver(tmp_path):
     with pytest.raises(FileNotFoundError, match="no data file"):
         question_stream(f"jsonl:{tmp_path}/missing/*.jsonl", str(tmp_path / "rejects"))

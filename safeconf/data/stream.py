@@ -179,14 +179,18 @@ def repeated_ids(raw, partitions: int = 1) -> dict[str, int]:
     return {row["id"]: row["min(position)"] for row in repeated.iter_rows()}
 
 
-def question_stream(spec: str, rejects_uri: str, limit: int = 0):
+def question_stream(spec: str, rejects_uri: str, limit: int = 0, batch_size: int = 0):
     """The lazy Ray Dataset of the SPEC's valid questions (QUESTION_ROW_SCHEMA), each id once; rejects stream to
-    rejects_uri. Reads the files twice: once for the repeated ids, once for the questions."""
+    rejects_uri. Reads the files twice: once for the repeated ids, once for the questions. `batch_size`: rows per
+    block of the output (the engine batch size, so engine actors pick up work as they free up instead of one actor
+    taking a file's whole block)."""
     tasks = read_tasks(spec)
     # one hash partition per read task, within bounds: Ray Data's default of 200 costs a small set 200 tasks
     kept = repeated_ids(raw_rows(tasks, limit=limit), partitions=max(1, min(len(tasks), 64)))
-    return raw_rows(tasks, limit=limit).map_batches(validate_questions, batch_format="pyarrow",
-                                                   fn_kwargs={"rejects_uri": rejects_uri, "kept": kept})
+    questions = raw_rows(tasks, limit=limit).map_batches(validate_questions, batch_format="pyarrow",
+                                                        fn_kwargs={"rejects_uri": rejects_uri, "kept": kept})
+    # Ray Data merges a map's outputs into large blocks; an actor stage takes a block at a time
+    return questions.repartition(target_num_rows_per_block=batch_size) if batch_size else questions
 
 
 def count_values(uri: str, columns: list[str]) -> dict[str, dict[str, int]]:
