@@ -90,6 +90,11 @@ the 817k tokens of the pool alone; with it the whole experiment takes ~4-5 hours
 target (BENCHMARKS.md measured Ray Train at 322.8 tokens/s in bf16 on a CPU with AVX512-BF16, with attention-only
 LoRA; this LoRA was not timed there). The guard stage checkpoints
 every train.checkpoint_every steps and at each snapshot: a stopped run resumes where it stopped.
+The calibration experiment's steps, measured (2026-12-05, the same CPU, with tests running beside it at times, so
+upper bounds): each guard curve point's evaluation ~20 min (560 questions with verdict variants); the pipeline on
+640 questions 19 min (4 variants each); SafeConf's training 15 min (626 examples, 157 steps, 130-190 tokens/s);
+its evaluation (8 base methods and 2 adapter methods on 600 questions, general ability, over-refusal, verdict
+variants) ~70 min. The whole experiment, guard-tuning included, is ~6 hours on this CPU.
 
 Smoke run (a handful of questions, one training size, two optimizer steps a model; a 80-question guard pool):
     .venv/bin/python experiments/shared_data_run.py --out runs/smoke --scale 0.02 --guard-scale 0.02 \
