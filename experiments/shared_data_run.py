@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="pool examples at which the guard adapter is snapshot and evaluated on the held-out "
                         "questions (the whole pool is always a point)")
     parser.add_argument("--base-methods", default=",".join(DEFAULT_EVAL_METHODS),
-                        help="the eval methods of the untrained base model's rows (step 2b); fewer is faster")
+                        help="the eval methods of the untrained base model's rows (step 2b); fewer is faster, none skips them")
     parser.add_argument("--guard-curve-only", action="store_true",
                         help="only evaluate the guard snapshots that exist so far (while, or after, the guard stage "
                         "ran; e.g. a stopped run's), into OUT/guard_curve.json; the full run reuses them")
@@ -546,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             point_out = str(out / "guard_curve" / name)
             method = "adapter_token_prob" if adapter else "token_prob"
             config = model_config(base, point_out, specs["heldout"], [method], aux=False)
+            if not adapter:  # the untrained start of the curve: its accuracy, not its verdicts (saves ~20 min)
+                config.eval.verdict_methods = []
             steps[f"guard_curve_{name}"] = {"evaluate": run_evaluation_once(config, point_out, specs["heldout"], adapter)}
             guard_points[point_out] = examples
         if args.guard_curve_only:
@@ -570,8 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     # 3. the untrained model's baselines on the same questions: the rows kept beside the guard-tuned model's (its
     # general ability and over-refusal too)
     base_out = str(out / "base_model")
-    base_config = model_config(base, base_out, specs[heldout], [m for m in args.base_methods.split(",") if m])
-    steps["base_model"] = {"evaluate": run_evaluation_once(base_config, base_out, specs[heldout])}
+    base_methods = [m for m in args.base_methods.split(",") if m]
+    if base_methods:  # --base-methods= skips these rows
+        base_config = model_config(base, base_out, specs[heldout], base_methods)
+        base_config.eval.verdict_methods = []  # reference rows: their scores, not their verdicts under mutation
+        steps["base_model"] = {"evaluate": run_evaluation_once(base_config, base_out, specs[heldout])}
 
     order = nested_order(chosen[train], args.seed)
     planned = {f"safeconf_{round(f * 100)}": ({}, ADAPTER_EVAL, f"SafeConf on {f:.0%} of the train questions", f)
@@ -608,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         "baselines": {m: e for m, e in main_metrics["methods"].items() if e.get("role") == "base"},
         "base_model": {"methods": read_metrics(base_out)["methods"],
                        "general_ability": read_metrics(base_out).get("general_ability"),
-                       "over_refusal": read_metrics(base_out).get("over_refusal")},
+                       "over_refusal": read_metrics(base_out).get("over_refusal")} if base_methods else None,
         "guard": guard_entry(str(out / "main"), guard_points) if guard_points else None,
         "calibration": {"sets": list(CALIBRATION_SETS), "train": train, "heldout": heldout} if guard_model else None,
         "model": {"name": guard_model or base.model.name, "guard_tuned": bool(guard_model)},
