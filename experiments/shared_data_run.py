@@ -574,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     base_out = str(out / "base_model")
     base_methods = [m for m in args.base_methods.split(",") if m]
     if base_methods:  # --base-methods= skips these rows
-        base_config = model_config(base, base_out, specs[heldout], base_methods)
+        # aux=False: the untrained model's general ability and over-refusal are not run (they cost this CPU ~25 min;
+        # the calibration run measures both before and after SafeConf on the model it starts from)
+        base_config = model_config(base, base_out, specs[heldout], base_methods, aux=False)
         base_config.eval.verdict_methods = []  # reference rows: their scores, not their verdicts under mutation
         steps["base_model"] = {"evaluate": run_evaluation_once(base_config, base_out, specs[heldout])}
 
