@@ -793,7 +793,7 @@ class Report:
         doc.heading("Ablations")
         ablations = [n for n in self.models if n not in self.curve_models()]
         if not ablations:
-            doc.paragraph("No ablation in this run.")
+            doc.paragraph("No ablation in this run: its command left them out (--ablations; section How this run was made).")
             return
         doc.paragraph("Each ablation changes one SFT setting and is compared with SafeConf trained on the same "
                       "training questions (its compare_with), method by method; a method the ablation lacks "
