@@ -136,24 +136,25 @@ def write_rejects(rejects: list[dict], rejects_uri: str) -> None:
 
 
 def _validated(batch: pa.Table):
-    """(row, clean question or None, problem or None) for each RAW_SCHEMA row."""
+    """(row, the record's id if it has a string one, clean question or None, problem or None) per RAW_SCHEMA row."""
     for row in batch.to_pylist():
         if row["record"] is None:
-            yield row, None, (row["error_field"], row["error_reason"])
+            yield row, None, None, (row["error_field"], row["error_reason"])
             continue
-        clean, problem = validate_record(json.loads(row["record"]), set())  # duplicates: question_stream
-        yield row, clean, problem
+        record = json.loads(row["record"])
+        record_id = record.get("id") if isinstance(record, dict) else None
+        clean, problem = validate_record(record, set())  # duplicates: question_stream
+        yield row, record_id, clean, problem
 
 
 def validate_questions(batch: pa.Table, rejects_uri: str, kept: dict[str, int] | None = None) -> pa.Table:
     """The valid questions of a RAW_SCHEMA batch (QUESTION_ROW_SCHEMA); its rejects are written to rejects_uri from
     here. `kept`: {repeated id: position of the copy kept}; the other copies are rejected as duplicates."""
     questions, rejects = [], []
-    for row, clean, problem in _validated(batch):
+    for row, record_id, clean, problem in _validated(batch):
         if clean is not None and kept and kept.get(clean["id"], row["position"]) != row["position"]:
             problem = ("id", f"duplicate id {clean['id']!r}")
         if problem:
-            record_id = json.loads(row["record"]).get("id") if row["record"] is not None else None
             rejects.append(reject(row["location"], *problem, row["raw"], record_id))
         else:
             questions.append({**clean, "location": row["location"], "position": row["position"]})
@@ -162,7 +163,7 @@ def validate_questions(batch: pa.Table, rejects_uri: str, kept: dict[str, int] |
 
 
 def _valid_ids(batch: pa.Table) -> pa.Table:
-    valid = [(clean["id"], row["position"]) for row, clean, _ in _validated(batch) if clean is not None]
+    valid = [(clean["id"], row["position"]) for row, _, clean, _ in _validated(batch) if clean is not None]
     return pa.table({"id": pa.array([i for i, _ in valid], pa.string()),
                      "position": pa.array([p for _, p in valid], pa.int64())})
 
