@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                         "model, as before issue 20)")
     parser.add_argument("--guard-curve", default="1000,2000",
                         help="pool examples at which the guard adapter is snapshot and evaluated on the held-out "
-                        "questions (the whole pool is always a point)")
+                        "questions (the whole pool is always a point); 'none': no curve at all (no snapshots, nothing "
+                        "evaluated: e.g. a guard-tuning that continues from a guard model named as model.name)")
     parser.add_argument("--base-methods", default=",".join(DEFAULT_EVAL_METHODS),
                         help="the eval methods of the untrained base model's rows (step 2b); fewer is faster, none skips them")
     parser.add_argument("--guard-curve-only", action="store_true",
@@ -528,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     if chosen["guard"]:
         # 1. guard-tuning (main's guard stage), then its learning curve: each snapshot and the final adapter on the
         # held-out questions (the guard model's option probability, adapter_token_prob on the base model)
-        curve_at = curve_steps(base, [int(n) for n in args.guard_curve.split(",") if n])
+        no_curve = args.guard_curve == "none"
+        curve_at = {} if no_curve else curve_steps(base, [int(n) for n in args.guard_curve.split(",") if n])
         main_config.guard.data = specs["guard"]
         main_config.guard.snapshot_steps = sorted(curve_at)
         if not args.guard_curve_only:
@@ -539,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         if io.exists(guard_train):
             points["final"] = (io.join(main_out, "guard", "adapter"), io.read_json(guard_train)["examples"]["train"]["kept"])
         points["untrained"] = ("", 0)  # the curve's start: the untrained model's token_prob on the same questions
+        if no_curve:
+            points = {}
         for name, (adapter, examples) in sorted(points.items(), key=lambda item: item[0] != "final"):
             # the final model first: the curve's main point, ready before the snapshots when a session is short
             if adapter and not io.exists(adapter):  # a snapshot step past the end of the pool
