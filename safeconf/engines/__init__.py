@@ -19,12 +19,23 @@ def resolve_engine_kind(kind: str) -> str:
     return kind
 
 
-def make_engine(model: ModelConfig, engine: EngineConfig, seed: int = 0) -> Engine:
+def make_engine(model: ModelConfig, engine: EngineConfig, seed: int = 0, asynchronous: bool = False,
+                lora_slots: int = 0, lora_rank: int = 16) -> Engine:
+    """The engine of engine.kind for the model. asynchronous (vLLM only): the async engine of a Serve replica, whose
+    callers' requests share the running batch; with lora_slots on a GPU it serves that many LoRA adapters at once
+    over one base model (AsyncVLLMEngine.with_adapter)."""
     from safeconf.models import fetch, resolve_model
 
     path = resolve_model(model.name, model.cache_dir)
     adapter = fetch(model.adapter, model.cache_dir) if model.adapter else ""  # on this node, where it is loaded
     kind = resolve_engine_kind(engine.kind)
+    if asynchronous:
+        if kind != "vllm":
+            raise ValueError(f"the async engine is vLLM's; engine.kind={engine.kind} resolves to {kind}")
+        from safeconf.engines.vllm_async import AsyncVLLMEngine
+
+        return AsyncVLLMEngine(path, model.dtype, engine, seed=seed, adapter=adapter, lora_slots=lora_slots,
+                               lora_rank=lora_rank)
     if kind == "vllm":
         from safeconf.engines.vllm_engine import VLLMEngine
 

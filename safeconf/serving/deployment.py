@@ -44,8 +44,14 @@ QUEUE_TOLERANCE_S = 0.5
 
 
 class JudgeServer:
-    """One engine replica: one engine (one model copy), its batches, judging and escalation. No HTTP: the front
+    """One engine replica: one engine (one model copy), its judging and escalation. No HTTP: the front
     (safeconf.serving.app.JudgeFront) validates each request and calls `judge` or `chat` through a handle.
+
+    Two ways to drive the engine (serve.replica_engine):
+    - async (vLLM): the engine is vLLM's async engine, and each request runs the judging code (synchronous, the
+      evaluation's own) on a thread of its own; its prompts join the batch the engine is running.
+    - batched (the hf engine): one thread owns the engine (an hf model is not thread-safe); @serve.batch groups the
+      requests of a route, and what queued behind a busy engine is merged into its next call (_on_engine).
 
     A plain module-level class (decorated below, not with @), so Ray pickles it by reference and the
     replica runs this module's code as imported there.
@@ -55,7 +61,7 @@ class JudgeServer:
         self.config = config_from_dict(config)
         self.model_id = self.config.serve.model_id or self.config.model.name
         self.judgements = judgement_counter()
-        self.engine_batches = 0  # calls to the engine thread (judge_batch / chat_batch)
+        self.engine_batches = 0  # judge_batch / chat_batch calls: merged batches (batched), one a request (async)
         self.waiting, self.runner = [], None  # batches waiting for the engine, and the task that feeds it
         self.policy: JudgePolicy | None = None  # set by reconfigure from build_app's user_config, before traffic
         self.timeout_s = self.config.serve.request_timeout_s
@@ -64,11 +70,18 @@ class JudgeServer:
         self.adapters = {entry["name"]: entry for entry in self.config.serve.adapters}  # serve.adapters by name
         self.adapter_policies: dict[str, JudgePolicy] = {}  # set by reconfigure (user_config "adapters")
         self.engine_loads: list[str] = []  # adapters loaded by this replica, in order (multiplexing)
-        # One thread owns the engine: its calls never overlap (engines are not thread-safe), and the
-        # event loop stays free while the model works (the engine is built there too, so a CPU engine's
-        # thread settings apply to the thread that runs it).
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.engine = self.executor.submit(self._make_engine).result()
+        self.asynchronous = replica_is_async(self.config)
+        if self.asynchronous:
+            # a thread per request in flight: each waits on its own engine requests while the engine batches them all
+            self.executor = ThreadPoolExecutor(max_workers=self.config.serve.max_ongoing_requests,
+                                               thread_name_prefix="judging")
+            self.engine = self._make_engine()
+        else:
+            # One thread owns the engine: its calls never overlap (engines are not thread-safe), and the
+            # event loop stays free while the model works (the engine is built there too, so a CPU engine's
+            # thread settings apply to the thread that runs it).
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+            self.engine = self.executor.submit(self._make_engine).result()
         for batched in (self._judge_batch, self._chat_batch):
             batched.set_max_batch_size(self.config.serve.max_batch_size)
             batched.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
@@ -78,7 +91,11 @@ class JudgeServer:
     def _make_engine(self, model=None):
         from safeconf.engines import make_engine
 
-        return make_engine(model or self.config.model, self.config.engine, seed=self.config.sampling.seed)
+        serve_config = self.config.serve
+        return make_engine(model or self.config.model, self.config.engine, seed=self.config.sampling.seed,
+                           asynchronous=self.asynchronous,
+                           lora_slots=serve_config.max_models_per_replica if serve_config.adapters else 0,
+                           lora_rank=self.config.train.lora_rank)  # the rank SafeConf's adapters are trained at
 
     @serve.multiplexed(max_num_models_per_replica=int(os.environ.get(MODELS_PER_REPLICA_ENV, "2")))
     async def adapter_engine(self, name: str):
@@ -88,6 +105,10 @@ class JudgeServer:
         model = adapter_config(self.config, self.adapters[name]).model
         self.engine_loads.append(name)
         log.info("loading adapter %s (%s)", name, model.adapter)
+        if getattr(self.engine, "multi_lora", False):  # a LoRA slot of the engine that is running (vLLM on a GPU)
+            from safeconf.models import fetch
+
+            return self.engine.with_adapter(name, fetch(model.adapter, model.cache_dir))
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._make_engine, model)
 
     def policy_of(self, name: str) -> JudgePolicy:
@@ -131,7 +152,8 @@ class JudgeServer:
 
         policy = self.policy
         return {"pid": os.getpid(), "actor_name": ray.get_runtime_context().get_actor_name(),
-                "engine_batches": self.engine_batches, "method": policy.method,
+                "engine_batches": self.engine_batches, "replica_engine": "async" if self.asynchronous else "batched",
+                "peak_in_flight": getattr(self.engine, "peak_in_flight", None), "method": policy.method,
                 "threshold": policy.threshold, "threshold_source": policy.source,
                 "judging": policy.settings.to_dict(), "guarantee": policy.guarantee, "timeout_s": self.timeout_s,
                 "escalation": self.escalation.to_dict() if self.escalation else None,
@@ -182,7 +204,11 @@ class JudgeServer:
         tiers, and the deferred ones escalated where serve.escalate_url is set; `deadline` (time.monotonic())
         bounds escalation."""
         policy = self.policy_of(name)
-        answers = await asyncio.gather(*[self._judge_batch((name, item)) for item in items])
+        if self.asynchronous:
+            engine = await self.engine_of(name)
+            answers = await self._in_thread(judge_batch, engine, items, policy.method, policy.settings)
+        else:
+            answers = await asyncio.gather(*[self._judge_batch((name, item)) for item in items])
         answers = [with_decision(answer, policy.threshold) for answer in answers]
         answers = await asyncio.gather(*[self._escalated(answer, item, deadline)
                                          for answer, item in zip(answers, items)])
@@ -209,6 +235,11 @@ class JudgeServer:
             log.warning("escalation failed: %s", e)
             return with_escalation(answer, error=str(e))
         return with_escalation(answer, verdict)
+
+    async def _in_thread(self, fn, *args):
+        """fn(*args) on a judging thread of its own (async replica): the engine shares its batch with the others'."""
+        self.engine_batches += 1
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _judge_batch(self, requests: list[tuple[str, JudgeItem]]) -> list[dict]:
@@ -280,7 +311,10 @@ class JudgeServer:
 
     async def _chat(self, name: str, request: dict) -> dict:
         self.policy_of(name)  # a name not served: 404
-        answer = await self._chat_batch((name, request))
+        if self.asynchronous:
+            (answer,) = await self._in_thread(chat_batch, await self.engine_of(name), [request])
+        else:
+            answer = await self._chat_batch((name, request))
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "finish_reason": "length" if len(c.token_ids) >= request["max_tokens"] else "stop"}
                    for i, c in enumerate(answer["completions"])]
@@ -314,6 +348,17 @@ def chat_batch(engine, requests: list[dict]) -> list[dict]:
             prompt_tokens = len(engine.tokenizer.encode(prompt, add_special_tokens=False))
             answers[i] = {"completions": completions, "prompt_tokens": prompt_tokens}
     return answers
+
+
+def replica_is_async(config: Config) -> bool:
+    """Whether a replica runs vLLM's async engine (serve.replica_engine; auto: where engine.kind is vLLM)."""
+    from safeconf.engines import resolve_engine_kind
+
+    kind = resolve_engine_kind(config.engine.kind)
+    if config.serve.replica_engine == "async" and kind != "vllm":
+        raise ValueError(f"serve.replica_engine=async needs the vLLM engine; engine.kind={config.engine.kind} "
+                         f"resolves to {kind}")
+    return config.serve.replica_engine == "async" or (config.serve.replica_engine == "auto" and kind == "vllm")
 
 
 JudgeDeployment = serve.deployment(name="SafeConfJudge")(JudgeServer)

