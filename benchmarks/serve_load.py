@@ -1,20 +1,25 @@
 """Load on the Ray Serve endpoint against calling the engine directly, on loopback, in one run.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 24] [--time-limit 900] [key=value ...]
+    .venv/bin/python benchmarks/serve_load.py [--requests 24] [--levels 1,8,32,64] [--compare-batched]
+        [--kill-replica] [--json] [--time-limit 900] [key=value ...]
 
-e.g. `model.adapter=runs/x/train/adapter` (the fine-tuned model states its confidence: one engine call per
-batch) or `engine.kind=vllm`; the overrides apply to both paths.
+e.g. `engine.kind=vllm` (vLLM's async engine in the replica, serve.replica_engine=auto) or
+`model.adapter=runs/x/train/adapter`; the overrides apply to every path.
 
 What it measures, with the same judge requests (embedded questions: multiple choice and safe/unsafe judgements,
 en and zh) and the same judgement code (`safeconf.serving.judge_batch`):
-- direct: `judge_batch` on one request at a time in a fresh process, no Ray, no HTTP, no batching;
-- serve: POST /v1/judge to a local Serve app (one replica, auth on) at concurrency 1, 8 and 32, and GET /healthz
-  at concurrency 1 (no model work: the cost of HTTP, the proxy and the replica alone).
+- direct: `judge_batch` on one request per call in a fresh process, no Ray, no HTTP, with the engine a replica
+  would build (the async vLLM engine: as many calling threads as the level's concurrency, their prompts sharing
+  the running batch; the hf engine: one call at a time, as its replica's one engine thread);
+- serve: POST /v1/judge to a local Serve app (one replica, auth on) at each concurrency level, and GET /healthz
+  at concurrency 1 (no model work: the cost of HTTP, the proxy and the replica alone);
+- --compare-batched: the same levels on a second app with serve.replica_engine=batched (the replica before the
+  async engine: @serve.batch and one engine thread), in the same run.
 Per level: p50 / p99 latency, requests/s and the count of 5xx (must be 0). Then the ratios the endpoint is held
-to: Serve's p50 at concurrency 1 over the direct p50 (<= 1.2), and requests/s at concurrency 8 over
-concurrency 1 (>= 2, what batching buys).
+to: Serve's p50 at concurrency 1 over the direct p50 (<= 1.2), requests/s at concurrency 8 over concurrency 1
+(>= 2), and with --compare-batched requests/s at concurrency 32 over the batched replica's (>= 1.5).
 
-With --kill-replica, then a fault phase: 4 clients send /v1/judge in a loop while the engine replica is killed
+With --kill-replica, then a fault phase: 8 clients send /v1/judge in a loop while the engine replica is killed
 (ray.kill on its actor, as an OOM kill or a lost node would); it counts the answers by status (200, 503 with
 Retry-After, any other 5xx, a dropped connection or a client timeout), the longest request, and the time from
 the kill to the first 200 of a request sent after it (only a new replica can answer that one).
@@ -69,42 +74,92 @@ def summary(latencies: list[float], seconds: float, errors_5xx: int, other_error
 # --- direct: the engine in this process, one request per call ---
 
 
-def run_direct(count: int, deadline: float, overrides: list[str]) -> dict:
+def run_direct(requests: int, levels: list[int], deadline: float, overrides: list[str]) -> dict:
+    """{level: summary} of judge_batch calls, one request each, `level` callers at once (threads on the async
+    engine; one at a time on a batch engine, which is not thread-safe)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from safeconf.config import load_config
     from safeconf.engines import make_engine
     from safeconf.serving import JudgeRequest, judge_batch, judge_item, resolve_policy
+    from safeconf.serving.deployment import replica_is_async
 
     config = load_config(overrides=OVERRIDES + overrides)
-    engine = make_engine(config.model, config.engine, seed=config.sampling.seed)
-    items = [judge_item(JudgeRequest.model_validate(b)) for b in judge_bodies(count)]
+    asynchronous = replica_is_async(config)
+    engine = make_engine(config.model, config.engine, seed=config.sampling.seed, asynchronous=asynchronous)
     policy = resolve_policy(config)
-    for item in items[:WARMUP]:
-        judge_batch(engine, [item], policy.method, policy.settings)
-    latencies, started = [], time.perf_counter()
-    for item in items:
+    one_at_a_time = threading.Lock()
+
+    def timed(item) -> float | None:
         if time.time() > deadline:
-            break
+            return None
         began = time.perf_counter()
-        judge_batch(engine, [item], policy.method, policy.settings)
-        latencies.append(time.perf_counter() - began)
-    return summary(latencies, time.perf_counter() - started, 0, 0, len(latencies) < count)
+        if asynchronous:
+            judge_batch(engine, [item], policy.method, policy.settings)
+        else:
+            with one_at_a_time:
+                judge_batch(engine, [item], policy.method, policy.settings)
+        return time.perf_counter() - began
+
+    results = {}
+    for level in levels:
+        count = level_requests(requests, level)
+        items = [judge_item(JudgeRequest.model_validate(b)) for b in judge_bodies(count)]
+        with ThreadPoolExecutor(level) as threads:
+            list(threads.map(timed, items[:WARMUP]))
+            started = time.perf_counter()
+            latencies = [t for t in threads.map(timed, items) if t is not None]
+            seconds = time.perf_counter() - started
+        results[level] = summary(latencies or [float("nan")], seconds, 0, 0, len(latencies) < count)
+    return results
+
+
+def level_requests(requests: int, level: int) -> int:
+    """Requests sent at a concurrency level: --requests at 1, 4x the concurrency (at least --requests) above."""
+    return requests if level == 1 else max(requests, 4 * level)
 
 
 # --- serve: HTTP on loopback ---
 
 
-def start_serve(port: int, token_env: str, extra: list[str]) -> None:
+def start_ray(port: int) -> None:
     import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray-bench-"))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+
+def measure_app(url: str, token: str, token_env: str, overrides: list[str], levels: list[int], requests: int,
+                deadline: float, name: str, kill_replica: bool = False) -> dict:
+    """One Serve app (one replica) under the load levels, then (kill_replica) the fault phase; deleted after."""
     from ray import serve
 
     from safeconf.config import load_config
     from safeconf.serving import build_app
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray-bench-"))
-    config = load_config(overrides=OVERRIDES + [f"serve.auth_token_env={token_env}"] + extra)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="safeconf-bench", route_prefix="/")
+    config = load_config(overrides=OVERRIDES + [f"serve.auth_token_env={token_env}"] + overrides)
+    began = time.time()
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    print(f"Serve app {name} ready in {time.time() - began:.1f} s", file=sys.stderr, flush=True)
+    url = f"{url}/{name}"
+    results = {}
+    try:
+        asyncio.run(load_level(url, token, judge_bodies(WARMUP), 1, deadline))
+        results["healthz"] = asyncio.run(load_level(url, token, [None] * 50, 1, deadline))
+        for level in levels:
+            results[level] = asyncio.run(load_level(url, token, judge_bodies(level_requests(requests, level)), level,
+                                                    deadline))
+        if kill_replica:
+            kill, pid_before, handle = kill_engine_replica(name)
+            fault = asyncio.run(replica_kill(url, token, judge_bodies(32), kill, deadline, clients=8))
+            fault["new replica"] = handle.replica_info.remote().result()["pid"] != pid_before
+            results["fault"] = fault
+    finally:
+        serve.delete(name)
+    return results
 
 
 async def load_level(url: str, token: str, bodies: list[dict], concurrency: int, deadline: float) -> dict:
@@ -207,86 +262,116 @@ def kill_engine_replica(app_name: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=24, help="requests at concurrency 1 and direct (default 24)")
+    parser.add_argument("--requests", type=int, default=24, help="requests at concurrency 1 (default 24; 4x the "
+                        "concurrency, at least this, above)")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds for the whole run (default 900)")
-    parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32; 1 and 8 are needed for the ratios)")
+    parser.add_argument("--levels", default="1,8,32,64", help="concurrency levels (default 1,8,32,64; 1 and 8 are "
+                        "needed for the ratios, 32 for the batched comparison)")
+    parser.add_argument("--compare-batched", action="store_true", help="also the levels on a replica with "
+                        "serve.replica_engine=batched (the replica before the async engine), in the same run")
     parser.add_argument("--kill-replica", action="store_true", help="after the levels, the fault phase: the engine "
-                        "replica killed under a loop of 4 clients")
+                        "replica killed under a loop of 8 clients")
+    parser.add_argument("--json", action="store_true", help="print only the results as one JSON object")
     parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # the child process
-    parser.add_argument("overrides", nargs="*", help="config overrides for both paths, e.g. model.adapter=DIR "
-                        "engine.kind=vllm serve.max_batch_size=8")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every path, e.g. engine.kind=vllm "
+                        "model.adapter=DIR serve.max_batch_size=8")
     args = parser.parse_args()
     deadline = time.time() + args.time_limit
+    levels = [int(c) for c in args.levels.split(",")]
     load_at_start = os.getloadavg()[0]
     if args.direct:
-        print(json.dumps(run_direct(args.requests, deadline, args.overrides)))
+        print(json.dumps(run_direct(args.requests, levels, deadline, args.overrides)))
         return
 
     # Direct first, in a fresh process: its engine's threads and memory are gone before Serve runs.
-    child = subprocess.run([sys.executable, __file__, "--direct", "--requests", str(args.requests),
-                            "--time-limit", str(args.time_limit), *args.overrides], capture_output=True, text=True,
-                           check=True)
-    results = {"direct, concurrency 1": json.loads(child.stdout.strip().splitlines()[-1])}
+    child = subprocess.run([sys.executable, __file__, "--direct", "--requests", str(args.requests), "--levels",
+                            args.levels, "--time-limit", str(args.time_limit), *args.overrides], capture_output=True,
+                           text=True)
+    if child.returncode:
+        sys.exit(f"the direct run failed:\n{child.stderr[-4000:]}")
+    direct = {int(level): r for level, r in json.loads(child.stdout.strip().splitlines()[-1]).items()}
 
     token_env, token = "SAFECONF_BENCH_TOKEN", secrets.token_hex(16)
     os.environ[token_env] = token
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    began = time.time()
-    start_serve(port, token_env, args.overrides)
-    print(f"Serve app ready in {time.time() - began:.1f} s", flush=True)
+    start_ray(port)
     url = f"http://127.0.0.1:{port}"
     from ray import serve
 
     try:
-        asyncio.run(load_level(url, token, judge_bodies(WARMUP), 1, deadline))
-        results["serve /healthz, conc. 1"] = asyncio.run(load_level(url, token, [None] * 50, 1, deadline))
-        for level in [int(c) for c in args.levels.split(",")]:
-            count = args.requests if level == 1 else max(args.requests, 4 * level)
-            results[f"serve, concurrency {level}"] = asyncio.run(
-                load_level(url, token, judge_bodies(count), level, deadline))
-        if args.kill_replica:
-            kill, pid_before, handle = kill_engine_replica("safeconf-bench")
-            fault = asyncio.run(replica_kill(url, token, judge_bodies(32), kill, deadline))
-            fault["new replica"] = handle.replica_info.remote().result()["pid"] != pid_before
-            results["fault: engine replica killed"] = fault
+        served = measure_app(url, token, token_env, args.overrides, levels, args.requests, deadline, "bench",
+                             args.kill_replica)
+        batched = measure_app(url, token, token_env, args.overrides + ["serve.replica_engine=batched"], levels,
+                              args.requests, deadline, "batched") if args.compare_batched else {}
     finally:
         serve.shutdown()
-    report(results, args, (load_at_start, os.getloadavg()[0]))
+    results = assemble(direct, served, batched, args, (load_at_start, os.getloadavg()[0]))
+    if args.json:
+        print(json.dumps(results))
+    else:
+        report(results)
 
 
-def report(results: dict, args, load: tuple[float, float]) -> None:
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, 1-minute load {load[0]:.2f} at start, "
-          f"{load[1]:.2f} at end (other work on the machine skews every figure); model: embedded "
-          f"SmolLM2-135M-Instruct; overrides: {' '.join(OVERRIDES + args.overrides)}")
-    print(f"{'run':<24}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>8}{'5xx':>5}{'other':>7}")
-    for name, r in results.items():
-        if name.startswith("fault"):
-            continue
-        cut = "  (time limit hit)" if r["time_limit_hit"] else ""
-        print(f"{name:<24}{r['requests']:>9}{r['p50_ms']:>10}{r['p99_ms']:>10}{r['requests_per_s']:>8}"
-              f"{r['5xx']:>5}{r['other_errors']:>7}{cut}")
-    direct, one, eight = (results.get(k) for k in ("direct, concurrency 1", "serve, concurrency 1",
-                                                    "serve, concurrency 8"))
-    errors = sum(r["5xx"] for name, r in results.items() if not name.startswith("fault"))
-    if one:
-        overhead = one["p50_ms"] / direct["p50_ms"]
-        print(f"\nServe p50 / direct p50 at concurrency 1: {overhead:.2f}x (target <= 1.20: "
-              f"{'met' if overhead <= 1.2 else 'missed'})")
-    if one and eight:
-        speedup = eight["requests_per_s"] / one["requests_per_s"]
-        print(f"requests/s at concurrency 8 / concurrency 1: {speedup:.2f}x (target >= 2: "
-              f"{'met' if speedup >= 2 else 'missed'})")
-    print(f"5xx responses under load: {errors} (target 0: {'met' if errors == 0 else 'missed'})")
-    fault = results.get("fault: engine replica killed")
+def assemble(direct: dict, served: dict, batched: dict, args, load: tuple[float, float]) -> dict:
+    """The --json object: per concurrency level Serve's figures beside the direct calls' (and the batched
+    replica's), the fault phase, the targets and where it ran."""
+    from safeconf.config import load_config
+    from safeconf.serving.deployment import replica_is_async
+
+    levels = {}
+    for level, r in direct.items():
+        entry = {"rps": None, "p50_ms": None, "p99_ms": None, "5xx": None}
+        if level in served:
+            entry = {"rps": served[level]["requests_per_s"], "p50_ms": served[level]["p50_ms"],
+                     "p99_ms": served[level]["p99_ms"], "5xx": served[level]["5xx"],
+                     "requests": served[level]["requests"], "time_limit_hit": served[level]["time_limit_hit"]}
+        entry.update({"direct_rps": r["requests_per_s"], "direct_p50_ms": r["p50_ms"], "direct_p99_ms": r["p99_ms"]})
+        if level in batched:
+            entry.update({"batched_rps": batched[level]["requests_per_s"], "batched_p50_ms": batched[level]["p50_ms"],
+                          "batched_p99_ms": batched[level]["p99_ms"], "batched_5xx": batched[level]["5xx"]})
+        levels[str(level)] = entry
+    targets = {}
+    one, eight, thirty_two = levels.get("1"), levels.get("8"), levels.get("32")
+    if one and one["p50_ms"]:
+        targets["serve_p50_over_direct_c1"] = {"value": round(one["p50_ms"] / one["direct_p50_ms"], 2), "target": "<= 1.2"}
+    if one and eight and one["rps"] and eight["rps"]:
+        targets["rps_c8_over_c1"] = {"value": round(eight["rps"] / one["rps"], 2), "target": ">= 2"}
+    if thirty_two and thirty_two.get("batched_rps") and thirty_two["rps"]:
+        targets["rps_c32_over_batched"] = {"value": round(thirty_two["rps"] / thirty_two["batched_rps"], 2),
+                                           "target": ">= 1.5"}
+    errors = sum(e["5xx"] or 0 for e in levels.values()) + sum(e.get("batched_5xx") or 0 for e in levels.values())
+    targets["5xx_outside_the_kill"] = {"value": errors, "target": "0"}
+    fault = served.get("fault")
     if fault:
-        print(f"\nfault phase: {json.dumps(fault)}")
-        clean = fault["other 5xx"] == fault["dropped or timed out"] == fault["other"] == 0 \
-            and fault["503"] == fault["503 with Retry-After"]
-        back = fault["new replica"] and fault[RECOVERY_KEY] is not None
-        print(f"replica killed under load: only 200 and 503 + Retry-After, no hang: {'met' if clean else 'missed'}; "
-              f"back (a 200 from a new replica): {'yes' if back else 'no'}")
+        targets["kill_only_200_and_503_retry_after"] = {
+            "value": fault["other 5xx"] == fault["dropped or timed out"] == fault["other"] == 0
+            and fault["503"] == fault["503 with Retry-After"], "target": "true"}
+    config = load_config(overrides=OVERRIDES + args.overrides)
+    return {"concurrency": levels, "healthz": served.get("healthz"), "fault": fault, "targets": targets,
+            "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "load_1min_start_end": [round(x, 2) for x in load]},
+            "replica_engine": "async" if replica_is_async(config) else "batched",
+            "overrides": OVERRIDES + args.overrides, "model": "embedded SmolLM2-135M-Instruct"}
+
+
+def report(results: dict) -> None:
+    machine = results["machine"]
+    print(f"\nmachine: {machine['arch']}, {machine['cores']} cores, 1-minute load {machine['load_1min_start_end']} "
+          f"at start / end (other work on the machine skews every figure); model: {results['model']}; replica "
+          f"engine: {results['replica_engine']}; overrides: {' '.join(results['overrides'])}")
+    print(f"{'concurrency':>11}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'direct req/s':>13}{'direct p50':>11}"
+          f"{'batched req/s':>14}{'batched p50':>12}{'5xx':>5}")
+    for level, e in results["concurrency"].items():
+        print(f"{level:>11}{e['rps'] or '-':>8}{e['p50_ms'] or '-':>9}{e['p99_ms'] or '-':>9}{e['direct_rps']:>13}"
+              f"{e['direct_p50_ms']:>11}{e.get('batched_rps', '-'):>14}{e.get('batched_p50_ms', '-'):>12}"
+              f"{e['5xx'] if e['5xx'] is not None else '-':>5}")
+    if results["healthz"]:
+        print(f"GET /healthz at concurrency 1: p50 {results['healthz']['p50_ms']} ms")
+    for name, t in results["targets"].items():
+        print(f"{name}: {t['value']} (target {t['target']})")
+    if results["fault"]:
+        print(f"fault phase: {json.dumps(results['fault'])}")
     print(json.dumps(results))
 
 
