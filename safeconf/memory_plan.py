@@ -203,4 +203,30 @@ def stage_plan(config: Config, stage: str, gpu_gib: float) -> StagePlan | str:
         return train_plan(config, shape, gpu_gib)
     plan = engine_plan(config, shape, gpu_gib)
     plan.stage = stage
+    if stage == "serve replicas" and config.serve.adapters:
+        add_adapters(plan, config, shape, gpu_gib)
     return plan
+
+
+def add_adapters(plan: StagePlan, config: Config, shape: ModelShape, gpu_gib: float) -> None:
+    """The serve.adapters a replica keeps loaded (serve.max_models_per_replica) in its plan. On the async vLLM engine
+    each is a LoRA slot over the one base model (vLLM sizes every slot for every linear projection at the largest
+    rank, the main adapter's slot besides); elsewhere each is a merged copy of the model, a whole engine more (a
+    vLLM engine claims gpu_memory_utilization of the GPU however small its model)."""
+    from safeconf.config import ALL_LINEAR
+    from safeconf.engines import resolve_engine_kind
+
+    slots = config.serve.max_models_per_replica
+    dtype = _dtype_bytes(config.model.dtype)
+    tp = max(1, config.engine.tensor_parallel_size)
+    if config.serve.replica_engine != "batched" and resolve_engine_kind(config.engine.kind) == "vllm":
+        slots += bool(config.model.adapter)
+        plan.terms[f"LoRA slots ({slots} x rank {config.train.lora_rank})"] = (
+            slots * shape.lora_params(config.train.lora_rank, ALL_LINEAR) * dtype / tp)
+    elif resolve_engine_kind(config.engine.kind) == "vllm":
+        plan.terms[f"merged adapter copies ({slots} vLLM engines)"] = (
+            slots * config.engine.gpu_memory_utilization * gpu_gib * GIB)
+    else:
+        plan.terms[f"merged adapter copies ({slots})"] = slots * shape.params * dtype / tp
+    if not any(name.startswith("LoRA slots") for name in plan.terms):
+        plan.fix = "serve.replica_engine=auto with engine.kind=vllm (adapters as LoRA slots), " + plan.fix

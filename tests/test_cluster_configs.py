@@ -269,3 +269,19 @@ def test_an_autoscaling_engine_pool_needs_its_fewest_to_fit_and_says_where_it_st
     _, fits = check_files(CLUSTER / "aws.yaml", path)
     engines = next(f for f in fits if f.request.stage == "engine actors")
     assert "asks for 30 at once" in engines.problems[0]
+
+
+def test_serve_plan_sizes_adapters_as_lora_slots_on_the_async_engine_and_as_whole_engines_otherwise():
+    """A replica serving serve.adapters: on vLLM's async engine each adapter (and the model's own) is a LoRA slot of a
+    few hundred MB over one 7B base; as merged copies on vLLM each is a whole engine claiming its share of the GPU,
+    which cannot fit beside the first, and the plan says so with the setting that fixes it."""
+    path = "cluster/configs/qwen2.5-7b-serve.yaml"
+    adapters = "serve.adapters=[{name: a, adapter: /models/a}, {name: b, adapter: /models/b}]"
+    plan = memory_plan.stage_plan(load_config(path, [adapters]), "serve replicas", 80)
+    (slots,) = [value for name, value in plan.terms.items() if name.startswith("LoRA slots (3 x rank 16)")]
+    assert 0.05 * GIB < slots < 1 * GIB and plan.fits
+    merged = memory_plan.stage_plan(load_config(path, [adapters, "serve.replica_engine=batched"]), "serve replicas", 80)
+    assert merged.terms["merged adapter copies (2 vLLM engines)"] == pytest.approx(2 * 0.9 * 80 * GIB)
+    assert not merged.fits and merged.fix.startswith("serve.replica_engine=auto")
+    alone = memory_plan.stage_plan(load_config(path), "serve replicas", 80)
+    assert not any("adapter" in name for name in alone.terms)

