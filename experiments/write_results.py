@@ -538,6 +538,7 @@ class Report:
         self._general_and_refusal()
         self._labels()
         self._token_prob_check()
+        self.provenance_start = len(self.doc.blocks)  # where a comparison with a second run goes (write)
         self._provenance()
         return self.doc
 
@@ -1154,12 +1155,22 @@ class Report:
         doc.table(["step", "stage", "seconds", "status"], step_rows)
 
 
-def write(run_dir: str | Path, root: str | Path = REPO) -> dict:
+def write(run_dir: str | Path, root: str | Path = REPO, compare: str | Path | None = None,
+          compare_label: str = "") -> dict:
     """Render the run into ROOT/RESULTS.md, ROOT/RESULTS.html and ROOT/docs/results/*.png; returns the paths and
-    the headline facts."""
+    the headline facts. `compare`: a second run of the experiment, compared with this one on the same held-out
+    questions in a section of its own (experiments/compare_runs.py), before the provenance."""
     run = Run(run_dir)
     report = Report(run)
     doc = report.build()
+    if compare:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from compare_runs import add_section
+
+        provenance = report.provenance_start
+        blocks, doc.blocks = doc.blocks[provenance:], doc.blocks[:provenance]
+        report.facts["compared"] = add_section(doc, run, Run(compare), compare_label or str(compare))
+        doc.blocks += blocks
     root = Path(root)
     (root / FIGURES).mkdir(parents=True, exist_ok=True)
     for old in (root / FIGURES).glob("*.png"):  # the folder is this script's output: no figure of an older run stays
@@ -1178,8 +1189,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="the experiment's --out directory (holds results.json)")
     parser.add_argument("--root", default=str(REPO), help="where RESULTS.md, RESULTS.html and docs/results/ go")
+    parser.add_argument("--compare", help="a second run of the experiment (its --out directory) with one thing "
+                        "changed, compared with this one on the same held-out questions")
+    parser.add_argument("--compare-label", default="", help="what the second run changed, for its section's title")
     args = parser.parse_args(argv)
-    written = write(args.run, args.root)
+    written = write(args.run, args.root, args.compare, args.compare_label)
     facts = written.pop("headline")
     print(json.dumps({**written, "best_baseline": facts["best"],
                       "targets": {k: v["verdict"] for k, v in facts["targets"].items()}}, indent=2))

@@ -253,3 +253,22 @@ def test_issue_20_targets_need_more_than_a_constant_can_give():
     assert wr.over_refusal_target(refusal(0.30, 0.34))["verdict"] == "met"
     moved = wr.over_refusal_target(refusal(0.30, 0.40))
     assert moved["verdict"] == "not met" and "+10.0 points" in moved["measured"]
+
+
+def test_a_second_run_is_compared_in_its_own_section_before_the_provenance(tmp_path):
+    """write_results RUN --compare OTHER: a section with both runs' metrics per method and OTHER's targets; these
+    synthetic runs have no predictions, so the paired differences say n/a rather than being made up."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = write_run(tmp_path / "first", results())
+    data = results(safeconf=(0.60, 0.20, None))
+    data["command"] = ["experiments/shared_data_run.py", "--out", "second", "guard.variants=3"]
+    second = write_run(tmp_path / "second", data)
+    written = wr.write(first, tmp_path / "site", compare=second, compare_label="a guard taught with rule variants")
+    text = (tmp_path / "site" / "RESULTS.md").read_text()
+    section = text[text.index("## The same experiment on another model: a guard taught with rule variants"):]
+    assert text.index("## The same experiment on another model") < text.index("## How this run was made")
+    assert "guard.variants=3" in section
+    row = next(line for line in section.splitlines() if line.startswith("| safeconf (fine-tuned)"))
+    assert row.split(" | ")[1].startswith("0.720") and row.split(" | ")[2].startswith("0.600") and "| n/a |" in row
+    assert written["headline"]["compared"]["accuracy"]["verdict"] == "n/a"  # no predictions: no paired verdict
