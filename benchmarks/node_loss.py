@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from safeconf import io
-from safeconf.testing.local_cluster import BIN, FAST_FAILURE_DETECTION, LocalCluster, submit_job
+from safeconf.testing.local_cluster import BIN, FAST_FAILURE_DETECTION, LocalCluster
 from safeconf.testing.local_s3 import local_s3
 
 REPO = Path(__file__).resolve().parents[1]

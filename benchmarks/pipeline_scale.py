@@ -33,9 +33,10 @@ import pyarrow.parquet as pq
 from safeconf.batch_judge import JudgeStage
 from safeconf.engines.base import LabelScores
 from safeconf.pipeline import EngineStage
+from safeconf.testing.engines import ScriptedEngine
 
 
-class HashEngine:
+class HashEngine(ScriptedEngine):
     """Option log-probs from a hash of the prompt: the same answer for the same question, no model."""
 
     def option_logprobs(self, prompts, answer_prefixes, labels):

@@ -85,7 +85,7 @@ class EngineStage:
             row["pending_llm"] = []
         mutation = self.config.mutation
         for row in rows:  # cut requests are counted (the engine cuts the middle of their text, Engine.fit_prompt)
-            row["llm_prompts_truncated"] = 0 if hasattr(self.engine, "prompt_fits") else None
+            row["llm_prompts_truncated"] = 0
         for name, operator in LLM_OPERATORS.items():  # one engine call per operator (each has its own stop)
             mine = [(row, slot) for row, slot, op in jobs if op is operator]
             if not mine:
@@ -211,7 +211,6 @@ def summarise(confidence_uri: str) -> dict:
     variants_by_mutation, operators, formats = {}, {}, {}
     samples = unreadable = tokens = 0
     sampled = sampled_cut = llm_requests = llm_cut = 0
-    sampled_checked = llm_checked = True  # False once a prompt could not be checked (an engine without prompt_fits)
     questions = without_gold = confidence_sum = confidence_count = 0
     by_node = Counter()
     for row in (row for batch in batches for row in batch.to_pylist()):
@@ -232,14 +231,12 @@ def summarise(confidence_uri: str) -> dict:
             tokens += sum(s["num_tokens"] for s in variant["samples"])
             sampled += 1
             sampled_cut += bool(variant["prompt_truncated"])
-            sampled_checked &= variant["prompt_truncated"] is not None
         for drop in row["dropped"]:
             entry = _operator_entry(operators, drop["mutation"])
             entry["dropped"] += 1
             entry["dropped_by_reason"][drop["reason"]] = entry["dropped_by_reason"].get(drop["reason"], 0) + 1
             llm_requests += drop["mutation"] in LLM_OPERATORS
         llm_cut += row["llm_prompts_truncated"] or 0
-        llm_checked &= row["llm_prompts_truncated"] is not None
     for entry in operators.values():
         entry["attempted"] = entry["kept"] + entry["dropped"]
     return {
@@ -255,8 +252,8 @@ def summarise(confidence_uri: str) -> dict:
         "generated_tokens": tokens,
         # Prompts cut in the middle of their question to fit the context; None: the engine could not tell.
         "truncated_prompts": {
-            "sampling": {"prompts": sampled, "truncated": sampled_cut if sampled_checked else None},
-            "llm_mutations": {"prompts": llm_requests, "truncated": llm_cut if llm_checked else None},
+            "sampling": {"prompts": sampled, "truncated": sampled_cut},
+            "llm_mutations": {"prompts": llm_requests, "truncated": llm_cut},
         },
         "mean_confidence": confidence_sum / confidence_count if confidence_count else None,
         "questions_by_node": dict(sorted(by_node.items())),  # Ray node id of the engine actor -> questions sampled

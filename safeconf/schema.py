@@ -67,7 +67,7 @@ VARIANT_TYPE = pa.struct(
         # labels), "label-whole" (the same, each label scored as its whole token sequence because their first
         # tokens collide, e.g. "1" and "10") or "free" (free-form replies, parsed). Null until sampled.
         pa.field("answer_format", pa.string()),
-        pa.field("prompt_truncated", pa.bool_()),  # its sampling prompt was cut to fit; null: the engine cannot tell
+        pa.field("prompt_truncated", pa.bool_()),  # its sampling prompt was cut to fit the context
     ]
 )
 

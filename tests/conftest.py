@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from safeconf.engines import Completion
+from safeconf.testing.engines import ScriptedEngine
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SAFECONF_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -68,7 +69,7 @@ def save_random_adapter(folder, rank: int) -> str:
     return str(folder)
 
 
-class FakeEngine:
+class FakeEngine(ScriptedEngine):
     """An engine for the serving tests: replies from a script ({question substring: reply text}); option log-probs
     favour the last option; `calls` records each call and its batch size."""
 

@@ -19,6 +19,7 @@ from safeconf.prompts import INSTRUCTIONS, format_target, parse_answer
 from safeconf.schema import CONFIDENCE_SCHEMA
 from safeconf.sft import build_sft, sft_examples
 from safeconf.stages import config_inputs, fingerprint
+from safeconf.testing.engines import ScriptedEngine
 
 
 def confidence_row(qid, answer, picks_per_variant):
@@ -56,7 +57,7 @@ def test_confidence_format_none_targets_state_the_answer_only():
     assert percent["target"].endswith("Confidence: 19%") and percent["confidence"] == pytest.approx(3 / 16)
 
 
-class RecordingEngine:
+class RecordingEngine(ScriptedEngine):
     """Option scores only: 0.7 on the second label, the rest shared; records every prompt it scores."""
 
     def __init__(self):

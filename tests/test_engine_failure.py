@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

@@ -27,11 +27,12 @@ from safeconf.evaluation.runner import (
 )
 from safeconf.mutations import original_variant
 from safeconf.data.ingest import ingest
+from safeconf.testing.engines import ScriptedEngine
 
 _OPTION_LINE = re.compile(r"^(\S+?)\. (.*)$")
 
 
-class FakeEngine:
+class FakeEngine(ScriptedEngine):
     """The engine interface, deterministically. It always prefers the option whose text sorts first (so its
     answer survives shuffles and relabels), states 80% confidence in English and none in Chinese, and of k
     samples puts the last on the option that sorts second (agreement (k-1)/k). Option-label probabilities:
@@ -315,7 +316,7 @@ def test_summary_plots_and_report_from_fake_predictions(tmp_path):
     assert any("ECE" in w and "about 100 questions" in w for w in warnings), warnings
     for text in (markdown, html):
         assert text.index("Warnings") < text.index("Confidence methods") and "at least 22 to set any threshold" in text
-    assert "Prompts cut to fit the model's context: base model: not counted" in markdown  # the fake cannot tell
+    assert "Prompts cut to fit the model's context: base model 0 of" in markdown  # the fake's prompts all fit
     assert "![reliability.png](reliability.png)" in markdown
     assert html.count("data:image/png;base64,") == 3 and "Over-refusal" in html and "a note" in markdown
 
@@ -428,9 +429,8 @@ def test_truncated_prompts_are_counted_per_role_and_method():
     assert any("1 of 3 questions had a prompt cut" in w for w in summary["warnings"])
     markdown = report.build(summary, {}).markdown()
     assert "Prompts cut to fit the model's context: base model 1 of 3 questions" in markdown
-    # an engine that cannot tell (no prompt_fits) is reported as not counted, never as zero
-    plain, _ = run_fake(rows)
-    assert {r["truncated"] for r in plain} == {None}
+    plain, _ = run_fake(rows)  # the plain fake knows no context limit: nothing is cut
+    assert {r["truncated"] for r in plain} == {False}
 
 
 # --- the endpoint answers with the evaluated method ---------------------------------------------------

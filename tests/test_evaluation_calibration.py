@@ -30,6 +30,7 @@ from safeconf.evaluation.runner import EVAL_FIELDS, method_plan, role_configs, s
 from safeconf.mutations import original_variant
 from safeconf.data.judge import infer_unsafe_option
 from safeconf.schema import validate_record, variant_unsafe_option
+from safeconf.testing.engines import ScriptedEngine
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -67,7 +68,7 @@ def prediction(qid, probs, answer, split="calibration", source="s1", unsafe=None
     return {"id": qid, "source": source, "eval_set": "safety", "split": split, "lang": "en", "task": "judge",
             "category": None, "answer": answer, "unsafe_option": unsafe, "num_options": len(probs), "role": "base",
             "method": method, "choice": best, "confidence": max(probs), "option_probs": list(probs),
-            "p_unsafe": None, "fallback": False, "text": None, "truncated": None}
+            "p_unsafe": None, "fallback": False, "text": None, "truncated": False}
 
 
 def test_calibrate_posthoc_fits_the_temperature_on_the_calibration_split_only():
@@ -114,7 +115,7 @@ def test_calibrate_posthoc_refuses_rows_without_a_distribution():
 # --- contextual calibration on an engine biased toward option A -----------------------------------------
 
 
-class BiasedEngine:
+class BiasedEngine(ScriptedEngine):
     """Option A gets 0.8 on a content-free prompt ("N/A"), 0.7 on a real one: a prior toward A that the real
     prompts carry too."""
 
@@ -311,7 +312,7 @@ def test_public_loaders_set_the_unsafe_option():
 # --- verdict consistency under mutation ---------------------------------------------------------------------
 
 
-class ContentEngine:
+class ContentEngine(ScriptedEngine):
     """Puts its mass on the option whose text is 'keep', wherever the options stand and whatever their labels."""
 
     def option_logprobs(self, prompts, answer_prefixes, labels):
@@ -323,7 +324,7 @@ class ContentEngine:
         return out
 
 
-class PositionEngine:
+class PositionEngine(ScriptedEngine):
     """Always the last option: a verdict that follows the position, not the content."""
 
     def option_logprobs(self, prompts, answer_prefixes, labels):

@@ -336,7 +336,7 @@ def test_the_base_rate_reference_is_the_methods_answers_at_its_calibration_accur
                      "confidence": 0.9 if i < 20 else 0.6, "split": "test", "fallback": False})
     for row in rows:
         row.update(lang="en", task="judge", category=None, source="s", unsafe_option=None, p_unsafe=None,
-                   truncated=None)
+                   truncated=False)
     summary = method_summary(rows, EvalConfig(bootstrap_samples=50))
     reference = summary["base_rate"]
     assert reference["confidence"] == 0.75

@@ -211,11 +211,9 @@ class Engine(ABC):
         return None
 
 
-def prompt_cut(engine, messages: list[dict], max_new_tokens: int) -> bool | None:
-    """Whether the engine must cut this prompt to fit its context (None where the engine cannot tell: an engine
-    without prompt_fits, such as a test fake)."""
-    fits = getattr(engine, "prompt_fits", None)
-    return None if fits is None else not fits(messages, max_new_tokens)
+def prompt_cut(engine: Engine, messages: list[dict], max_new_tokens: int) -> bool:
+    """Whether the engine must cut this prompt to fit its context."""
+    return not engine.prompt_fits(messages, max_new_tokens)
 
 
 def label_rng(seed: int, variant_id: str) -> random.Random:

@@ -89,7 +89,7 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("p_unsafe", pa.float64()),  # probability the judgement puts on the unsafe option (unsafe_probability)
         pa.field("fallback", pa.bool_()),  # the method's documented fallback was needed (see module doc)
         pa.field("text", pa.string()),  # the greedy reply, for the methods that read one
-        pa.field("truncated", pa.bool_()),  # a prompt the method read was cut to fit; null: the engine cannot tell
+        pa.field("truncated", pa.bool_()),  # a prompt the method read was cut to fit the context
         # the method chose the same option (in the original's order) on the question and every rule variant of it;
         # null where not measured (eval.verdict_methods) or the question has no rule variant
         pa.field("verdict_consistent", pa.bool_()),
@@ -139,14 +139,14 @@ class Judgement:
     confidence: float  # in [0, 1]
     fallback: bool  # the method's documented fallback was needed (module doc)
     text: str | None  # the greedy reply the method read; None for token_prob and the consistency methods
-    truncated: bool | None = None  # a prompt it read was cut to fit the context; None: the engine cannot tell
+    truncated: bool = False  # a prompt it read was cut to fit the context
     probs: list[float] | None = field(default=None)  # the distribution over the options (token_prob family)
 
     def __post_init__(self):
         self.confidence = min(max(float(self.confidence), 0.0), 1.0)
 
     @classmethod
-    def of_distribution(cls, probs, truncated: bool | None = None) -> "Judgement":
+    def of_distribution(cls, probs, truncated: bool = False) -> "Judgement":
         """The likeliest option (the first of ties) at its probability, keeping the distribution."""
         probs = [float(p) for p in probs]
         best = max(range(len(probs)), key=probs.__getitem__)
@@ -310,13 +310,6 @@ def content_free_distributions(engine, variants: list[dict], texts: tuple[str, .
     return [list(np.mean([probs[k] for k in per_text], axis=0)) for per_text in keys]
 
 
-def any_cut(*flags: bool | None) -> bool | None:
-    """True if any prompt was cut, False if none was, None when some could not be checked and none was cut."""
-    if any(flag is True for flag in flags):
-        return True
-    return None if any(flag is None for flag in flags) else False
-
-
 def judge(engine, variants: list[dict], method: str, settings: JudgeSettings) -> list[Judgement]:
     """One method's judgement of every variant (`safeconf` is `verbalized`: the engine holds the adapter)."""
     name = ADAPTER_METHODS.get(method, method)  # never a POSTHOC one: it needs the whole evaluated split
@@ -370,14 +363,14 @@ def judge_each(engine, variants: list[dict], wanted: list[set], settings: JudgeS
     for i in at:
         parsed, _, cut = greedy[i]
         proposals[i] = (parsed.choice, False, cut) if parsed.choice is not None else (scored[i].choice, True,
-                                                                                      any_cut(cut, scored[i].truncated))
+                                                                                      cut or scored[i].truncated)
     prompts = [p_true_messages(variants[i], proposals[i][0]) for i in at]
     logprobs = engine.option_logprobs(prompts, [ANSWER_PREFIX[variants[i]["lang"]] for i in at],
                                       [["A", "B"]] * len(at)) if at else []
     for i, messages, lps in zip(at, prompts, logprobs):
         proposed, fallback, cut = proposals[i]
         found[i]["p_true"] = Judgement(proposed, softmax(lps)[0], fallback, greedy[i][1],
-                                       any_cut(cut, prompt_cut(engine, messages, SCORED_TOKENS)))
+                                       cut or prompt_cut(engine, messages, SCORED_TOKENS))
     return found
 
 
@@ -494,5 +487,5 @@ class EvalStage(EngineStage):
             for method, count in (("mutation_consistency", len(row["variants"])), ("self_consistency", 1)):
                 scored = question_confidence({**row, "variants": row["variants"][:count]})
                 found[row["key"], method] = Judgement(scored["majority_answer"], scored["agreement"] or 0.0, False,
-                                                      None, any_cut(*cuts[:count]))
+                                                      None, any(cuts[:count]))
         return found

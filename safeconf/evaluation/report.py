@@ -145,10 +145,7 @@ def _truncation_line(found: dict) -> str:
         return "Prompts cut to fit the model's context: not counted."
     parts = []
     for role, entry in found.items():
-        if entry["truncated"] is None:
-            parts.append(f"{role} model: not counted (the engine cannot tell)")
-        else:
-            parts.append(f"{role} model {entry['truncated']} of {entry['questions']} questions")
+        parts.append(f"{role} model {entry['truncated']} of {entry['questions']} questions")
     return ("Prompts cut to fit the model's context: " + ", ".join(parts)
             + "; per method in the table below.")
 

@@ -140,25 +140,23 @@ def degenerate(rows: list[dict]) -> str | None:
     return ", ".join(found) or None
 
 
-def _count_cut(rows: list[dict]) -> int | None:
-    """Rows whose prompt was cut to fit the context; None when the engine could not tell for any of them."""
-    flags = [r.get("truncated") for r in rows]
-    return None if all(flag is None for flag in flags) else sum(1 for flag in flags if flag)
+def _count_cut(rows: list[dict]) -> int:
+    """Rows whose prompt was cut to fit the context."""
+    return sum(1 for r in rows if r.get("truncated"))
 
 
 def truncated_prompts(predictions: list[dict]) -> dict:
     """Per role: questions evaluated (all sets), how many had a prompt cut to fit the context, and per method."""
     found = {}
     for (role, method), group in _by_role_method(predictions).items():
-        entry = found.setdefault(role, {"questions": set(), "cut": set(), "checked": False, "by_method": {}})
+        entry = found.setdefault(role, {"questions": set(), "cut": set(), "by_method": {}})
         entry["by_method"][method] = _count_cut(group)
         for row in group:
             question = (row["eval_set"], row["id"])
             entry["questions"].add(question)
-            entry["checked"] |= row.get("truncated") is not None
             if row.get("truncated"):
                 entry["cut"].add(question)
-    return {role: {"questions": len(e["questions"]), "truncated": len(e["cut"]) if e["checked"] else None,
+    return {role: {"questions": len(e["questions"]), "truncated": len(e["cut"]),
                    "by_method": e["by_method"]} for role, e in found.items()}
 
 
