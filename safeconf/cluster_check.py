@@ -10,7 +10,7 @@ What each stage asks for comes from the code that asks for it, never from a copy
   engine actors  safeconf.ray_utils.engine_actor_resources + safeconf.engines.base.placement_bundles, engine.concurrency
                  of them (the pipeline's sampling and LLM mutations, and the evaluation)
   train workers  safeconf.train.driver.worker_resources, train.num_workers of them (Ray Train)
-  serve replicas safeconf.serving.deployment.deployment_options, up to serve.max_replicas of them (Ray Serve)
+  serve replicas safeconf.serving.application.deployment_options, up to serve.max_replicas of them (Ray Serve)
 Every request must fit one node type (CPU, GPU, custom resources; memory where the node type declares it), a
 tensor-parallel engine's placement group on one node (vLLM's tensor parallelism stays inside a node), and as many
 requests as the stage makes at once must fit the nodes the cluster may scale to. On every GPU node type a stage
@@ -212,7 +212,7 @@ def stage_requests(config: Config, stages: list[str]) -> list[Request]:
         requests.append(Request("train workers", [_bundle_of(worker_resources(config.train))],
                                 config.train.num_workers, "train.num_workers, train.cpus_per_worker, train.use_gpu"))
     if "serve" in stages:
-        from safeconf.serving.deployment import deployment_options
+        from safeconf.serving.application import deployment_options
 
         options = deployment_options(config)
         bundles = options.get("placement_group_bundles") or [_bundle(options["ray_actor_options"])]

@@ -65,7 +65,7 @@ def test_the_requests_come_from_the_code_that_makes_them():
     """The GPU run config: 8 engine actors of 1 GPU, 4 CPUs, 24 GiB; 8 train workers of 1 GPU and 8 CPUs; and the
     serve config's replicas as Serve is given them. If the code's request changes, the check follows it."""
     from safeconf.ray_utils import engine_actor_resources
-    from safeconf.serving.deployment import deployment_options
+    from safeconf.serving.application import deployment_options
     from safeconf.train.driver import worker_resources
 
     run = load_config(str(CLUSTER / "configs" / "qwen2.5-7b.yaml"))

@@ -43,10 +43,11 @@ Two deployments: a light front (SafeConfFront, the ingress: routes, auth, valida
 model, a small CPU share) and the engine (SafeConfJudge: one model copy per replica), which the front calls
 through a DeploymentHandle, with the request's `model` as Serve's multiplexed model id.
 
-Under load: requests of a route are batched (`@serve.batch`, one engine call per batch), engine replicas
-autoscale, each front replica queues at most serve.max_queued_requests for them (then 503 at once), and a request
-without an answer after serve.request_timeout_s gets 504. Engine calls run on one thread per replica, so the
-replica's event loop keeps answering while the model works.
+Under load: on vLLM the replica runs its async engine, and every request's prompts join the batch it is running
+(continuous batching); on the hf engine requests of a route are batched (`@serve.batch`, one engine call per
+batch) on one engine thread (serve.replica_engine). Engine replicas autoscale, each front replica queues at most
+serve.max_queued_requests for them (then 503 at once), and a request without an answer after
+serve.request_timeout_s gets 504. The replica's event loop keeps answering while the model works.
 
 Bad input never reaches the model: the bearer token (when set) and the body size are checked before the body
 is read (401 / 413), the body is validated by pydantic models in strict mode (422 naming the field), and the
@@ -58,7 +59,8 @@ go to live replicas.
 
 The package: `schemas` (request and response bodies, errors), `judging` (JudgeItem, judge_batch, decisions,
 tiers, the policy and its threshold), `escalation`, `app` (the front: the FastAPI app, routes, middleware,
-metrics, the 503 mapping), `deployment` (the engine replica, build_app, run_serve).
+metrics, the 503 mapping), `deployment` (the engine replica), `application` (the two deployments' options,
+build_app, run_serve).
 
 Run it: `safeconf serve`, `run_serve(config, port)`, `serve run safeconf.serving:app` (config from the YAML
 named by $SAFECONF_CONFIG), or `serve run safeconf.serving:app_builder config=FILE key=value ...` (also the
@@ -71,16 +73,15 @@ import os
 
 from safeconf.config import load_config
 from safeconf.serving.app import JudgeFront, failure_response, is_unavailable
-from safeconf.serving.deployment import (
+from safeconf.serving.application import (
     FrontDeployment,
     JudgeDeployment,
-    JudgeServer,
     build_app,
-    chat_batch,
     deployment_options,
     front_options,
     run_serve,
 )
+from safeconf.serving.deployment import JudgeServer, chat_batch
 from safeconf.serving.escalation import EscalationError, EscalationTarget, escalate
 from safeconf.serving.judging import (
     JudgeItem,
