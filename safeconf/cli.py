@@ -32,6 +32,16 @@ def add_stage(stages, name: str, help: str, description: str) -> argparse.Argume
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeconf", description="Calibrated LLM safety self-evaluation on Ray.")
     stages = parser.add_subparsers(dest="stage", required=True)
+    _guard_command(stages)
+    _pipeline_command(stages)
+    _train_command(stages)
+    _evaluate_command(stages)
+    _judge_command(stages)
+    _serve_command(stages)
+    return parser
+
+
+def _guard_command(stages) -> None:
     guard = add_stage(
         stages, "guard",
         help="guard-tuning: plain fine-tuning on a gold-labelled pool, before SafeConf (safeconf.guard)",
@@ -46,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--fresh", action="store_true", help="remove the guard run's checkpoints and start over")
     _add_common(guard)
 
+
+def _pipeline_command(stages) -> None:
     pipeline = add_stage(
         stages, "pipeline",
         help="questions -> mutations -> k samples -> self-consistency confidence -> fine-tuning set",
@@ -58,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--limit", type=int, help="read at most N rows")
     _add_common(pipeline)
 
+
+def _train_command(stages) -> None:
     train = add_stage(
         stages, "train",
         help="LoRA fine-tuning on the SFT set with Ray Train + DeepSpeed ZeRO",
@@ -77,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove this run's checkpoints and train from step 0 instead of resuming")
     _add_common(train)
 
+
+def _evaluate_command(stages) -> None:
     evaluate = add_stage(
         stages, "evaluate",
         help="every confidence method vs the fine-tuned model: metrics, plots, report",
@@ -98,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output directory, local or s3:// / gs://")
     _add_common(evaluate)
 
+
+def _judge_command(stages) -> None:
     judge = add_stage(
         stages, "judge",
         help="offline batch judging: every row of a question set or text log, with a run's calibrated method",
@@ -117,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(no gold labels needed) instead of questions")
     _add_common(judge)
 
+
+def _serve_command(stages) -> None:
     serve = add_stage(
         stages, "serve",
         help="Ray Serve endpoint: calibrated judgements over HTTP (+ OpenAI-style chat)",
@@ -127,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter", help="LoRA adapter folder of the fine-tuned model")
     serve.add_argument("--port", type=int, help="HTTP port (default: the serve config's port)")
     _add_common(serve)
-    return parser
 
 
 def evaluation_run(args) -> str | None:
