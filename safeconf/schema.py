@@ -133,6 +133,31 @@ def variant_unsafe_option(unsafe_option: int | None, option_map: list[int]) -> i
     return None if unsafe_option is None else option_map.index(unsafe_option)
 
 
+def _options_problem(options) -> str | None:
+    if not isinstance(options, (list, tuple)):
+        return "options must be a list of strings"
+    if len(options) < 2:
+        return f"needs at least 2 options, got {len(options)}"
+    if len(options) > MAX_OPTIONS:
+        return f"at most {MAX_OPTIONS} options, got {len(options)}"
+    return next((reason for i, option in enumerate(options) if (reason := _check_text(option, f"options[{i}]"))),
+                None)
+
+
+def _unsafe_option(record: dict, task: str, options: list) -> tuple[int | None, str | None]:
+    """(the unsafe option's index, None) or (None, why it is refused): given, or inferred for a judgement."""
+    unsafe = record.get("unsafe_option")
+    if unsafe is None:
+        return (infer_unsafe_option(record["question"], [str(o) for o in options]) if task == "judge" else None), None
+    if isinstance(unsafe, float) and unsafe.is_integer():
+        unsafe = int(unsafe)
+    if isinstance(unsafe, bool) or not isinstance(unsafe, int) or not 0 <= unsafe < len(options):
+        return None, f"unsafe_option must be an option index below {len(options)} or null, got {unsafe!r}"
+    if task != "judge":
+        return None, "only a judgement (task 'judge') has an unsafe option"
+    return unsafe, None
+
+
 def validate_record(record: dict, seen_ids: set[str]) -> tuple[dict | None, tuple[str, str] | None]:
     """Check one raw record against the schema.
 
@@ -156,16 +181,9 @@ def validate_record(record: dict, seen_ids: set[str]) -> tuple[dict | None, tupl
     if category is not None and not isinstance(category, str):
         return None, ("category", f"category must be a string or null, got {type(category).__name__}")
     options = record.get("options")
-    if not isinstance(options, (list, tuple)):
-        return None, ("options", "options must be a list of strings")
-    if len(options) < 2:
-        return None, ("options", f"needs at least 2 options, got {len(options)}")
-    if len(options) > MAX_OPTIONS:
-        return None, ("options", f"at most {MAX_OPTIONS} options, got {len(options)}")
-    for i, option in enumerate(options):
-        reason = _check_text(option, f"options[{i}]")
-        if reason:
-            return None, ("options", reason)
+    problem = _options_problem(options)
+    if problem:
+        return None, ("options", problem)
     answer = record.get("answer")
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, int):
@@ -175,17 +193,9 @@ def validate_record(record: dict, seen_ids: set[str]) -> tuple[dict | None, tupl
                 return None, ("answer", f"answer must be an integer option index or null, got {answer!r}")
         if not 0 <= answer < len(options):
             return None, ("answer", f"answer index {answer} out of range for {len(options)} options")
-    unsafe = record.get("unsafe_option")
-    if unsafe is not None:
-        if isinstance(unsafe, float) and unsafe.is_integer():
-            unsafe = int(unsafe)
-        if isinstance(unsafe, bool) or not isinstance(unsafe, int) or not 0 <= unsafe < len(options):
-            return None, ("unsafe_option", f"unsafe_option must be an option index below {len(options)} or null, "
-                                           f"got {unsafe!r}")
-        if task != "judge":
-            return None, ("unsafe_option", "only a judgement (task 'judge') has an unsafe option")
-    elif task == "judge":
-        unsafe = infer_unsafe_option(record["question"], [str(o) for o in options])
+    unsafe, problem = _unsafe_option(record, task, options)
+    if problem:
+        return None, ("unsafe_option", problem)
     if row_id in seen_ids:
         return None, ("id", f"duplicate id {row_id!r}")
     seen_ids.add(row_id)
