@@ -73,24 +73,7 @@ def run_evaluation(config: Config, data_spec: str, out_uri: str, model: str | No
     out = io.normalise_uri(out_uri)
     io.make_dirs(out)
     roles = role_configs(config, model, adapter)
-    notes = [f"verbalized / safeconf: a reply that states no confidence counts as {config.eval.missing_confidence} "
-             "(eval.missing_confidence); the share is the method's fallback rate. An unreadable answer counts as wrong.",
-             "p_true: when the greedy reply is unreadable, the token_prob answer is proposed (its fallback rate)."]
-    if "token_prob_temperature" in config.eval.methods:
-        notes.append("token_prob_temperature: its temperature is fitted on the calibration split, which its overall "
-                     "figures include; compare it with the others on the test split alone.")
-    if {"token_prob_batch", "token_prob_contextual"} & set(config.eval.methods):
-        notes.append("token_prob_batch divides by the mean option distribution over every evaluated question of a "
-                     "data set and option count (no labels used); token_prob_contextual by the distribution of a "
-                     f"content-free input ({config.eval.content_free_inputs}) with the same options.")
-    adapter_only = [m for m in config.eval.methods if m in ADAPTER_METHODS]
-    if adapter_only and "adapter" not in roles:
-        notes.append(f"{', '.join(adapter_only)} skipped: no adapter given (pass the fine-tuned LoRA folder).")
-    if "adapter_token_prob" in config.eval.methods:
-        notes.append("adapter_token_prob: the fine-tuned model's option-label probability after the answer prefix, on "
-                     "the prompt it was trained on (with the reply-format instruction); answer = the likeliest "
-                     "option. The confidence of an adapter trained with sft.confidence_format=none, which states none.")
-
+    notes = method_notes(config, has_adapter="adapter" in roles)
     safety, read, rejects = load_safety(data_spec, config, out)
     general, general_note = load_aux(config.eval.general_data, config.eval.aux_limit, "general")
     refusal, refusal_note = load_aux(config.eval.over_refusal_data, config.eval.aux_limit, "over_refusal", safe_only=True)
@@ -124,6 +107,28 @@ def run_evaluation(config: Config, data_spec: str, out_uri: str, model: str | No
     _write_bytes(io.join(out, "report.html"), document.html(images).encode("utf-8"))
     log.info("evaluation written to %s (%.0f s)", out, summary["seconds"])
     return summary
+
+
+def method_notes(config: Config, has_adapter: bool) -> list[str]:
+    """The report's notes on how the evaluated methods count fallbacks, fit, and what was skipped."""
+    notes = [f"verbalized / safeconf: a reply that states no confidence counts as {config.eval.missing_confidence} "
+             "(eval.missing_confidence); the share is the method's fallback rate. An unreadable answer counts as wrong.",
+             "p_true: when the greedy reply is unreadable, the token_prob answer is proposed (its fallback rate)."]
+    if "token_prob_temperature" in config.eval.methods:
+        notes.append("token_prob_temperature: its temperature is fitted on the calibration split, which its overall "
+                     "figures include; compare it with the others on the test split alone.")
+    if {"token_prob_batch", "token_prob_contextual"} & set(config.eval.methods):
+        notes.append("token_prob_batch divides by the mean option distribution over every evaluated question of a "
+                     "data set and option count (no labels used); token_prob_contextual by the distribution of a "
+                     f"content-free input ({config.eval.content_free_inputs}) with the same options.")
+    adapter_only = [m for m in config.eval.methods if m in ADAPTER_METHODS]
+    if adapter_only and not has_adapter:
+        notes.append(f"{', '.join(adapter_only)} skipped: no adapter given (pass the fine-tuned LoRA folder).")
+    if "adapter_token_prob" in config.eval.methods:
+        notes.append("adapter_token_prob: the fine-tuned model's option-label probability after the answer prefix, on "
+                     "the prompt it was trained on (with the reply-format instruction); answer = the likeliest "
+                     "option. The confidence of an adapter trained with sft.confidence_format=none, which states none.")
+    return notes
 
 
 # --- which model runs which method ---
