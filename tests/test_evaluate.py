@@ -482,3 +482,29 @@ def test_endpoint_answers_equal_the_evaluation_predictions(tmp_path):
     # the set covers a stated confidence, a missing one (0.35 from metrics.json) and an unreadable answer
     assert {("verbalized", False, False), ("verbalized", True, False), ("verbalized", True, True)} <= checked
     assert ("p_true", True, False) in checked  # unreadable reply: the token_prob answer proposed, as evaluated
+
+
+def test_the_report_opens_with_a_headline_against_the_best_baseline_and_the_base_rate_reference():
+    """What a newcomer reads first: SafeConf, the most accurate baseline, the constant forecaster's ECE, whether the
+    confidence ranks right above wrong, and a five-column core table of every method."""
+    def entry(role, acc, ece, auroc, ci):
+        scores = {"n": 300, "accuracy": {"value": acc, "ci": [acc - 0.05, acc + 0.05]},
+                  "ece": {"value": ece, "ci": [ece - 0.02, ece + 0.02]}, "auroc": {"value": auroc, "ci": ci},
+                  "brier": {"value": 0.2, "ci": None}, "unsafe_f1": {"value": 0.7, "ci": None}}
+        return {"role": role, "overall": scores, "test": scores, "degenerate": None}
+
+    summary = {"methods": {"token_prob": entry("base", 0.62, 0.05, 0.66, [0.6, 0.72]),
+                           "p_true": entry("base", 0.70, 0.20, 0.52, [0.46, 0.58]),
+                           "safeconf": {**entry("adapter", 0.66, 0.04, 0.61, [0.55, 0.67]),
+                                        "base_rate": {"confidence": 0.65, "test": {"ece": {"value": 0.03, "ci": None}}}}}}
+    doc = report.Document()
+    report._headline(doc, summary)
+    text = doc.markdown()
+    assert "Most accurate baseline, p_true: accuracy 0.700" in text
+    assert "The accuracy intervals overlap: no difference shown at this size." in text
+    assert "every confidence 0.650" in text and "yes: its AUROC interval lies above 0.5" in text
+    assert "| method | model | n | accuracy | ECE | AUROC | Brier | F1 (unsafe) |" in text
+    summary["methods"]["safeconf"]["overall"]["auroc"]["ci"] = [0.3, 0.45]
+    doc = report.Document()
+    report._headline(doc, summary)
+    assert "no: its AUROC interval lies below 0.5" in doc.markdown()

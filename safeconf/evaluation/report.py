@@ -108,6 +108,7 @@ def build(summary: dict, plots: dict[str, str]) -> Document:
         f"{summary['rows_rejected']} rows rejected at the door. Model: {summary['model']}; "
         f"adapter: {summary['adapter'] or 'none'}."
     )
+    _headline(doc, summary)
     doc.paragraph(_truncation_line(summary.get("truncated_prompts", {})))
     if summary.get("warnings"):
         doc.heading("Warnings")
@@ -129,6 +130,70 @@ def build(summary: dict, plots: dict[str, str]) -> Document:
     for name, caption in plots.items():
         doc.image(name, caption)
     return doc
+
+
+CORE = {"accuracy": "accuracy", "ece": "ECE", "auroc": "AUROC", "brier": "Brier", "unsafe_f1": "F1 (unsafe)"}
+
+
+def _value(entry: dict | None, split: str, metric: str):
+    return (((entry or {}).get(split) or {}).get(metric) or {}).get("value")
+
+
+def _interval(entry: dict | None, split: str, metric: str):
+    return (((entry or {}).get(split) or {}).get(metric) or {}).get("ci")
+
+
+def _headline(doc: Document, summary: dict):
+    """What a newcomer reads first: SafeConf against the most accurate baseline and against its base-rate reference
+    (the same answers with one constant confidence), what this size of data lets one conclude, and the core table."""
+    methods = summary["methods"]
+    baselines = {m: e for m, e in methods.items() if e["role"] == "base" and _value(e, "overall", "accuracy") is not None}
+    best = max(baselines, key=lambda m: _value(baselines[m], "overall", "accuracy"), default=None)
+    ours = methods.get("safeconf")
+    doc.heading("Headline")
+    lines = []
+    if ours is None or _value(ours, "overall", "accuracy") is None:
+        lines.append("SafeConf was not evaluated here (no adapter); the rows below compare the base model's methods.")
+    else:
+        n = ours["overall"]["n"]
+        lines.append(f"SafeConf on {n} questions: accuracy {_cell(ours['overall'].get('accuracy'))}, ECE "
+                     f"{_cell(ours['overall'].get('ece'))}, AUROC {_cell(ours['overall'].get('auroc'))}.")
+        if best:
+            lines.append(f"Most accurate baseline, {best}: accuracy {_cell(baselines[best]['overall'].get('accuracy'))}"
+                         f", ECE {_cell(baselines[best]['overall'].get('ece'))}, AUROC "
+                         f"{_cell(baselines[best]['overall'].get('auroc'))}. "
+                         + _compared("accuracy", ours, baselines[best], "the baseline's"))
+        reference = ours.get("base_rate") or {}
+        if reference.get("test"):
+            lines.append(f"Base-rate reference (SafeConf's answers, every confidence {reference['confidence']:.3f}), "
+                         f"test split: ECE {_cell(reference['test'].get('ece'))} against SafeConf's "
+                         f"{_cell((ours.get('test') or {}).get('ece'))}. A constant forecaster scores this well: "
+                         "a calibration claim needs SafeConf clearly below it, and an AUROC above 0.5.")
+        auroc_ci = _interval(ours, "overall", "auroc")
+        lines.append("Does SafeConf's confidence tell right answers from wrong ones? " + (
+            "n/a (AUROC undefined here)" if not auroc_ci else
+            "yes: its AUROC interval lies above 0.5" if auroc_ci[0] > 0.5 else
+            "no: its AUROC interval lies below 0.5 (it is more confident when wrong)" if auroc_ci[1] < 0.5 else
+            "not at this size: its AUROC interval includes 0.5"))
+        lines.append("Intervals of two methods that overlap do not show a difference; experiments/write_results.py "
+                     "tests differences paired over the same questions.")
+    for line in lines:
+        doc.paragraph(line)
+    rows = [[_method_label(m, e), e["role"], str((e.get("overall") or {}).get("n", "–"))]
+            + [_cell((e.get("overall") or {}).get(k)) for k in CORE] for m, e in methods.items()]
+    doc.table(["method", "model", "n"] + list(CORE.values()), rows)
+
+
+def _compared(metric: str, ours: dict, theirs: dict, whose: str) -> str:
+    """Whether two unpaired 95% intervals separate: the conservative reading of a difference."""
+    a, b = _interval(ours, "overall", metric), _interval(theirs, "overall", metric)
+    if not a or not b:
+        return ""
+    if a[0] > b[1]:
+        return f"SafeConf's {metric} interval lies above {whose}."
+    if a[1] < b[0]:
+        return f"SafeConf's {metric} interval lies below {whose}."
+    return f"The {metric} intervals overlap: no difference shown at this size."
 
 
 def _metric_keys(summary: dict) -> list[str]:
