@@ -91,7 +91,7 @@ class Document:
                 out.append(f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
                            f"<figcaption>{caption} ({html.escape(block[1])})</figcaption></figure>")
         style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-                 "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+                 "table{border-collapse:collapse;margin:1em 0;font-size:13px;display:block;overflow-x:auto}"
                  "td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}th{background:#f2f2f2}"
                  "img{max-width:100%}figure{margin:1.5em 0}")
         return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>SafeConf evaluation</title>"
