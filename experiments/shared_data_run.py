@@ -467,7 +467,7 @@ def environment(config: Config) -> dict:
             "cpu_bf16": cpu_has_bf16(), "cpu": cpu, "cores": os.cpu_count()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/experiment")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the question selection and the subsets")
@@ -496,21 +496,18 @@ def main(argv: list[str] | None = None) -> int:
                         "ran; e.g. a stopped run's), into OUT/guard_curve.json; the full run reuses them")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, after the experiment's")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not SHARED.exists():
-        raise SystemExit(f"shared data not found at {SHARED} (set SAFECONF_SHARED_DATA)")
-    ablations = [a for a in args.ablations.split(",") if a]
-    unknown = [a for a in ablations if a not in ABLATIONS]
+    args.ablations = [a for a in args.ablations.split(",") if a]
+    unknown = [a for a in args.ablations if a not in ABLATIONS]
     if unknown:
         parser.error(f"unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}")
-    curve = sorted({float(f) for f in args.curve.split(",") if f} | {1.0})
-    if not all(0 < f <= 1 for f in curve + [args.ablation_fraction]):
+    args.curve = sorted({float(f) for f in args.curve.split(",") if f} | {1.0})
+    if not all(0 < f <= 1 for f in args.curve + [args.ablation_fraction]):
         parser.error("training fractions must be in (0, 1]")
+    return args
 
-    started = time.time()
-    out = Path(args.out).resolve()
-    steps = {}
 
+def select_step(args, out: Path, steps: dict) -> tuple[dict, dict, dict]:
+    """1. the questions, written to OUT/data: (chosen rows, their SPECs, OUT/selection.json's content)."""
     began = time.time()
     chosen = select(SHARED, args.seed, args.scale, args.guard_scale)
     excluded = chosen.pop("excluded_as_train_duplicates")
@@ -522,49 +519,95 @@ def main(argv: list[str] | None = None) -> int:
     steps["select"] = round(time.time() - began, 1)
     for name, entry in selection.items():
         log.info("%s: %d questions %s", name, entry["questions"], entry["by_source"])
+    return chosen, specs, selection
+
+
+def guard_step(args, base: Config, main_config: Config, specs: dict, out: Path, steps: dict) -> tuple[str, dict]:
+    """1b. guard-tuning (main's guard stage), then its learning curve: each snapshot and the final adapter on the
+    held-out questions (the guard model's option probability, adapter_token_prob on the base model). Returns the
+    guard model and {curve point's out dir: pool examples trained}."""
+    main_out = main_config.out
+    no_curve = args.guard_curve == "none"
+    curve_at = {} if no_curve else curve_steps(base, [int(n) for n in args.guard_curve.split(",") if n])
+    main_config.guard.data = specs["guard"]
+    main_config.guard.snapshot_steps = sorted(curve_at)
+    if not args.guard_curve_only:
+        steps["guard"] = stage_runs.run_job(main_config, ["guard"])
+    guard_model = stage_runs.stage_config(main_config).model.name
+    points = {f"step-{s}": (io.join(main_out, "guard", "snapshots", f"step-{s}"), n) for s, n in curve_at.items()}
+    guard_train = io.join(main_out, "guard", "train_summary.json")
+    if io.exists(guard_train):
+        points["final"] = (io.join(main_out, "guard", "adapter"), io.read_json(guard_train)["examples"]["train"]["kept"])
+    points["untrained"] = ("", 0)  # the curve's start: the untrained model's token_prob on the same questions
+    if no_curve:
+        points = {}
+    guard_points = {}
+    for name, (adapter, examples) in sorted(points.items(), key=lambda item: item[0] != "final"):
+        # the final model first: the curve's main point, ready before the snapshots when a session is short
+        if adapter and not io.exists(adapter):  # a snapshot step past the end of the pool
+            continue
+        point_out = str(out / "guard_curve" / name)
+        method = "adapter_token_prob" if adapter else "token_prob"
+        config = model_config(base, point_out, specs["heldout"], [method], aux=False)
+        if not adapter:  # the untrained start of the curve: its accuracy, not its verdicts (saves ~20 min)
+            config.eval.verdict_methods = []
+        steps[f"guard_curve_{name}"] = {"evaluate": run_evaluation_once(config, point_out, specs["heldout"], adapter)}
+        guard_points[point_out] = examples
+    return guard_model, guard_points
+
+
+def model_steps(args, base: Config, chosen: dict, specs: dict, train: str, heldout: str, main_out: str,
+                guard_model: str, summary: dict, steps: dict) -> dict:
+    """3. the learning curve's smaller models and the ablations, each from the main pipeline's confidence table
+    (OUT/models/<name>); returns results.json's "models", the main SafeConf model first."""
+    pipeline_fingerprint = stage_runs.read_marker(main_out, "pipeline")["fingerprint"]
+    order = nested_order(chosen[train], args.seed)
+    planned = {f"safeconf_{round(f * 100)}": ({}, ADAPTER_EVAL, f"SafeConf on {f:.0%} of the train questions", f)
+               for f in args.curve if f < 1}
+    planned.update({name: (*ABLATIONS[name], args.ablation_fraction) for name in args.ablations})
+    models = {"safeconf": {**model_entry(main_out, "SafeConf (main): confidence over the original and its variants",
+                                         1.0, summary.get("sft"), steps["main"]),
+                           "train_questions": len(chosen[train])}}
+    for name, (sft, methods, description, fraction) in planned.items():
+        model_out = str(Path(main_out).parent / "models" / name)
+        ids = subset(order, fraction)
+        config = model_config(base, model_out, specs[heldout], methods, sft, dataset=io.join(model_out, "sft"),
+                              model=guard_model)
+        built = sft_build(main_out, model_out, config, ids, pipeline_fingerprint)
+        done = {"sft": {"stage_seconds": built["stage_seconds"], "status": built["status"]},
+                **stage_runs.run_job(config, ["train", "evaluate"])}
+        steps[name] = done
+        models[name] = {**model_entry(model_out, description, fraction, built["counts"], done),
+                        "train_questions": len(ids), "sft_settings": sft}
+        if name in ABLATIONS:  # SafeConf trained on the same questions, where the curve has that size
+            same = "safeconf" if fraction == 1.0 else f"safeconf_{round(fraction * 100)}"
+            models[name]["compare_with"] = same if same == "safeconf" or same in planned else None
+        log.info("%s done: %s", name, done)
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not SHARED.exists():
+        raise SystemExit(f"shared data not found at {SHARED} (set SAFECONF_SHARED_DATA)")
+    started = time.time()
+    out = Path(args.out).resolve()
+    steps = {}
+    chosen, specs, selection = select_step(args, out, steps)
 
     overrides = [f"data={specs['train']}", f"eval.general_data={specs['general']}",
                  f"eval.over_refusal_data={specs['over_refusal']}", *SETTINGS, *args.overrides]
     base = load_config(None, overrides)
     io.write_json(str(out / "environment.json"), environment(base))
-
     main_out = str(out / "main")
     main_config = model_config(base, main_out, specs["heldout"], DEFAULT_EVAL_METHODS + ["adapter_token_prob"])
-    guard_model, guard_points = "", {}
-    if chosen["guard"]:
-        # 1. guard-tuning (main's guard stage), then its learning curve: each snapshot and the final adapter on the
-        # held-out questions (the guard model's option probability, adapter_token_prob on the base model)
-        no_curve = args.guard_curve == "none"
-        curve_at = {} if no_curve else curve_steps(base, [int(n) for n in args.guard_curve.split(",") if n])
-        main_config.guard.data = specs["guard"]
-        main_config.guard.snapshot_steps = sorted(curve_at)
-        if not args.guard_curve_only:
-            steps["guard"] = stage_runs.run_job(main_config, ["guard"])
-        guard_model = stage_runs.stage_config(main_config).model.name
-        points = {f"step-{s}": (io.join(main_out, "guard", "snapshots", f"step-{s}"), n) for s, n in curve_at.items()}
-        guard_train = io.join(main_out, "guard", "train_summary.json")
-        if io.exists(guard_train):
-            points["final"] = (io.join(main_out, "guard", "adapter"), io.read_json(guard_train)["examples"]["train"]["kept"])
-        points["untrained"] = ("", 0)  # the curve's start: the untrained model's token_prob on the same questions
-        if no_curve:
-            points = {}
-        for name, (adapter, examples) in sorted(points.items(), key=lambda item: item[0] != "final"):
-            # the final model first: the curve's main point, ready before the snapshots when a session is short
-            if adapter and not io.exists(adapter):  # a snapshot step past the end of the pool
-                continue
-            point_out = str(out / "guard_curve" / name)
-            method = "adapter_token_prob" if adapter else "token_prob"
-            config = model_config(base, point_out, specs["heldout"], [method], aux=False)
-            if not adapter:  # the untrained start of the curve: its accuracy, not its verdicts (saves ~20 min)
-                config.eval.verdict_methods = []
-            steps[f"guard_curve_{name}"] = {"evaluate": run_evaluation_once(config, point_out, specs["heldout"], adapter)}
-            guard_points[point_out] = examples
-        if args.guard_curve_only:
-            curve = [{"examples": n, **guard_entry_point(p)} for p, n in sorted(guard_points.items(),
-                                                                                 key=lambda item: item[1])]
-            io.write_json(str(out / "guard_curve.json"), {"points": curve, "steps": steps})
-            print(json.dumps({"guard_curve": str(out / "guard_curve.json"), "steps": steps}, indent=2))
-            return 0
+    guard_model, guard_points = guard_step(args, base, main_config, specs, out, steps) if chosen["guard"] else ("", {})
+    if args.guard_curve_only:
+        curve = [{"examples": n, **guard_entry_point(p)} for p, n in sorted(guard_points.items(), key=lambda i: i[1])]
+        io.write_json(str(out / "guard_curve.json"), {"points": curve, "steps": steps})
+        print(json.dumps({"guard_curve": str(out / "guard_curve.json"), "steps": steps}, indent=2))
+        return 0
     # 2. SafeConf on the guard-tuned model (or the base model without a pool): pipeline -> train -> evaluate. With a
     # guard model, on the calibration sets' questions in OUT/calibration (starting from main's merged guard model);
     # main keeps its guard stage, whose fingerprint names the train and held-out sets its pool is kept apart from
@@ -576,10 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         main_config = model_config(base, main_out, specs[heldout], [m for m in args.calibration_methods.split(",") if m],
                                    model=guard_model, aux=not args.no_calibration_aux)
     steps["main"] = stage_runs.run_job(main_config, ["pipeline", "train", "evaluate"])  # skips what is up to date
-    pipeline_fingerprint = stage_runs.read_marker(main_out, "pipeline")["fingerprint"]
     summary = io.read_json(io.join(main_out, "summary.json"))
-    # 3. the untrained model's baselines on the same questions: the rows kept beside the guard-tuned model's (its
-    # general ability and over-refusal too)
+    # 2b. the untrained model's baselines on the same questions: the rows kept beside the guard-tuned model's
     base_out = str(out / "base_model")
     base_methods = [m for m in args.base_methods.split(",") if m]
     if base_methods:  # --base-methods= skips these rows
@@ -588,32 +629,21 @@ def main(argv: list[str] | None = None) -> int:
         base_config = model_config(base, base_out, specs[heldout], base_methods, aux=False)
         base_config.eval.verdict_methods = []  # reference rows: their scores, not their verdicts under mutation
         steps["base_model"] = {"evaluate": run_evaluation_once(base_config, base_out, specs[heldout])}
+    models = model_steps(args, base, chosen, specs, train, heldout, main_out, guard_model, summary, steps)
+    results = assemble(args, argv, base, selection, summary, main_out, base_out if base_methods else None,
+                       guard_points, guard_model, train, heldout, models, steps, out, started)
+    io.write_json(str(out / "results.json"), results)
+    print(json.dumps({"results": str(out / "results.json"), "wall_seconds": results["wall_seconds"],
+                      "sizes": results["sizes"], "steps": steps}, indent=2))
+    return 0
 
-    order = nested_order(chosen[train], args.seed)
-    planned = {f"safeconf_{round(f * 100)}": ({}, ADAPTER_EVAL, f"SafeConf on {f:.0%} of the train questions", f)
-               for f in curve if f < 1}
-    planned.update({name: (*ABLATIONS[name], args.ablation_fraction) for name in ablations})
-    models = {"safeconf": {**model_entry(main_out, "SafeConf (main): confidence over the original and its variants",
-                                         1.0, summary.get("sft"), steps["main"]),
-                           "train_questions": len(chosen[train])}}
-    for name, (sft, methods, description, fraction) in planned.items():
-        model_out = str(out / "models" / name)
-        ids = subset(order, fraction)
-        config = model_config(base, model_out, specs[heldout], methods, sft, dataset=io.join(model_out, "sft"),
-                              model=guard_model)
-        built = sft_build(main_out, model_out, config, ids, pipeline_fingerprint)
-        model_steps = {"sft": {"stage_seconds": built["stage_seconds"], "status": built["status"]},
-                       **stage_runs.run_job(config, ["train", "evaluate"])}
-        steps[name] = model_steps
-        models[name] = {**model_entry(model_out, description, fraction, built["counts"], model_steps),
-                        "train_questions": len(ids), "sft_settings": sft}
-        if name in ABLATIONS:  # SafeConf trained on the same questions, where the curve has that size
-            same = "safeconf" if fraction == 1.0 else f"safeconf_{round(fraction * 100)}"
-            models[name]["compare_with"] = same if same == "safeconf" or same in planned else None
-        log.info("%s done: %s", name, model_steps)
 
+def assemble(args, argv, base: Config, selection: dict, summary: dict, main_out: str, base_out: str | None,
+             guard_points: dict, guard_model: str, train: str, heldout: str, models: dict, steps: dict, out: Path,
+             started: float) -> dict:
+    """4. results.json: per model and method the metrics.json entries, and how the run was made."""
     main_metrics = read_metrics(main_out)
-    results = {
+    return {
         "command": [sys.executable, *sys.argv] if argv is None else ["experiments/shared_data_run.py", *argv],
         "seeds": {"selection": args.seed, "mutation": base.mutation.seed, "sampling": base.sampling.seed,
                   "sft_split": base.sft.seed, "train": base.train.seed, "eval": base.eval.seed},
@@ -624,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         "baselines": {m: e for m, e in main_metrics["methods"].items() if e.get("role") == "base"},
         "base_model": {"methods": read_metrics(base_out)["methods"],
                        "general_ability": read_metrics(base_out).get("general_ability"),
-                       "over_refusal": read_metrics(base_out).get("over_refusal")} if base_methods else None,
+                       "over_refusal": read_metrics(base_out).get("over_refusal")} if base_out else None,
         "guard": guard_entry(str(out / "main"), guard_points) if guard_points else None,
         "calibration": {"sets": list(CALIBRATION_SETS), "train": train, "heldout": heldout} if guard_model else None,
         "model": {"name": guard_model or base.model.name, "guard_tuned": bool(guard_model)},
@@ -638,10 +668,6 @@ def main(argv: list[str] | None = None) -> int:
         "environment": io.read_json(str(out / "environment.json")),
         "wall_seconds": round(time.time() - started, 1),
     }
-    io.write_json(str(out / "results.json"), results)
-    print(json.dumps({"results": str(out / "results.json"), "wall_seconds": results["wall_seconds"],
-                      "sizes": results["sizes"], "steps": steps}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
