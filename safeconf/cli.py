@@ -63,7 +63,7 @@ def _pipeline_command(stages) -> None:
         help="questions -> mutations -> k samples -> self-consistency confidence -> fine-tuning set",
         description="Stream safety questions through Ray Data and write a confidence-labelled fine-tuning set: "
         "OUT/confidence/ (one row per question with its variants and samples), OUT/sft/{train,val}.parquet, "
-        "OUT/rejects.parquet (rows refused at the door, with the reason) and OUT/summary.json.",
+        "OUT/rejects/ (rows refused at the door, with their location, field and reason) and OUT/summary.json.",
     )
     pipeline.add_argument("--data", help="questions SPEC: a path, format:path or 'embedded' (default: embedded)")
     pipeline.add_argument("--out", help="output directory, local or s3:// / gs:// (default: runs/latest)")
