@@ -63,7 +63,7 @@ def _batches_plain_loop(questions: pa.Table, config, timings: str):
     stage = TimedEngineStage(config.to_dict(), timings)
     size = config.engine.batch_size
     for i in range(0, questions.num_rows, size):
-        yield confidence_batch(stage(mutate_batch(questions.slice(i, size), config.to_dict())))
+        yield confidence_batch(stage(mutate_batch(questions.slice(i, size), config.mutation)))
 
 
 def _batches_ray_pipeline(questions: pa.Table, config, timings: str):

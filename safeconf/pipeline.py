@@ -14,7 +14,7 @@ from collections import Counter
 import pyarrow as pa
 
 from safeconf import io
-from safeconf.config import Config, config_from_dict
+from safeconf.config import Config, MutationConfig, config_from_dict
 from safeconf.confidence import question_confidence
 from safeconf.data.stream import count_values, question_stream
 from safeconf.engines.base import draw_labels, label_rng, prompt_cut
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # --- stages: each takes and returns a pyarrow batch of whole question rows ---
 
 
-def mutate_batch(batch: pa.Table, config: dict) -> pa.Table:
-    mutation = config_from_dict(config).mutation
+def mutate_batch(batch: pa.Table, mutation: MutationConfig) -> pa.Table:
+    """The rule variants of a batch's questions (the mutation settings travel once per task, not a whole config)."""
     rows = [mutate_rules(q, mutation.operators, mutation.variants_per_question, mutation.seed) for q in batch.to_pylist()]
     return pa.Table.from_pylist(rows, schema=MUTATED_SCHEMA)
 
@@ -194,7 +194,7 @@ def build_dataset(questions, config: Config, stage_class=EngineStage,
     ds = question_dataset(questions, config.engine.batch_size) if isinstance(questions, pa.Table) else questions
     # batch_size: one engine batch per task, so Ray Data does not merge the engine-sized blocks back together
     ds = ds.map_batches(mutate_batch, batch_format="pyarrow", batch_size=config.engine.batch_size,
-                        fn_kwargs={"config": config.to_dict()})
+                        fn_kwargs={"mutation": config.mutation})
     ds = map_on_engines(ds, stage_class, config, placement, **stage_kwargs)
     return ds.map_batches(confidence_batch, batch_format="pyarrow")
 

@@ -113,7 +113,7 @@ def stage(engine, *extra) -> EngineStage:
 def sampled(engine, questions, *extra) -> list[dict]:
     """The rows after mutation and the engine stage (LLM mutations + sampling)."""
     cfg = config(*extra)
-    batch = mutate_batch(pa.Table.from_pylist(questions, schema=QUESTION_SCHEMA), cfg.to_dict())
+    batch = mutate_batch(pa.Table.from_pylist(questions, schema=QUESTION_SCHEMA), cfg.mutation)
     return EngineStage(cfg.to_dict(), engine=engine)(batch).to_pylist()
 
 
@@ -284,7 +284,7 @@ def test_summary_per_operator_table_reconciles(tmp_path):
     questions = [r.record for r in read_questions("embedded")][:12]
     cfg = config("mutation.operators=shuffle,polarity,paraphrase,translate,relabel,framing",
                  "mutation.variants_per_question=5")
-    mutated = mutate_batch(pa.Table.from_pylist(questions, schema=QUESTION_SCHEMA), cfg.to_dict()).to_pylist()
+    mutated = mutate_batch(pa.Table.from_pylist(questions, schema=QUESTION_SCHEMA), cfg.mutation).to_pylist()
     assigned = Counter()  # variant slots each operator was given, before any LLM ran
     for row in mutated:
         assigned.update(v["mutation"] for v in row["variants"] if v["mutation"] != "original")
