@@ -154,8 +154,12 @@ def measure_app(url: str, token: str, token_env: str, overrides: list[str], leve
                                                     deadline))
         if kill_replica:
             kill, pid_before, handle = kill_engine_replica(name)
+            cores_before = engine_core_processes()
             fault = asyncio.run(replica_kill(url, token, judge_bodies(32), kill, deadline, clients=8))
             fault["new replica"] = handle.replica_info.remote().result()["pid"] != pid_before
+            # vLLM's async engine runs its core in a child of the replica: one left behind by the killed replica
+            # would hold its memory and cores beside the new one's
+            fault["engine core processes before / after"] = [cores_before, engine_core_processes()]
             results["fault"] = fault
     finally:
         serve.delete(name)
@@ -247,6 +251,14 @@ async def replica_kill(url: str, token: str, bodies: list[dict], kill, deadline:
         "longest request s": round(max(a["seconds"] for a in answers), 2),
         RECOVERY_KEY: round(recovered_at - kill_at, 1) if recovered_at and kill_at else None,
     }
+
+
+def engine_core_processes() -> int:
+    """Processes of vLLM engine cores on this machine (named VLLM::EngineCore)."""
+    import psutil
+
+    return sum(1 for p in psutil.process_iter(["name", "cmdline"])
+               if "EngineCore" in (p.info["name"] or "") or "EngineCore" in " ".join(p.info["cmdline"] or []))
 
 
 def kill_engine_replica(app_name: str):
