@@ -276,3 +276,35 @@ def test_vllm_engine_arguments_serve_adapters_as_lora_slots_only_on_a_gpu(monkey
     monkeypatch.setattr(vllm_engine, "engine_device", lambda engine: "cpu")
     on_cpu = vllm_engine.engine_arguments("/base", "float32", config, adapter="/main", lora_slots=2)
     assert on_cpu["model"] == "/merged" and "enable_lora" not in on_cpu and merged == ["/main", "/main"]
+
+
+def test_the_reaper_kills_what_an_engine_started_when_its_owner_is_killed():
+    """safeconf.engines.reaper: an owner killed with SIGKILL (as an OOM kill or ray.kill does) leaves no child running
+    (vLLM's async engine core is such a child); a process that merely reuses nothing is left alone."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from safeconf.engines.reaper import watch
+
+    owner = subprocess.Popen(["bash", "-c", "sleep 300 & wait"])
+    for _ in range(50):  # the child sleep has started
+        children = psutil.Process(owner.pid).children()
+        if children:
+            break
+        time.sleep(0.1)
+    (child,) = children
+    bystander = subprocess.Popen(["sleep", "300"])
+    reaper = watch(owner.pid)
+    try:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        reaper.wait(timeout=30)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        if child.is_running():
+            child.kill()

