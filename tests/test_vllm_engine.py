@@ -153,15 +153,19 @@ def test_the_async_engine_core_dies_with_the_process_that_owns_it(tmp_path):
         "if __name__ == '__main__':\n"
         "    from safeconf.config import EngineConfig, ModelConfig\n"
         "    from safeconf.engines import make_engine\n"
-        "    make_engine(ModelConfig(dtype='float32'), EngineConfig(kind='vllm', max_model_len=512, cpu_kvcache_gib=1),"
-        " asynchronous=True)\n"
+        "    engine = make_engine(ModelConfig(dtype='float32'), EngineConfig(kind='vllm', max_model_len=512, "
+        "cpu_kvcache_gib=1), asynchronous=True)\n"
         "    print('READY', flush=True)\n"
         "    time.sleep(600)\n")
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert owner.stdout.readline().strip() == "READY"
-        cores = [p for p in psutil.Process(owner.pid).children(recursive=True) if "EngineCore" in p.name()]
-        assert cores, "no engine core child found"
+        for line in owner.stdout:  # vLLM logs to stdout too
+            if line.strip() == "READY":
+                break
+        else:
+            raise AssertionError("the engine did not start")
+        cores = [p for p in psutil.Process(owner.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+        assert cores, f"no engine core child found: {[(p.pid, p.cmdline()[:3]) for p in psutil.Process(owner.pid).children(recursive=True)]}"
         owner.send_signal(signal.SIGKILL)
         owner.wait()
         gone, alive = psutil.wait_procs(cores, timeout=30)
