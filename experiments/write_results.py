@@ -31,7 +31,8 @@ from safeconf import io
 from safeconf.config import EvalConfig
 from safeconf.evaluation import plots
 from safeconf.evaluation.metrics import accuracy, auroc, ece, score_columns
-from safeconf.evaluation.report import GUARD_NAMES, LOWER_IS_BETTER, METRIC_NAMES, Document
+from safeconf.evaluation.report import GUARD_NAMES, LOWER_IS_BETTER, METRIC_NAMES, MISSING, Document, cell, percent
+from safeconf.evaluation.report import number as num
 from safeconf.evaluation.selective import min_accepted, selective_judgement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ TARGET_ACCURACY_GAIN = 0.059  # SafeConf accuracy >= best baseline + 5.9 points
 TARGET_GENERAL_DROP = 0.02  # general ability no more than 2 points below the base model's
 TARGET_OVER_REFUSAL_MOVE = 0.05  # issue 20: fine-tuning moves over-refusal by at most 5 points
 MAIN = "safeconf"  # the main model in results.json "models", and the SafeConf method's name
-NA = "n/a"
+NA = MISSING
 # Error rates a reader may accept, besides the run's eval.alpha: which of them each method can guarantee.
 LOOSER_ALPHAS = (0.2, 0.3, 0.4)
 TABLE_METRICS = ["accuracy", "ece", "l2_ece", "brier", "brier_resolution", "auroc", "sharpness", "aurc"]
@@ -59,18 +60,6 @@ NA_REASONS = (
 # --- formatting ---
 
 
-def num(value, digits: int = 3) -> str:
-    return NA if value is None or value != value else f"{value:.{digits}f}"  # NaN: an undefined metric
-
-
-def cell(entry: dict | None) -> str:
-    """'0.612 [0.550, 0.670]' from {"value", "ci"}; n/a where the value is missing."""
-    if not entry or entry.get("value") is None:
-        return NA
-    ci = entry.get("ci")
-    return num(entry["value"]) + (f" [{num(ci[0])}, {num(ci[1])}]" if ci else "")
-
-
 def points(value, ci=None) -> str:
     """A difference of two shares in percentage points: '+5.9 points [-1.2, +12.0]'."""
     if value is None:
@@ -83,10 +72,6 @@ def signed(value, ci=None) -> str:
     if value is None:
         return NA
     return f"{value:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-
-
-def percent(value) -> str:
-    return NA if value is None else f"{100 * value:.1f}%"
 
 
 def value_of(entry: dict | None, split: str, metric: str):

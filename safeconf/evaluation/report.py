@@ -23,20 +23,24 @@ LOWER_IS_BETTER = ("ECE, adaptive ECE, L2 ECE, Brier, Brier reliability and AURC
                    "a right answer gets more confidence than a wrong one (0.5: no better than a constant).")
 
 
-def _number(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+# The one formatting of numbers for the evaluation report and RESULTS.md (experiments/write_results.py).
+MISSING = "n/a"
 
 
-def _cell(entry: dict | None) -> str:
-    """'0.612 [0.550, 0.670]' from {"value", "ci"}."""
+def number(value, digits: int = 3) -> str:
+    return MISSING if value is None or value != value else f"{value:.{digits}f}"  # NaN: an undefined metric
+
+
+def cell(entry: dict | None) -> str:
+    """'0.612 [0.550, 0.670]' from {"value", "ci"}; n/a where the value is missing."""
     if not entry or entry.get("value") is None:
-        return "–"
+        return MISSING
     ci = entry.get("ci")
-    return _number(entry["value"]) + (f" [{_number(ci[0])}, {_number(ci[1])}]" if ci else "")
+    return number(entry["value"]) + (f" [{number(ci[0])}, {number(ci[1])}]" if ci else "")
 
 
-def _percent(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+def percent(value) -> str:
+    return MISSING if value is None else f"{100 * value:.1f}%"
 
 
 class Document:
@@ -156,18 +160,18 @@ def _headline(doc: Document, summary: dict):
         lines.append("SafeConf was not evaluated here (no adapter); the rows below compare the base model's methods.")
     else:
         n = ours["overall"]["n"]
-        lines.append(f"SafeConf on {n} questions: accuracy {_cell(ours['overall'].get('accuracy'))}, ECE "
-                     f"{_cell(ours['overall'].get('ece'))}, AUROC {_cell(ours['overall'].get('auroc'))}.")
+        lines.append(f"SafeConf on {n} questions: accuracy {cell(ours['overall'].get('accuracy'))}, ECE "
+                     f"{cell(ours['overall'].get('ece'))}, AUROC {cell(ours['overall'].get('auroc'))}.")
         if best:
-            lines.append(f"Most accurate baseline, {best}: accuracy {_cell(baselines[best]['overall'].get('accuracy'))}"
-                         f", ECE {_cell(baselines[best]['overall'].get('ece'))}, AUROC "
-                         f"{_cell(baselines[best]['overall'].get('auroc'))}. "
+            lines.append(f"Most accurate baseline, {best}: accuracy {cell(baselines[best]['overall'].get('accuracy'))}"
+                         f", ECE {cell(baselines[best]['overall'].get('ece'))}, AUROC "
+                         f"{cell(baselines[best]['overall'].get('auroc'))}. "
                          + _compared("accuracy", ours, baselines[best], "the baseline's"))
         reference = ours.get("base_rate") or {}
         if reference.get("test"):
             lines.append(f"Base-rate reference (SafeConf's answers, every confidence {reference['confidence']:.3f}), "
-                         f"test split: ECE {_cell(reference['test'].get('ece'))} against SafeConf's "
-                         f"{_cell((ours.get('test') or {}).get('ece'))}. A constant forecaster scores this well: "
+                         f"test split: ECE {cell(reference['test'].get('ece'))} against SafeConf's "
+                         f"{cell((ours.get('test') or {}).get('ece'))}. A constant forecaster scores this well: "
                          "a calibration claim needs SafeConf clearly below it, and an AUROC above 0.5.")
         auroc_ci = _interval(ours, "overall", "auroc")
         lines.append("Does SafeConf's confidence tell right answers from wrong ones? " + (
@@ -179,8 +183,8 @@ def _headline(doc: Document, summary: dict):
                      "tests differences paired over the same questions.")
     for line in lines:
         doc.paragraph(line)
-    rows = [[_method_label(m, e), e["role"], str((e.get("overall") or {}).get("n", "–"))]
-            + [_cell((e.get("overall") or {}).get(k)) for k in CORE] for m, e in methods.items()]
+    rows = [[_method_label(m, e), e["role"], str((e.get("overall") or {}).get("n", MISSING))]
+            + [cell((e.get("overall") or {}).get(k)) for k in CORE] for m, e in methods.items()]
     doc.table(["method", "model", "n"] + list(CORE.values()), rows)
 
 
@@ -242,23 +246,23 @@ def _methods_table(doc: Document, summary: dict, split: str = "overall"):
     for method, entry in summary["methods"].items():
         scores = entry.get(split) or {}
         cut = entry.get("truncated")
-        rows.append([_method_label(method, entry), entry["role"], str(scores.get("n", "–"))]
-                    + [_cell(scores.get(k)) for k in keys] + [str(scores.get("guard_n", "–"))]
-                    + [_cell(scores.get(k)) for k in GUARD_NAMES]
-                    + ([_percent(entry["unanswered"]), _percent(entry["fallback"]), "–" if cut is None else str(cut),
+        rows.append([_method_label(method, entry), entry["role"], str(scores.get("n", MISSING))]
+                    + [cell(scores.get(k)) for k in keys] + [str(scores.get("guard_n", MISSING))]
+                    + [cell(scores.get(k)) for k in GUARD_NAMES]
+                    + ([percent(entry["unanswered"]), percent(entry["fallback"]), MISSING if cut is None else str(cut),
                         _verdicts(entry.get("verdict_consistency"))] if split == "overall" else []))
         reference = entry.get("base_rate")
         if reference and reference.get(split):
             scores = reference[split]
             rows.append([f"↳ base-rate reference ({reference['confidence']:.3f})", entry["role"],
-                         str(scores.get("n", "–"))] + [_cell(scores.get(k)) for k in keys]
+                         str(scores.get("n", MISSING))] + [cell(scores.get(k)) for k in keys]
                         + ["", *[""] * len(GUARD_NAMES)] + (["", "", "", ""] if split == "overall" else []))
     doc.table(["method", "model", "n"] + [_metric_title(k) for k in keys] + ["n(judge)"] + list(GUARD_NAMES.values())
               + (["unanswered", "fallback", "cut", "same verdict on all variants"] if split == "overall" else []), rows)
 
 
 def _verdicts(found: dict | None) -> str:
-    return "–" if not found else f"{_percent(found['share'])} of {found['n']}"
+    return MISSING if not found else f"{percent(found['share'])} of {found['n']}"
 
 
 def _estimators(doc: Document, summary: dict):
@@ -278,7 +282,7 @@ def _posthoc(doc: Document, summary: dict):
         if "temperature" in found:
             before, after = found.get("nll_before"), found.get("nll_after")
             lines.append(f"{method}: T = {found['temperature']:.3f}, fitted by NLL on {found['fitted_on']} "
-                         f"calibration questions (NLL {_number(before)} -> {_number(after)})")
+                         f"calibration questions (NLL {number(before)} -> {number(after)})")
         if "priors" in found:
             lines.append(f"{method}: mean option probabilities divided out, per group: " + "; ".join(
                 f"{group} ({v['questions']} questions) [{', '.join(f'{p:.3f}' for p in v['prior'])}]"
@@ -298,8 +302,8 @@ def _breakdowns(doc: Document, summary: dict):
         for method, entry in summary["methods"].items():
             for group, scores in entry[f"by_{key}"].items():
                 rows.append([_method_label(method, entry), group, str(scores["n"])]
-                            + [_cell(scores.get(k)) for k in metrics] + [str(scores.get("guard_n", "–"))]
-                            + [_cell(scores.get(k)) for k in GUARD_NAMES])
+                            + [cell(scores.get(k)) for k in metrics] + [str(scores.get("guard_n", MISSING))]
+                            + [cell(scores.get(k)) for k in GUARD_NAMES])
         doc.table(["method", title, "n"] + [METRIC_NAMES[k] for k in metrics] + ["n(judge)"]
                   + list(GUARD_NAMES.values()), rows)
 
@@ -323,9 +327,9 @@ def _selective(doc: Document, summary: dict):
     rows = []
     for method, entry in summary["methods"].items():
         s = entry["selective"]
-        rows.append([_method_label(method, entry), _number(s["threshold"], 2),
-                     f"{s['calibration_accepted']} / {s['calibration_errors']}", _number(s["calibration_upper_bound"]),
-                     _percent(s["test_coverage"]), _percent(s["test_error"])])
+        rows.append([_method_label(method, entry), number(s["threshold"], 2),
+                     f"{s['calibration_accepted']} / {s['calibration_errors']}", number(s["calibration_upper_bound"]),
+                     percent(s["test_coverage"]), percent(s["test_error"])])
     doc.table(["method", "threshold", "calibration accepted / wrong", "error bound", "test coverage", "test error"], rows)
 
 
@@ -337,7 +341,7 @@ def _over_refusal(doc: Document, summary: dict):
         return
     doc.paragraph(f"Safe look-alike prompts from {found['data']} judged unsafe (lower is better), before and after "
                   "fine-tuning.")
-    rows = [[role, method, str(v["prompts"]), _percent(v["judged_unsafe"]), _percent(v["unreadable"])]
+    rows = [[role, method, str(v["prompts"]), percent(v["judged_unsafe"]), percent(v["unreadable"])]
             for role, methods in found["results"].items() for method, v in methods.items()]
     doc.table(["model", "method", "prompts", "judged unsafe", "unreadable"], rows)
 
@@ -352,7 +356,7 @@ def _general(doc: Document, summary: dict):
                   "token_prob: the likeliest option label).")
     langs = sorted({k for methods in found["results"].values() for v in methods.values() for k in v
                     if k not in ("overall", "unanswered")})
-    rows = [[role, method, str(v["overall"]["n"]), _cell(v["overall"])] + [_cell(v.get(lang)) for lang in langs]
-            + [_percent(v["unanswered"])]
+    rows = [[role, method, str(v["overall"]["n"]), cell(v["overall"])] + [cell(v.get(lang)) for lang in langs]
+            + [percent(v["unanswered"])]
             for role, methods in found["results"].items() for method, v in methods.items()]
     doc.table(["model", "method", "n", "accuracy"] + langs + ["unanswered"], rows)
