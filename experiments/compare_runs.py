@@ -12,7 +12,10 @@ from __future__ import annotations
 import shlex
 from collections import defaultdict
 
-from write_results import (  # experiments/ is on sys.path: these are scripts beside each other
+from safeconf.evaluation.report import cell, percent
+from safeconf.evaluation.report import number as num
+
+from results_facts import (  # experiments/ is on sys.path: scripts beside each other
     MAIN,
     NA,
     Run,
@@ -20,10 +23,7 @@ from write_results import (  # experiments/ is on sys.path: these are scripts be
     base_rate_difference,
     base_rate_target,
     best_baseline,
-    cell,
-    num,
     paired_difference,
-    percent,
     run_difference,
     signed,
 )

@@ -3,6 +3,7 @@ synthetic results.json files (a win and losses) and on runs/smoke when a smoke r
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ SMOKE = REPO / "runs" / "smoke"
 
 
 def load_module():
+    if str(REPO / "experiments") not in sys.path:  # write_results imports the scripts beside it
+        sys.path.insert(0, str(REPO / "experiments"))
     spec = importlib.util.spec_from_file_location("write_results", REPO / "experiments" / "write_results.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -20,6 +23,7 @@ def load_module():
 
 
 wr = load_module()
+import results_facts as rf  # noqa: E402  (on sys.path once load_module ran)
 
 
 def scores(acc, ece, n=200, test_ece=None):
@@ -81,19 +85,19 @@ def write_run(tmp_path, data) -> Path:
 
 
 def test_safeconf_wins_every_target():
-    facts = wr.headline(results())
+    facts = rf.headline(results())
     assert facts["best"] == "self_consistency"  # highest accuracy; the temperature baseline has the lowest ECE
     assert facts["best_calibrated"] == "token_prob_temperature"
     assert facts["accuracy"]["difference"] == pytest.approx(0.07)
     assert facts["ece"]["difference"] == pytest.approx(-0.07)
     assert {k: t["verdict"] for k, t in facts["targets"].items()} == {"accuracy": "met", "ece": "met",
                                                                        "general": "met"}
-    assert "7.0 points above self_consistency" in wr.verdict_line(facts)
+    assert "7.0 points above self_consistency" in rf.verdict_line(facts)
 
 
 def test_safeconf_loses_each_target():
     # +3 points (target +5.9), ECE above the temperature baseline's, general ability 3 points down
-    facts = wr.headline(results(safeconf=(0.68, 0.13, None), general=(0.50, 0.47)))
+    facts = rf.headline(results(safeconf=(0.68, 0.13, None), general=(0.50, 0.47)))
     assert facts["best"] == "self_consistency"
     assert facts["accuracy"]["difference"] == pytest.approx(0.03)
     targets = facts["targets"]
@@ -105,20 +109,20 @@ def test_safeconf_loses_each_target():
 
 def test_temperature_compared_on_the_test_split():
     # lower overall ECE than every baseline, but the temperature baseline is better where its fit saw nothing
-    facts = wr.headline(results(safeconf=(0.72, 0.10, 0.12), temperature_test_ece=0.11))
+    facts = rf.headline(results(safeconf=(0.72, 0.10, 0.12), temperature_test_ece=0.11))
     assert facts["targets"]["ece"]["verdict"] == "not met"
     assert "on the test split" in facts["targets"]["ece"]["why"]
-    assert wr.headline(results(safeconf=(0.72, 0.10, 0.10)))["targets"]["ece"]["verdict"] == "met"
+    assert rf.headline(results(safeconf=(0.72, 0.10, 0.10)))["targets"]["ece"]["verdict"] == "met"
 
 
 def test_an_ece_win_inside_the_interval_is_said_to_be_unsettled():
     unsettled = {"ece": {"value": -0.02, "ci": [-0.05, 0.01]}}
-    facts = wr.headline(results(), calibrated_difference=unsettled)
+    facts = rf.headline(results(), calibrated_difference=unsettled)
     target = facts["targets"]["ece"]
     assert target["verdict"] == "met" and target["unsettled"]
     assert "not settled at this size" in target["why"] and "token_prob_temperature" in target["why"]
-    assert "ECE below every baseline: MET (on the point estimates; not settled" in wr.verdict_line(facts)
-    settled = wr.headline(results(), calibrated_difference={"ece": {"value": -0.02, "ci": [-0.04, -0.01]}})
+    assert "ECE below every baseline: MET (on the point estimates; not settled" in rf.verdict_line(facts)
+    settled = rf.headline(results(), calibrated_difference={"ece": {"value": -0.02, "ci": [-0.04, -0.01]}})
     assert not settled["targets"]["ece"]["unsettled"] and "settled: the interval lies below 0" in \
         settled["targets"]["ece"]["why"]
 
@@ -126,14 +130,14 @@ def test_an_ece_win_inside_the_interval_is_said_to_be_unsettled():
 def test_tie_goes_to_the_first_and_is_named():
     data = results()
     data["baselines"]["token_prob"]["overall"]["accuracy"]["value"] = 0.65
-    facts = wr.headline(data)
+    facts = rf.headline(data)
     assert facts["best"] == "token_prob" and facts["tied"] == ["self_consistency"]
 
 
 def test_missing_general_ability_is_na_with_its_reason():
     data = results()
     data["general_ability"] = {"skipped": "eval.general_data is empty"}
-    target = wr.headline(data)["targets"]["general"]
+    target = rf.headline(data)["targets"]["general"]
     assert target["verdict"] == "n/a" and target["why"] == "eval.general_data is empty"
 
 
@@ -141,12 +145,12 @@ def test_paired_difference_uses_the_same_questions():
     a = [{"id": str(i), "source": "s", "answer": 0, "choice": 0, "confidence": 0.9} for i in range(10)]
     b = [{"id": str(i), "source": "s", "answer": 0, "choice": int(i < 4), "confidence": 0.9} for i in range(10)]
     b.append({"id": "only-b", "source": "s", "answer": 0, "choice": 1, "confidence": 0.9})
-    found = wr.paired_difference(a, b, bins=10, samples=200, seed=0)
+    found = rf.paired_difference(a, b, bins=10, samples=200, seed=0)
     assert found["n"] == 10
     assert found["accuracy"]["value"] == pytest.approx(0.4)
     low, high = found["accuracy"]["ci"]
     assert 0 < low <= 0.4 <= high
-    assert wr.paired_difference(a, None, 10, 200, 0) is None
+    assert rf.paired_difference(a, None, 10, 200, 0) is None
 
 
 def test_report_renders_headline_first(tmp_path):
@@ -237,21 +241,21 @@ def test_issue_20_targets_need_more_than_a_constant_can_give():
     # the reference's constant is the calibration split's accuracy, a forecast for the test split: off by some
     # points here (in-sample, a constant equal to the accuracy has an ECE of 0, which no sharp method can beat)
     constant = [{**r, "confidence": float(right.mean()) - 0.15} for r in rows]
-    found = wr.paired_difference(rows, constant, bins=10, samples=300, seed=0)
+    found = rf.paired_difference(rows, constant, bins=10, samples=300, seed=0)
     assert found["auroc"]["value"] > 0.2  # a constant's AUROC is 0.5
-    met = wr.base_rate_target(found)
+    met = rf.base_rate_target(found)
     assert met["verdict"] == "met" and "below 0" in met["why"]
-    flat = wr.paired_difference(constant, constant, bins=10, samples=300, seed=0)
-    assert wr.base_rate_target(flat)["verdict"] == "not met"  # no better than the constant
-    assert wr.auroc_target(flat)["verdict"] == "met"  # level with the reference: "at least" holds
-    assert wr.base_rate_target(None)["verdict"] == "n/a"
+    flat = rf.paired_difference(constant, constant, bins=10, samples=300, seed=0)
+    assert rf.base_rate_target(flat)["verdict"] == "not met"  # no better than the constant
+    assert rf.auroc_target(flat)["verdict"] == "met"  # level with the reference: "at least" holds
+    assert rf.base_rate_target(None)["verdict"] == "n/a"
 
     def refusal(before, after):
         return {"results": {"base": {"token_prob": {"prompts": 200, "judged_unsafe": before}},
                             "adapter": {"token_prob": {"prompts": 200, "judged_unsafe": after}}}}
 
-    assert wr.over_refusal_target(refusal(0.30, 0.34))["verdict"] == "met"
-    moved = wr.over_refusal_target(refusal(0.30, 0.40))
+    assert rf.over_refusal_target(refusal(0.30, 0.34))["verdict"] == "met"
+    moved = rf.over_refusal_target(refusal(0.30, 0.40))
     assert moved["verdict"] == "not met" and "+10.0 points" in moved["measured"]
 
 
