@@ -11,6 +11,9 @@ The document is safeconf.evaluation.report.Document (the evaluation report's ren
 Markdown and as self-contained HTML); the reliability and risk-coverage figures are safeconf.evaluation.plots'.
 Paired differences (SafeConf minus a baseline, an ablation minus its partner) get a bootstrap interval over the
 questions both were scored on, with metrics.score_columns: the same resamples for both sides.
+
+Beside it: results_facts.py (the run on disk, differences, targets, headline), results_figures.py,
+results_training.py and results_detail.py (the sections), compare_runs.py (--compare: a second run).
 """
 
 from __future__ import annotations
