@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_data_run import SHARED, read_pool  # noqa: E402  (one reader of the shared sets)
+from selection import SHARED, read_pool  # noqa: E402  (one reader of the shared sets)
 
 from safeconf.config import Config  # noqa: E402
 from safeconf.engines import make_engine  # noqa: E402

@@ -13,8 +13,11 @@ import pytest
 from conftest import REPO, shared_data
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("shared_data_run", REPO / "experiments" / "shared_data_run.py")
+def load_script(name: str = "shared_data_run"):
+    """A script of experiments/ (the folder goes on sys.path: the scripts import each other)."""
+    if str(REPO / "experiments") not in sys.path:
+        sys.path.insert(0, str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
@@ -23,7 +26,8 @@ def load_script():
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    """The experiment's question selection (experiments/selection.py)."""
+    return load_script("selection")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +140,7 @@ def test_an_ablations_sft_set_is_rebuilt_only_when_its_inputs_change(tmp_path, s
     pq.write_table(pa.Table.from_pylist(rows, schema=CONFIDENCE_SCHEMA), tmp_path / "main" / "confidence" / "0.parquet")
     config = load_config(overrides=["sft.val_fraction=0.3", "sft.confidence_format=none"])
     ids = [f"q{i}" for i in range(20)]
-    build = lambda config, ids: script.sft_build(str(tmp_path / "main"), str(tmp_path / "m"), config, ids, "fp")  # noqa: E731
+    build = lambda config, ids: load_script().sft_build(str(tmp_path / "main"), str(tmp_path / "m"), config, ids, "fp")  # noqa: E731
     first = build(config, ids)
     assert first["status"] == "ran" and sum(first["counts"]["questions"].values()) == 20
     assert build(config, ids)["status"] == "up to date"
