@@ -56,6 +56,15 @@ def across(first: Run, second: Run, model: str | None, method: str) -> dict | No
                              first.eval["ece_bins"], samples, first.eval["seed"])
 
 
+def headline_line(second: Run, label: str, facts: dict) -> str:
+    """One paragraph for the top of RESULTS.md: the second run's SafeConf and its targets, pointing to its section."""
+    ours = (entry_of(second, MAIN, MAIN) or {}).get("overall", {})
+    verdicts = "; ".join(f"{f['target'].split(' (')[0]}: {f['verdict']}" for f in facts.values())
+    return (f"A second run of this experiment, {label} (section \"The same experiment on another model\" below): "
+            f"SafeConf accuracy {cell(ours.get('accuracy'))}, ECE {cell(ours.get('ece'))}, AUROC "
+            f"{cell(ours.get('auroc'))}. Its targets: {verdicts}.")
+
+
 def add_section(doc, first: Run, second: Run, label: str) -> dict:
     """The comparison's section in `doc` (a safeconf.evaluation.report.Document); returns its facts."""
     doc.heading(f"The same experiment on another model: {label}")

@@ -271,12 +271,17 @@ def write(run_dir: str | Path, root: str | Path = REPO, compare: str | Path | No
     report = Report(run)
     doc = report.build()
     if compare:
-        from compare_runs import add_section
+        from compare_runs import add_section, headline_line
 
+        second, label = Run(compare), compare_label or str(compare)
         provenance = report.provenance_start
         blocks, doc.blocks = doc.blocks[provenance:], doc.blocks[:provenance]
-        report.facts["compared"] = add_section(doc, run, Run(compare), compare_label or str(compare))
+        report.facts["compared"] = add_section(doc, run, second, label)
         doc.blocks += blocks
+        # and a line at the end of the headline, before the next section
+        start = doc.blocks.index(("h", 2, "Headline"))
+        end = next(i for i in range(start + 1, len(doc.blocks)) if doc.blocks[i][0] == "h")
+        doc.blocks.insert(end, ("p", headline_line(second, label, report.facts["compared"])))
     root = Path(root)
     (root / FIGURES).mkdir(parents=True, exist_ok=True)
     for old in (root / FIGURES).glob("*.png"):  # the folder is this script's output: no figure of an older run stays

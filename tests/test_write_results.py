@@ -276,3 +276,5 @@ def test_a_second_run_is_compared_in_its_own_section_before_the_provenance(tmp_p
     row = next(line for line in section.splitlines() if line.startswith("| safeconf (fine-tuned)"))
     assert row.split(" | ")[1].startswith("0.720") and row.split(" | ")[2].startswith("0.600") and "| n/a |" in row
     assert written["headline"]["compared"]["accuracy"]["verdict"] == "n/a"  # no predictions: no paired verdict
+    head = text[text.index("## Headline"):text.index("## Headline") + 4000]
+    assert "A second run of this experiment, a guard taught with rule variants" in head and "SafeConf accuracy 0.600" in head
