@@ -92,6 +92,11 @@ def add_section(doc, first: Run, second: Run, label: str) -> dict:
                      str(diff.get("n", NA))])
     doc.table(["method", "accuracy 1st", "2nd", "2nd - 1st", "ECE 1st", "2nd", "2nd - 1st", "AUROC 1st", "2nd",
                "2nd - 1st", "n"], rows)
+    base = (across(first, second, None, "token_prob") or {}).get("accuracy") or {}
+    if base.get("ci") and base["ci"][1] < 0:
+        doc.paragraph(f"The second run's model lost accuracy before SafeConf (token_prob {signed(base['value'], base['ci'])}"
+                      "): its baselines are weaker, so SafeConf's accuracy against them below measures what SafeConf's "
+                      "fine-tune (gold answers in its targets) recovers, not what its confidence adds.")
 
     before, after = variant_accuracy(first), variant_accuracy(second)
     kinds = sorted(before.keys() | after.keys(), key=lambda m: (m != "original", m))
