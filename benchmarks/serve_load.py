@@ -364,7 +364,8 @@ def assemble(direct: dict, served: dict, batched: dict, args, load: tuple[float,
     return {"concurrency": levels, "healthz": served.get("healthz"), "fault": fault, "targets": targets,
             "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "load_1min_start_end": [round(x, 2) for x in load]},
             "replica_engine": "async" if replica_is_async(config) else "batched",
-            "overrides": OVERRIDES + args.overrides, "model": "embedded SmolLM2-135M-Instruct"}
+            "overrides": OVERRIDES + args.overrides,
+            "model": config.model.name + (f" + adapter {config.model.adapter}" if config.model.adapter else "")}
 
 
 def report(results: dict) -> None:
