@@ -74,10 +74,33 @@ def write_questions(folder: Path, count: int, shard_rows: int) -> None:
             "unsafe_option": [1] * len(ids)}), folder / f"part-{start // shard_rows:05d}.parquet")
 
 
-def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = "judge") -> dict:
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def trace_phases(found: dict) -> None:
+    """Record the driver's peak RSS after each step of run_pipeline (--phases): where the driver's memory goes."""
+    from safeconf import pipeline
+
+    for name in ("question_stream", "count_values", "summarise", "build_sft"):
+        step = getattr(pipeline, name)
+
+        def traced(*args, _step=step, _name=name, **kwargs):
+            result = _step(*args, **kwargs)
+            found[_name] = peak_rss_mb()
+            return result
+
+        setattr(pipeline, name, traced)
+
+
+def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = "judge", phases: bool = False) -> dict:
     from safeconf.batch_judge import run_judge
     from safeconf.config import load_config
     from safeconf.pipeline import run_pipeline
+
+    by_phase = {}
+    if phases:
+        trace_phases(by_phase)
 
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         write_questions(Path(tmp) / "questions", count, shard_rows)
@@ -96,8 +119,8 @@ def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = 
         seconds = time.perf_counter() - started
     return {"workload": workload, "questions": count, "seconds": round(seconds, 1),
             "questions_per_s": round(count / seconds, 1),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "accepted": accepted, "rejected": rejected}
+            "driver_peak_rss_mb": peak_rss_mb(), "accepted": accepted, "rejected": rejected,
+            **({"driver_peak_rss_mb_after": by_phase} if phases else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,15 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", default="10000,100000", help="sizes, comma-separated")
     parser.add_argument("--shard-rows", type=int, default=10000, help="rows per Parquet shard")
     parser.add_argument("--workload", choices=("judge", "pipeline"), default="judge")
+    parser.add_argument("--phases", action="store_true", help="pipeline: also the driver's peak RSS after each step "
+                        "(reading, counting rejects, summarise, build_sft)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, in this process
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.concurrency=2")
     args = parser.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(one_size(args.one, args.shard_rows, args.overrides, args.workload)), flush=True)
+        print("RESULT " + json.dumps(one_size(args.one, args.shard_rows, args.overrides, args.workload, args.phases)),
+              flush=True)
         return 0
     for count in [int(n) for n in args.questions.split(",")]:
         run = subprocess.run([sys.executable, __file__, "--one", str(count), "--shard-rows", str(args.shard_rows),
-                              "--workload", args.workload, *args.overrides], capture_output=True, text=True)
+                              "--workload", args.workload, *(["--phases"] if args.phases else []), *args.overrides],
+                             capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
         if run.returncode or not lines:
             print(run.stdout[-2000:] + run.stderr[-3000:], file=sys.stderr)
