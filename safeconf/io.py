@@ -75,6 +75,18 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def iter_batches(uri: str, columns: list[str] | None = None, batch_size: int = 256):
+    """The record batches of a Parquet folder (or file), one file after the other and without read-ahead, so the
+    reader holds one batch: Arrow's dataset scanner reads several files ahead on its threads, which cost the
+    driver ~150 MB per 20,000 questions of the confidence table (benchmarks/pipeline_scale.py --phases)."""
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(uri)
+    for file in sorted(pads.dataset(path, filesystem=fs, format="parquet").files):
+        with fs.open_input_file(file) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
+
+
 def local_path(uri: str, cache_dir: str | os.PathLike) -> str:
     """A local path for `uri`. Plain paths and file:// URIs are returned as paths; a file or folder on an object
     store (s3://, gs://) is copied once into `cache_dir` and that copy is returned.

@@ -203,11 +203,8 @@ def summarise(confidence_uri: str) -> dict:
     """Counts over the written confidence table: variants kept and dropped per mutation operator, samples and
     the unreadable ones, prompts cut to fit the context, mean confidence. Read a batch at a time, so the driver
     holds one batch of questions, not the table."""
-    import pyarrow.dataset as pads
-
-    fs, path = io.filesystem(confidence_uri)
-    batches = pads.dataset(path, filesystem=fs, format="parquet").to_batches(
-        columns=["answer", "confidence", "variants", "dropped", "llm_prompts_truncated", "sampled_on"], batch_size=256)
+    batches = io.iter_batches(confidence_uri, ["answer", "confidence", "variants", "dropped", "llm_prompts_truncated",
+                                               "sampled_on"])
     variants_by_mutation, operators, formats = {}, {}, {}
     samples = unreadable = tokens = 0
     sampled = sampled_cut = llm_requests = llm_cut = 0

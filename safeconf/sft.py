@@ -10,7 +10,6 @@ import hashlib
 import logging
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from safeconf import io
@@ -101,8 +100,6 @@ def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig, question_ids
     `out_uri/{train,val}_questions.parquet` (their original questions); return the counts. `question_ids`: build
     from those questions only (a subset of one pipeline run, e.g. a learning curve's smaller training sets)."""
     question_ids = None if question_ids is None else set(question_ids)
-    fs, path = io.filesystem(confidence_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
     io.make_dirs(out_uri)
     out_fs, out_path = io.filesystem(out_uri)
     writers = {split: pq.ParquetWriter(f"{out_path}/{split}.parquet", SFT_SCHEMA, filesystem=out_fs) for split in SPLITS}
@@ -114,7 +111,7 @@ def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig, question_ids
     counts = {"questions": {s: 0 for s in SPLITS}, "examples": {s: 0 for s in SPLITS}, "skipped": {}}
     found = set()
     try:
-        for batch in dataset.to_batches(batch_size=256):
+        for batch in io.iter_batches(confidence_uri):
             buckets = {split: [] for split in SPLITS}
             originals = {split: [] for split in SPLITS}
             for row in batch.to_pylist():
