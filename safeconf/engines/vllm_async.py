@@ -113,7 +113,7 @@ class AsyncVLLMEngine(Engine):
         return gather_scores(chunks, outputs, len(targets))
 
     def _generate(self, prompts, n, temperature, top_p, max_tokens, stop):
-        params = sampling_params(n, temperature, top_p, max_tokens, stop, final_only=True)
+        params = sampling_params(n, temperature, top_p, max_tokens, stop)  # FINAL_ONLY: set in _one
         ids = [{"prompt_token_ids": self.tokenizer.encode(self.render(p), add_special_tokens=False)} for p in prompts]
         return [completions(output) for output in self._wait(self._all([(i, params) for i in ids]))]
 

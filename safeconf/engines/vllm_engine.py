@@ -93,14 +93,12 @@ def gather_scores(chunks: list[tuple[int, list[int]]], outputs, rows: int) -> li
     return scores
 
 
-def sampling_params(n, temperature, top_p, max_tokens, stop, final_only: bool = False):
+def sampling_params(n, temperature, top_p, max_tokens, stop):
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
 
     # logprobs=0: only the chosen token's log-prob. No per-request seed: with one, all n samples can coincide.
-    kind = {"output_kind": RequestOutputKind.FINAL_ONLY} if final_only else {}
     return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                          stop=stop or None, **kind)
+                          stop=stop or None)
 
 
 def completions(output) -> list[Completion]:
