@@ -230,6 +230,38 @@ def test_batches_that_wait_for_a_busy_engine_are_merged_into_one_call():
     assert all(isinstance(e, RuntimeError) for e in errors)
 
 
+
+def test_an_async_replica_request_that_times_out_cancels_its_engine_calls():
+    """On the async replica a request's judging runs on a thread inside a CallScope; when the request runs out of
+    time (its 504), the scope is cancelled, so its engine calls end (AsyncVLLMEngine aborts their vLLM requests)
+    instead of running on for nobody."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safeconf.engines.vllm_async import CallScope
+    from safeconf.serving import JudgeServer
+
+    seen = {}
+
+    def slow_judging(engine, items):  # stands in for judge_batch: polls its scope as AsyncVLLMEngine._wait does
+        scope = seen["scope"] = CallScope.current.get()
+        ends = time.monotonic() + 10
+        while not scope.cancelled and time.monotonic() < ends:
+            time.sleep(0.01)
+        seen["cancelled_after_s"] = time.monotonic() - (ends - 10)
+        return ["late"]
+
+    server = JudgeServer.__new__(JudgeServer)
+    server.executor, server.engine_batches, server.timeout_s = ThreadPoolExecutor(max_workers=2), 0, 0.3
+
+    async def request():
+        work = lambda ends: server._in_thread(slow_judging, None, ["item"])
+        return await server._answered(work, time.time() + 0.3)
+
+    answer = asyncio.run(request())
+    server.executor.shutdown(wait=True)
+    assert answer["error"]["status"] == 504
+    assert seen["scope"].cancelled and seen["cancelled_after_s"] < 2
+
 def test_deployment_options_from_config():
     config = load_config(overrides=["serve.min_replicas=2", "serve.max_replicas=4", "engine.num_gpus=1",
                                     "serve.max_batch_size=32"])

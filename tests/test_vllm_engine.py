@@ -133,8 +133,47 @@ def test_async_engine_answers_as_the_offline_engine_with_callers_in_flight_toget
         assert greedy.text == vllm.generate(prompts[:1], temperature=0, max_tokens=8)[0][0].text
         with pytest.raises(ValueError, match="no LoRA slots"):  # on the CPU adapters are merged copies
             engine.with_adapter("a", "/nowhere")
+        assert_a_cancelled_call_aborts_its_requests(engine, prompts[:2])
     finally:
         engine.shutdown()
+
+
+def assert_a_cancelled_call_aborts_its_requests(engine, prompts):
+    """A served request that gives up (CallScope.cancel, as the replica does on its timeout) ends its thread's engine
+    call at once and aborts its vLLM requests: nothing keeps decoding for nobody, and later calls are refused."""
+    import threading
+    import time
+
+    from safeconf.engines.vllm_async import CallCancelled, CallScope
+
+    from vllm import SamplingParams
+
+    scope, outcome = CallScope(), {}
+    ids = [{"prompt_token_ids": engine.tokenizer.encode(engine.render(p), add_special_tokens=False)} for p in prompts]
+
+    def long_call():  # 600 tokens a prompt, never stopped early by an end token: tens of seconds on this CPU
+        requests = [(i, SamplingParams(max_tokens=600, ignore_eos=True, temperature=0.8)) for i in ids]
+        try:
+            outcome["result"] = scope.run(engine._wait, engine._all(requests))
+        except CallCancelled as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=long_call)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while engine._in_flight[0] == 0 and time.monotonic() < deadline:  # its requests are in the engine
+        time.sleep(0.01)
+    assert engine._in_flight[0] > 0
+    cancelled_at = time.monotonic()
+    scope.cancel()
+    thread.join(30)
+    assert "error" in outcome and time.monotonic() - cancelled_at < 5, outcome
+    while engine.llm.output_processor.has_unfinished_requests() and time.monotonic() < cancelled_at + 10:
+        time.sleep(0.05)
+    assert not engine.llm.output_processor.has_unfinished_requests()
+    assert engine._in_flight[0] == 0
+    with pytest.raises(CallCancelled):
+        scope.run(engine.generate, prompts[:1], 1, 0.0, 1.0, 4, [])
 
 
 def test_the_async_engine_core_dies_with_the_process_that_owns_it(tmp_path):

@@ -15,6 +15,8 @@ kernels fail on the label scores, so there an adapter is a merged copy with an e
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import copy
 import itertools
 import os
@@ -32,6 +34,50 @@ from safeconf.engines.vllm_engine import (
     scoring_params,
     scoring_requests,
 )
+
+
+class CallCancelled(Exception):
+    """An engine call whose request gave up (its time ran out, its client left): its vLLM requests were aborted."""
+
+
+class CallScope:
+    """The engine calls of one served request. The replica runs the request's judging thread inside it (run); when
+    the request is cancelled, cancel() cancels the engine calls in flight, so vLLM aborts their requests and frees
+    their room in the running batch, and refuses the thread's later calls (without it a timed-out request's thread
+    would go on decoding for nobody)."""
+
+    current: contextvars.ContextVar = contextvars.ContextVar("safeconf_engine_call_scope", default=None)
+
+    def __init__(self):
+        self.cancelled = False
+        self._calls: set = set()
+        self._lock = threading.Lock()
+
+    def run(self, fn, *args):
+        token = CallScope.current.set(self)
+        try:
+            return fn(*args)
+        finally:
+            CallScope.current.reset(token)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()  # cancels the task on the engine's loop: AsyncLLM.generate aborts its request
+
+    def track(self, call: concurrent.futures.Future) -> None:
+        with self._lock:
+            if not self.cancelled:
+                self._calls.add(call)
+                return
+        call.cancel()
+        raise CallCancelled("the request was cancelled before this engine call")
+
+    def untrack(self, call: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._calls.discard(call)
 
 
 class AsyncVLLMEngine(Engine):
@@ -102,9 +148,20 @@ class AsyncVLLMEngine(Engine):
     # --- calls from other threads: each waits for its own requests only ---
 
     def _wait(self, coroutine):
+        """The coroutine's result, run on the engine's loop; cancelled with the caller's CallScope, if any."""
         if threading.current_thread().name == "vllm-async-engine":
             raise RuntimeError("a blocking engine call on the engine's own event loop would never return")
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        call = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        scope = CallScope.current.get()
+        if scope is None:
+            return call.result()
+        scope.track(call)
+        try:
+            return call.result()
+        except concurrent.futures.CancelledError:
+            raise CallCancelled("the request was cancelled during this engine call; its vLLM requests were aborted") from None
+        finally:
+            scope.untrack(call)
 
     def _next_token_logprobs(self, contexts, targets):
         chunks = scoring_requests(targets)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 
 from safeconf.config import Config, config_from_dict
+from safeconf.engines.vllm_async import CallScope
 from safeconf.serving.app import MAIN, judgement_counter
 from safeconf.serving.escalation import EscalationError, EscalationTarget, escalate, with_escalation
 from safeconf.serving.judging import (
@@ -233,9 +234,15 @@ class JudgeServer:
         return with_escalation(answer, verdict)
 
     async def _in_thread(self, fn, *args):
-        """fn(*args) on a judging thread of its own (async replica): the engine shares its batch with the others'."""
+        """fn(*args) on a judging thread of its own (async replica): the engine shares its batch with the others'.
+        A request cancelled meanwhile (out of time, its client gone) aborts its vLLM requests (CallScope)."""
         self.engine_batches += 1
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        scope = CallScope()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, scope.run, fn, *args)
+        except asyncio.CancelledError:
+            scope.cancel()
+            raise
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _judge_batch(self, requests: list[tuple[str, JudgeItem]]) -> list[dict]:
