@@ -173,6 +173,23 @@ def test_module_runs_as_a_script():
     assert "serve replicas: 4 x" in run.stdout and "OK" in run.stdout
 
 
+
+def test_the_serve_configs_commented_adapters_fit_the_rayservice_gpu_pods(tmp_path, capsys):
+    """The multi-adapter example that qwen2.5-7b-serve.yaml carries (commented out) fits rayservice.yaml's one-GPU
+    pods (an 80 GiB GPU each) as LoRA slots: uncommented, cluster_check passes it and counts the slots."""
+    text = (REPO / "cluster/configs/qwen2.5-7b-serve.yaml").read_text()
+    example = [line for line in text.splitlines() if line.startswith("  # ") and (
+        "max_models_per_replica:" in line or "adapters:" in line or line.startswith("  #   - {name:"))]
+    assert len(example) == 3, example
+    for line in example:
+        text = text.replace(line, "  " + line[4:])
+    config = tmp_path / "serve-adapters.yaml"
+    config.write_text(text)
+    assert len(load_config(str(config)).serve.adapters) == 1
+    assert cluster_check.main(["cluster/kuberay/rayservice.yaml", str(config), "--gpu-memory-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA slots (3 x rank 16)" in out and "OK" in out
+
 # --- the GPU memory plan (safeconf.memory_plan) ---
 
 
