@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from conftest import shared_data
 from safeconf.data.judge import JUDGE_ASKS, POLARITY_TABLE, SAFE, UNSAFE, judge_options, judge_question
-from safeconf.data.loaders import COMPLETION_ASK, COMPLETION_OPTIONS, read_questions
+from safeconf.data.loaders import read_questions
+from safeconf.data.public_sets import COMPLETION_ASK, COMPLETION_OPTIONS
 from safeconf.mutations import (
     LLM_OPERATORS,
     OPTIONS_NOT_THE_ASKS,

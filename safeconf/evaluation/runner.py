@@ -17,7 +17,7 @@ from importlib import resources
 import pyarrow as pa
 
 from safeconf import io
-from safeconf.config import Config, ModelConfig
+from safeconf.config import Config
 from safeconf.evaluation import plots, report
 from safeconf.evaluation.methods import (
     ADAPTER_METHODS,
@@ -136,17 +136,13 @@ def method_notes(config: Config, has_adapter: bool) -> list[str]:
 
 def role_configs(config: Config, model: str | None, adapter: str | None) -> dict[str, Config]:
     """{"base": config without adapter, "adapter": config with it (only when there is one)}."""
-    supports_adapter = "adapter" in ModelConfig.__dataclass_fields__
-    adapter = adapter or (getattr(config.model, "adapter", "") if supports_adapter else "")
+    adapter = adapter or config.model.adapter
     base = copy.deepcopy(config)
     if model:
         base.model.name = model
-    if supports_adapter:
-        base.model.adapter = ""
+    base.model.adapter = ""
     roles = {"base": base}
     if adapter:
-        if not supports_adapter:
-            raise ValueError("this safeconf's ModelConfig has no `adapter` field: engines cannot load a LoRA adapter")
         tuned = copy.deepcopy(base)
         tuned.model.adapter = adapter
         roles["adapter"] = tuned
