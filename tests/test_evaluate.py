@@ -14,7 +14,8 @@ import pytest
 from safeconf.config import load_config
 from safeconf.engines import Completion
 from safeconf.evaluation import report
-from safeconf.evaluation.methods import EvalStage, p_true_messages
+from safeconf.evaluation.methods import p_true_messages
+from safeconf.evaluation.stage import EvalStage
 from safeconf.evaluation.results import general_ability, method_summary, over_refusal
 from safeconf.evaluation.runner import (
     EVAL_FIELDS,

@@ -15,16 +15,9 @@ from sklearn.metrics import average_precision_score, f1_score
 from safeconf.config import load_config
 from safeconf.evaluation import metrics as M
 from safeconf.evaluation import report
-from safeconf.evaluation.methods import (
-    EvalStage,
-    JudgeSettings,
-    calibrate_posthoc,
-    content_free_question,
-    fit_temperature,
-    judge,
-    temperature_scaled,
-    unsafe_probability,
-)
+from safeconf.evaluation.methods import JudgeSettings, content_free_question, judge, unsafe_probability
+from safeconf.evaluation.posthoc import calibrate_posthoc, fit_temperature, temperature_scaled
+from safeconf.evaluation.stage import EvalStage
 from safeconf.evaluation.results import ESTIMATORS, guard_columns, method_summary
 from safeconf.evaluation.runner import EVAL_FIELDS, method_plan, role_configs, summarise
 from safeconf.mutations import original_variant

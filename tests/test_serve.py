@@ -620,7 +620,7 @@ def test_http_answers_equal_the_evaluation_predictions(client, endpoint):
     import pyarrow as pa
 
     from safeconf.data.loaders import read_questions
-    from safeconf.evaluation.methods import EvalStage
+    from safeconf.evaluation.stage import EvalStage
     from safeconf.evaluation.runner import EVAL_FIELDS, method_plan
 
     embedded = [r.record for r in read_questions("embedded")]

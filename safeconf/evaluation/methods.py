@@ -15,8 +15,8 @@ original order) and a confidence in [0, 1].
   with it, 0.10 without, accuracy the same; experiments/token_prob_check.py).
 - token_prob post-hoc calibrated, the baselines Liu et al. (ICLR 2025, "On Calibration of LLM-based Guard
   Models") apply to guard models, all from token_prob's option distribution (no second scoring of the question):
-  token_prob_temperature: softmax(log p / T), T fitted by NLL on the calibration split (fit_temperature; the
-  runner applies it after the engine pass, calibrate_posthoc). token_prob_contextual: p divided by the option
+  token_prob_temperature: softmax(log p / T), T fitted by NLL on the calibration split (safeconf.evaluation.posthoc;
+  the runner applies it after the engine pass). token_prob_contextual: p divided by the option
   distribution of a content-free input (eval.content_free_inputs in the question's place, same options, labels
   and framing), renormalised (Zhao et al. 2021); one extra scoring call per distinct content-free prompt of a
   batch. token_prob_batch: p divided by the mean option distribution over the evaluated questions of the same
@@ -32,31 +32,22 @@ original order) and a confidence in [0, 1].
   confidence in its targets (sft.confidence_format=none, the plain fine-tuning ablation), which states none.
 
 The per-question methods (verbalized / safeconf, token_prob, p_true) are one function, `judge_each` (and
-`judge` for one method), shared by the evaluation (EvalStage) and the Serve endpoint (serving.judge_batch):
+`judge` for one method), shared by the evaluation (safeconf.evaluation.stage) and the Serve endpoint (serving.judge_batch):
 the endpoint's answer to a question is the evaluated prediction for it, so the calibrated threshold applies.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from scipy.optimize import minimize_scalar
 
-from safeconf.confidence import question_confidence
-from safeconf.config import EvalConfig, config_from_dict
+from safeconf.config import EvalConfig
 from safeconf.data.judge import POLARITY_TABLE
 from safeconf.engines.base import SCORED_TOKENS, prompt_cut, softmax  # where the engines fit prompts
-from safeconf.mutations import mutate_rules, original_variant
-from safeconf.pipeline import EngineStage
 from safeconf.prompts import ANSWER_PREFIX, FRAMINGS, parse_answer, render_messages, render_user_prompt
 
-log = logging.getLogger(__name__)
 
 # Methods an engine pass can run; "safeconf" is "verbalized" on the adapter (ADAPTER_METHODS).
 METHODS = ("verbalized", "self_consistency", "mutation_consistency", "token_prob", "token_prob_contextual", "p_true")
@@ -66,7 +57,7 @@ JUDGE_METHODS = ("verbalized", "token_prob", "token_prob_contextual", "p_true", 
 # reported name -> the engine method it runs on the fine-tuned model
 ADAPTER_METHODS = {"safeconf": "verbalized", "adapter_token_prob": "token_prob_instructed"}
 # Calibrated after the engine pass from the rows of the engine method they name, over the whole evaluated split
-# (calibrate_posthoc): reported name -> engine method.
+# (safeconf.evaluation.posthoc): reported name -> engine method.
 POSTHOC_METHODS = {"token_prob_temperature": "token_prob", "token_prob_batch": "token_prob"}
 
 PREDICTION_SCHEMA = pa.schema(
@@ -168,83 +159,12 @@ def unsafe_probability(choice: int | None, confidence: float, probs: list[float]
     return float(confidence) if choice == unsafe_option else (1.0 - float(confidence)) / max(num_options - 1, 1)
 
 
-# --- post-hoc calibration of an option distribution (Liu et al. 2025) ---
-
-
-def _logs(probs) -> np.ndarray:
-    return np.log(np.maximum(np.asarray(probs, dtype=float), np.finfo(float).tiny))
-
-
-def temperature_scaled(probs, temperature: float) -> list[float]:
-    """softmax(log p / T): the options' ranking kept, the distribution sharpened (T < 1) or flattened (T > 1)."""
-    return softmax(list(_logs(probs) / temperature))
 
 
 def divided(probs, prior) -> list[float]:
     """p / prior, renormalised: the contextual and batch calibrations (a prior's zero entry is floored)."""
     weights = np.asarray(probs, dtype=float) / np.maximum(np.asarray(prior, dtype=float), np.finfo(float).tiny)
     return list(weights / weights.sum())
-
-
-def temperature_nll(prob_rows: list, answers: list[int], temperature: float) -> float:
-    """Mean negative log-likelihood of the gold answers under the temperature-scaled distributions."""
-    total = 0.0
-    for probs, answer in zip(prob_rows, answers):
-        scaled = _logs(probs) / temperature
-        total -= scaled[answer] - np.logaddexp.reduce(scaled)
-    return total / len(answers)
-
-
-def fit_temperature(prob_rows: list, answers: list[int]) -> float:
-    """The temperature that minimises the NLL of the gold answers (over log T in [-5, 5], bounded Brent);
-    1.0 without questions to fit on."""
-    if not answers:
-        return 1.0
-    found = minimize_scalar(lambda log_t: temperature_nll(prob_rows, answers, math.exp(log_t)), bounds=(-5.0, 5.0),
-                            method="bounded", options={"xatol": 1e-6})
-    return float(math.exp(found.x))
-
-
-def calibrate_posthoc(predictions: list[dict]) -> tuple[list[dict], dict]:
-    """The POSTHOC_METHODS rows (token_prob's judgement, as the engine pass wrote them) calibrated on the safety
-    questions: temperature fitted on the gold-labelled calibration split and applied to every row; batch priors
-    from every evaluated row of a (data set, option count) group. Returns the rows and {method: what was
-    fitted}, for metrics.json."""
-    out, fitted = [], {}
-    by_method = defaultdict(list)
-    for row in predictions:
-        (by_method[row["method"]] if row["method"] in POSTHOC_METHODS else out).append(row)
-    for method, rows in by_method.items():
-        missing = [r["id"] for r in rows if r.get("option_probs") is None]
-        if missing:
-            raise ValueError(f"{method}: rows {missing[:5]} have no option_probs to calibrate")
-        if method == "token_prob_temperature":
-            fit = [r for r in rows if r["eval_set"] == "safety" and r["split"] == "calibration" and r["answer"] is not None]
-            probs, answers = [r["option_probs"] for r in fit], [r["answer"] for r in fit]
-            temperature = fit_temperature(probs, answers)
-            fitted[method] = {
-                "temperature": temperature, "fitted_on": len(fit), "split": "calibration",
-                "nll_before": temperature_nll(probs, answers, 1.0) if fit else None,
-                "nll_after": temperature_nll(probs, answers, temperature) if fit else None,
-            }
-            calibrated = [temperature_scaled(r["option_probs"], temperature) for r in rows]
-        else:
-            groups = defaultdict(list)
-            for i, r in enumerate(rows):
-                groups[r["eval_set"], r["source"], len(r["option_probs"])].append(i)
-            priors, calibrated = {}, [None] * len(rows)
-            for (eval_set, source, count), members in sorted(groups.items(), key=str):
-                prior = np.mean([rows[i]["option_probs"] for i in members], axis=0)
-                priors[f"{eval_set}/{source}/{count} options"] = {"questions": len(members), "prior": list(prior)}
-                for i in members:
-                    calibrated[i] = divided(rows[i]["option_probs"], prior)
-            fitted[method] = {"priors": priors}
-        for row, probs in zip(rows, calibrated):
-            judgement = Judgement.of_distribution(probs)
-            out.append({**row, "choice": judgement.choice, "confidence": judgement.confidence, "option_probs": probs,
-                        "p_unsafe": unsafe_probability(judgement.choice, judgement.confidence, probs,
-                                                       row["unsafe_option"], row["num_options"])})
-    return out, fitted
 
 
 def question_block(variant: dict) -> str:
@@ -372,120 +292,3 @@ def judge_each(engine, variants: list[dict], wanted: list[set], settings: JudgeS
         found[i]["p_true"] = Judgement(proposed, softmax(lps)[0], fallback, greedy[i][1],
                                        cut or prompt_cut(engine, messages, SCORED_TOKENS))
     return found
-
-
-class EvalStage(EngineStage):
-    """A Ray Data actor holding one engine (base model, or base + adapter): runs the planned methods on a
-    batch of questions and returns one prediction row per (question, method).
-
-    `plan` maps an eval set to {output method name: method}, e.g. {"safety": {"safeconf": "verbalized"}}.
-    It reuses EngineStage's LLM mutations and sampling, so mutation consistency is measured exactly as the
-    pipeline measures the training confidence.
-    """
-
-    def __init__(self, config: dict, plan: dict, role: str, engine=None):
-        if engine is None:
-            super().__init__(config)
-        else:  # an engine built elsewhere (tests use a deterministic fake)
-            self.config = config_from_dict(config)
-            self.engine = engine
-        self.plan = plan
-        self.role = role
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        for position, row in enumerate(rows):
-            # Results are keyed by position: an id may repeat across eval sets (safety vs general).
-            row["key"] = position
-            row["wanted"] = self.plan.get(row["eval_set"], {})
-
-        started = time.perf_counter()
-        judged = judge_each(self.engine, [original_variant(r) for r in rows],
-                            [set(r["wanted"].values()) & set(JUDGE_METHODS) for r in rows],
-                            JudgeSettings.of(self.config))
-        results = {(row["key"], method): j for row, found in zip(rows, judged) for method, j in found.items()}
-        judging = time.perf_counter()
-        results.update(self.consistency([r for r in rows if set(r["wanted"].values()) & SAMPLING_METHODS]))
-        sampling = time.perf_counter()
-        verdicts = self.verdict_consistency(rows, results)
-        log.info("%s eval batch: %d questions; greedy, option scores and P(True) %.1f s, sampling %.1f s, verdicts "
-                 "on variants %.1f s", self.role, len(rows), judging - started, sampling - judging,
-                 time.perf_counter() - sampling)
-
-        out = []
-        for row in rows:
-            for name, method in row["wanted"].items():
-                out.append({**self._prediction(row, name, results[row["key"], method]),
-                            "verdict_consistent": verdicts.get((row["key"], name))})
-        return pa.Table.from_pylist(out, schema=PREDICTION_SCHEMA)
-
-    def verdict_consistency(self, rows: list[dict], results: dict) -> dict:
-        """{(row key, reported method): whether its answer is the same on the question and on each of its rule
-        variants (shuffled, polarity-flipped, relabelled, reframed: the same question, so the same verdict), mapped
-        back to the original's options} for the safety questions and the methods of eval.verdict_methods. Guard
-        users need verdicts that do not flip when a prompt is reworded. An unreadable answer counts as a flip."""
-        measured = set(self.config.eval.verdict_methods)
-        todo = [(row, name, method) for row in rows if row["eval_set"] == "safety"
-                for name, method in row["wanted"].items() if name in measured and method in JUDGE_METHODS]
-        if not todo:
-            return {}
-        mutation = self.config.mutation
-        variants, wanted, owner = [], [], []  # every rule variant once, with the methods its question wants
-        methods_of = defaultdict(set)
-        for row, _, method in todo:
-            methods_of[row["key"]].add(method)
-        for row in rows:
-            if row["key"] not in methods_of:
-                continue
-            mutated = mutate_rules(row, mutation.operators, mutation.variants_per_question, mutation.seed)
-            for variant in mutated["variants"][1:]:  # the original was judged already
-                variants.append(variant)
-                wanted.append(methods_of[row["key"]])
-                owner.append(row["key"])
-        judged = judge_each(self.engine, variants, wanted, JudgeSettings.of(self.config)) if variants else []
-        answers = defaultdict(lambda: defaultdict(list))  # key -> method -> answers in the original's order
-        for key, variant, found in zip(owner, variants, judged):
-            for method, judgement in found.items():
-                choice = judgement.choice
-                answers[key][method].append(None if choice is None else variant["option_map"][choice])
-        verdicts = {}
-        for row, name, method in todo:
-            on_variants = answers[row["key"]][method]
-            original = results[row["key"], method].choice
-            verdicts[row["key"], name] = (None if not on_variants else
-                                          original is not None and all(a == original for a in on_variants))
-        return verdicts
-
-    def _prediction(self, row: dict, method: str, judgement: Judgement) -> dict:
-        # The evaluation asks the original variant: its option order is the question's.
-        unsafe = row.get("unsafe_option")
-        return {
-            "id": row["id"], "source": row.get("source"), "eval_set": row["eval_set"], "split": row.get("split"),
-            "lang": row["lang"], "task": row["task"], "category": row["category"], "answer": row["answer"],
-            "unsafe_option": unsafe, "num_options": len(row["options"]), "role": self.role, "method": method,
-            "choice": judgement.choice, "confidence": judgement.confidence, "option_probs": judgement.probs,
-            "p_unsafe": unsafe_probability(judgement.choice, judgement.confidence, judgement.probs, unsafe,
-                                           len(row["options"])),
-            "fallback": judgement.fallback, "text": judgement.text, "truncated": judgement.truncated,
-        }
-
-    def consistency(self, rows: list[dict]) -> dict:
-        """Self- and mutation consistency from one sampling call (k samples of the original and its variants)."""
-        if not rows:
-            return {}
-        mutation = self.config.mutation
-        mutated = []
-        for row in rows:
-            # only the original is sampled where mutation consistency is not wanted
-            count = mutation.variants_per_question if "mutation_consistency" in row["wanted"].values() else 0
-            mutated.append(mutate_rules(row, mutation.operators, count, mutation.seed))
-        self.mutate_with_llm(mutated)
-        self.sample(mutated)
-        found = {}
-        for row in mutated:
-            cuts = [v.get("prompt_truncated") for v in row["variants"]]  # set by EngineStage.sample, as it drew them
-            for method, count in (("mutation_consistency", len(row["variants"])), ("self_consistency", 1)):
-                scored = question_confidence({**row, "variants": row["variants"][:count]})
-                found[row["key"], method] = Judgement(scored["majority_answer"], scored["agreement"] or 0.0, False,
-                                                      None, any(cuts[:count]))
-        return found

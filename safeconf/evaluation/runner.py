@@ -24,10 +24,10 @@ from safeconf.evaluation.methods import (
     METHODS,
     POSTHOC_METHODS,
     PREDICTION_SCHEMA,
-    EvalStage,
-    calibrate_posthoc,
     engine_method,
 )
+from safeconf.evaluation.posthoc import calibrate_posthoc
+from safeconf.evaluation.stage import EvalStage
 from safeconf.evaluation.results import (
     ESTIMATORS,
     correctness,
