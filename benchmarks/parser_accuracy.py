@@ -8,9 +8,9 @@ options with no final pick) and the confidence it states (null: none). A reply c
 choice and the confidence match. "trap reads" counts the replies tagged with a trap (an article, pronoun or word
 that looks like a label: "a clear B", "I think", "A safe choice") where the parser read the trap as the answer.
 
-To compare with an earlier parser, pass its prompts.py, e.g.
-    git show HEAD~1:safeconf/prompts.py > /tmp/old_prompts.py
-    .venv/bin/python benchmarks/parser_accuracy.py --old /tmp/old_prompts.py
+To compare with an earlier parser, pass its replies.py (prompts.py before the parser moved out of it), e.g.
+    git show HEAD~1:safeconf/replies.py > /tmp/old_replies.py
+    .venv/bin/python benchmarks/parser_accuracy.py --old /tmp/old_replies.py
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def score(parse_answer, rows: list[dict]) -> dict:
 
 
 def load_parser(path: str):
-    """parse_answer from a prompts.py file (an older version of safeconf/prompts.py)."""
+    """parse_answer from a file of an earlier parser: safeconf/replies.py, or safeconf/prompts.py before the parser
+    moved out of it."""
     spec = importlib.util.spec_from_file_location("old_prompts", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -108,11 +109,11 @@ def _report(name: str, result: dict, show_misses: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default=str(CORPUS), help="the reply corpus (JSONL)")
-    parser.add_argument("--old", help="a prompts.py of an earlier parser to measure on the same corpus")
+    parser.add_argument("--old", help="a replies.py (earlier: prompts.py) of an earlier parser to measure on the same corpus")
     parser.add_argument("--misses", action="store_true", help="list the replies each parser reads wrong")
     args = parser.parse_args()
 
-    from safeconf.prompts import parse_answer
+    from safeconf.replies import parse_answer
 
     rows = load_corpus(Path(args.corpus))
     kinds = Counter(row["kind"] for row in rows)

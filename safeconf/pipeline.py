@@ -19,7 +19,8 @@ from safeconf.confidence import question_confidence
 from safeconf.data.stream import count_values, question_stream
 from safeconf.engines.base import draw_labels, label_rng, prompt_cut
 from safeconf.mutations import LLM_OPERATORS, mutate_rules
-from safeconf.prompts import ANSWER_PREFIX, answer_text, parse_answer, render_messages
+from safeconf.prompts import ANSWER_PREFIX, answer_text, render_messages
+from safeconf.replies import parse_answer
 from safeconf.ray_utils import EnginePlacementGroups, engine_actors, init_ray, map_on_engines, question_dataset
 from safeconf.schema import CONFIDENCE_SCHEMA, MUTATED_SCHEMA
 from safeconf.sft import build_sft

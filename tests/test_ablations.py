@@ -15,7 +15,8 @@ from safeconf.confidence import question_confidence
 from safeconf.evaluation.methods import ADAPTER_METHODS, JudgeSettings, engine_method, judge, judge_each
 from safeconf.evaluation.runner import method_plan
 from safeconf.mutations import RULE_OPERATORS, mutate_rules, original_variant
-from safeconf.prompts import INSTRUCTIONS, format_target, parse_answer
+from safeconf.prompts import INSTRUCTIONS, format_target
+from safeconf.replies import parse_answer
 from safeconf.schema import CONFIDENCE_SCHEMA
 from safeconf.sft import build_sft, sft_examples
 from safeconf.stages import config_inputs, fingerprint

@@ -11,7 +11,8 @@ from safeconf.engines import make_engine, resolve_engine_kind
 from safeconf.engines.base import CUT_MARKER, Engine
 from safeconf.models import cpu_has_bf16
 from safeconf.mutations import original_variant
-from safeconf.prompts import parse_answer, render_messages
+from safeconf.prompts import render_messages
+from safeconf.replies import parse_answer
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 

@@ -25,7 +25,8 @@ from safeconf.mutations import (
     original_variant,
     text_length,
 )
-from safeconf.prompts import parse_answer, format_target
+from safeconf.prompts import format_target
+from safeconf.replies import parse_answer
 
 option_text = st.text(min_size=1, max_size=30).filter(lambda s: s.strip())
 

@@ -23,10 +23,9 @@ from safeconf.prompts import (
     LABEL_STYLES,
     format_target,
     labels_for,
-    parse_answer,
-    parse_confidence,
     render_messages,
 )
+from safeconf.replies import parse_answer, parse_confidence
 
 REPO = Path(__file__).resolve().parents[1]
 UPPER4 = labels_for("upper", 4)
@@ -368,9 +367,9 @@ def test_load_corpus_names_the_line_and_field_of_a_bad_row(tmp_path):
         parser_accuracy.load_corpus(path)
 
 
-def test_old_parser_is_measured_from_a_prompts_file(tmp_path, corpus):
+def test_old_parser_is_measured_from_a_parser_file(tmp_path, corpus):
     # The benchmark loads an earlier parser from a file; this one is the current module, so the figures agree.
-    load = parser_accuracy.load_parser(str(REPO / "safeconf" / "prompts.py"))
+    load = parser_accuracy.load_parser(str(REPO / "safeconf" / "replies.py"))
     assert parser_accuracy.score(load, corpus)["both"] == parser_accuracy.score(parse_answer, corpus)["both"]
 
 

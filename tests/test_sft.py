@@ -7,7 +7,7 @@ import pytest
 from safeconf.config import SFTConfig
 from safeconf.confidence import question_confidence
 from safeconf.mutations import RULE_OPERATORS, mutate_rules
-from safeconf.prompts import parse_answer
+from safeconf.replies import parse_answer
 from safeconf.schema import CONFIDENCE_SCHEMA
 from safeconf.sft import build_sft, sft_examples, split_of
 

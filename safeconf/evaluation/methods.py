@@ -46,7 +46,8 @@ import pyarrow as pa
 from safeconf.config import EvalConfig
 from safeconf.data.judge import POLARITY_TABLE
 from safeconf.engines.base import SCORED_TOKENS, prompt_cut, softmax  # where the engines fit prompts
-from safeconf.prompts import ANSWER_PREFIX, FRAMINGS, parse_answer, render_messages, render_user_prompt
+from safeconf.prompts import ANSWER_PREFIX, FRAMINGS, render_messages, render_user_prompt
+from safeconf.replies import parse_answer
 
 
 # Methods an engine pass can run; "safeconf" is "verbalized" on the adapter (ADAPTER_METHODS).

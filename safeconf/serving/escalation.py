@@ -3,7 +3,7 @@
 With serve.escalate_url set, a judgement the calibrated threshold defers (and an unreadable one) is sent to an
 OpenAI-compatible chat endpoint (vLLM's `vllm serve`, OpenAI, any gateway): serve.escalate_model answers the same
 prompt SafeConf's verbalized method asks (render_messages of the question, "Answer: <label>"), read by the same
-parser (prompts.parse_answer). The bearer key is read in the replica from the variable serve.escalate_key_env
+parser (replies.parse_answer). The bearer key is read in the replica from the variable serve.escalate_key_env
 (none sent when it is unset).
 
 Bounded: each attempt waits at most serve.escalate_timeout_s, a connection failure, timeout, 429 or 5xx is
@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 
 import aiohttp
 
-from safeconf.prompts import parse_answer, render_messages
+from safeconf.prompts import render_messages
+from safeconf.replies import parse_answer
 from safeconf.serving.judging import JudgeItem, side
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
