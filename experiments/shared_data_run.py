@@ -106,8 +106,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -115,10 +113,9 @@ import sys
 import time
 from pathlib import Path
 
-from safeconf import fingerprints, io
+from safeconf import io
 from safeconf import stages as stage_runs
 from safeconf.config import DEFAULT_EVAL_METHODS, Config, load_config
-from safeconf.sft import build_sft
 
 # scripts beside this one in experiments/ (on sys.path when it runs)
 from selection import (
@@ -161,26 +158,6 @@ ADAPTER_EVAL = ["safeconf", "adapter_token_prob"]
 
 
 # --- runs ---
-
-
-def sft_build(main_out: str, model_out: str, config: Config, ids: list[str], pipeline_fingerprint: str) -> dict:
-    """The model's SFT set from the main pipeline's confidence table, rebuilt only when its inputs changed."""
-    sft_dir = io.join(model_out, "sft")
-    inputs = {"pipeline": pipeline_fingerprint, "sft": dataclasses.asdict(config.sft),
-              "questions": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()}
-    marker = io.join(model_out, "stages", "sft.json")
-    fingerprint = fingerprints.fingerprint(inputs)
-    done = io.read_json(marker) if io.exists(marker) else None
-    if done and done["fingerprint"] == fingerprint and io.exists(io.join(sft_dir, "train.parquet")):
-        return {**done, "status": "up to date"}
-    started = time.time()
-    counts = build_sft(io.join(main_out, "confidence"), sft_dir, config.sft, set(ids))
-    if not counts["examples"]["train"] or not counts["examples"]["val"]:
-        raise ValueError(f"{sft_dir}: an empty split ({counts}); raise sft.val_fraction or use more questions")
-    record = {"fingerprint": fingerprint, "inputs": inputs, "counts": counts,
-              "stage_seconds": round(time.time() - started, 1)}
-    io.write_json(marker, record)
-    return {**record, "status": "ran"}
 
 
 def model_config(base: Config, out: str, heldout: str, methods: list[str], sft: dict | None = None,
@@ -367,7 +344,6 @@ def model_steps(args, base: Config, chosen: dict, specs: dict, train: str, heldo
                 guard_model: str, summary: dict, steps: dict) -> dict:
     """3. the learning curve's smaller models and the ablations, each from the main pipeline's confidence table
     (OUT/models/<name>); returns results.json's "models", the main SafeConf model first."""
-    pipeline_fingerprint = stage_runs.read_marker(main_out, "pipeline")["fingerprint"]
     order = nested_order(chosen[train], args.seed)
     planned = {f"safeconf_{round(f * 100)}": ({}, ADAPTER_EVAL, f"SafeConf on {f:.0%} of the train questions", f)
                for f in args.curve if f < 1}
@@ -380,11 +356,11 @@ def model_steps(args, base: Config, chosen: dict, specs: dict, train: str, heldo
         ids = subset(order, fraction)
         config = model_config(base, model_out, specs[heldout], methods, sft, dataset=io.join(model_out, "sft"),
                               model=guard_model)
-        built = sft_build(main_out, model_out, config, ids, pipeline_fingerprint)
+        built = stage_runs.run_plan(stage_runs.sft_plan(config, main_out, model_out, ids), model_out)
         done = {"sft": {"stage_seconds": built["stage_seconds"], "status": built["status"]},
                 **stage_runs.run_job(config, ["train", "evaluate"])}
         steps[name] = done
-        models[name] = {**model_entry(model_out, description, fraction, built["counts"], done),
+        models[name] = {**model_entry(model_out, description, fraction, stage_runs.sft_counts(model_out), done),
                         "train_questions": len(ids), "sft_settings": sft}
         if name in ABLATIONS:  # SafeConf trained on the same questions, where the curve has that size
             same = "safeconf" if fraction == 1.0 else f"safeconf_{round(fraction * 100)}"

@@ -5,6 +5,8 @@ the same defaults whoever calls it (serving stays in safeconf.serving: it runs n
     guard     guard.data (off while empty) -> OUT/guard/{sft, adapter, merged, guard_summary.json}: the model every
               later stage then uses (safeconf.guard)
     pipeline  config.data -> OUT/summary.json, OUT/confidence/, OUT/sft/, OUT/rejects/
+    sft       RUN/confidence of a finished pipeline -> OUT/sft: the SFT set of a subset of its questions, with its
+              own sft settings and no new sampling (the experiment's learning curve and ablations; not in the job)
     train     OUT/sft (or train.dataset) -> OUT/train/{adapter, merged, train_summary.json}, checkpoints
     evaluate  eval.data (else OUT/sft/val_questions.parquet) + OUT/train/adapter -> OUT/eval/
 
@@ -14,6 +16,8 @@ What each stage reads and what its fingerprint hashes: safeconf.fingerprints.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -48,6 +52,15 @@ def _run_train(config: Config, dataset: str, out: str, run_key: str, fresh: bool
     return run_training(config, dataset, out, run_key=run_key, fresh=fresh)
 
 
+def _run_sft(config: Config, confidence: str, out: str, question_ids: list[str] | None = None) -> dict:
+    from safeconf.sft import build_sft
+
+    counts = build_sft(confidence, out, config.sft, None if question_ids is None else set(question_ids))
+    if not counts["examples"]["train"] or not counts["examples"]["val"]:
+        raise ValueError(f"{out}: an empty split ({counts}); raise sft.val_fraction or use more questions")
+    return {"counts": counts}
+
+
 def _run_evaluate(config: Config, data: str, out: str, adapter: str = "", model: str | None = None) -> dict:
     from safeconf.evaluation.runner import run_evaluation
 
@@ -56,7 +69,8 @@ def _run_evaluate(config: Config, data: str, out: str, adapter: str = "", model:
 
 # What runs each stage, called as runner(config, **StagePlan.args), the training stages with run_key and fresh too;
 # tests replace them with stubs.
-RUNNERS: dict[str, Callable[..., dict]] = {"guard": _run_guard, "pipeline": _run_pipeline, "train": _run_train, "evaluate": _run_evaluate}
+RUNNERS: dict[str, Callable[..., dict]] = {"guard": _run_guard, "pipeline": _run_pipeline, "sft": _run_sft,
+                                          "train": _run_train, "evaluate": _run_evaluate}
 
 
 @dataclass
@@ -147,6 +161,29 @@ def pipeline_plan(config: Config) -> StagePlan:
     return StagePlan("pipeline", config, {}, {"config": config_inputs(config, "pipeline")},
                      outputs=[io.join(out, p) for p in ("summary.json", "confidence", "sft", "rejects")],
                      done=io.join(out, "summary.json"))
+
+
+def sft_plan(config: Config, run: str, out: str, question_ids: list[str] | None = None) -> StagePlan:
+    """The SFT set of pipeline run `run` (its confidence table), for `question_ids` only (None: all), built with
+    config.sft into OUT/sft. Its inputs: the pipeline's fingerprint (from its marker: the run must be finished), the
+    sft settings and the questions; the counts go into its marker's summary (sft_counts)."""
+    run, out = io.normalise_uri(run), io.normalise_uri(out)
+    pipeline = read_marker(run, "pipeline")
+    if pipeline is None:
+        raise StageOrderError(f"{run}: its pipeline stage has not finished; the SFT set is built from its confidence table")
+    ids = None if question_ids is None else sorted(question_ids)
+    inputs = {"pipeline": pipeline["fingerprint"], "sft": dataclasses.asdict(config.sft),
+              "questions": hashlib.sha256("\n".join(ids).encode()).hexdigest() if ids is not None else "all"}
+    return StagePlan("sft", config, {"confidence": io.join(run, "confidence"), "out": io.join(out, "sft"),
+                                     "question_ids": ids}, inputs,
+                     outputs=[io.join(out, "sft")], done=io.join(out, "sft", "train.parquet"))
+
+
+def sft_counts(out: str) -> dict:
+    """The questions and examples per split of the SFT set an sft stage built into OUT (from its marker)."""
+    marker = read_marker(io.normalise_uri(out), "sft")
+    # markers written before the sft stage existed (experiments/shared_data_run.py's own) kept the counts at the top
+    return marker["summary"]["counts"] if "summary" in marker else marker["counts"]
 
 
 def train_plan(config: Config, dataset: str, out: str, sft=None) -> StagePlan:

@@ -76,3 +76,33 @@ def test_build_sft_keeps_every_variant_of_a_question_on_one_side(tmp_path):
         for q in questions:
             i = int(q["id"][1:])
             assert q["unsafe_option"] == (i % 2 if i % 3 else None) and q["answer"] == i % 4
+
+
+def test_the_sft_stage_builds_a_subsets_set_once_and_redoes_it_when_its_inputs_change(tmp_path):
+    """safeconf.stages' sft stage (the experiment's learning curve and ablations): the SFT set of some questions of
+    a finished pipeline run, from its confidence table; a rerun with the same inputs is skipped, other questions
+    or other sft settings rebuild it, and a run whose pipeline never finished is refused."""
+    from safeconf import io, stages
+    from safeconf.config import load_config
+
+    run, model = tmp_path / "run", tmp_path / "model"
+    config = load_config(overrides=[f"out={model}", "sft.val_fraction=0.3"])
+    with pytest.raises(stages.StageOrderError, match="pipeline stage has not finished"):
+        stages.sft_plan(config, str(run), str(model), ["q1"])
+    rows = [confidence_row(f"q{i}", answer=i % 4, picks=[i % 4] * 4) for i in range(40)]
+    (run / "confidence").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=CONFIDENCE_SCHEMA), run / "confidence" / "part-0.parquet")
+    io.write_json(stages.marker_path(str(run), "pipeline"), {"fingerprint": "p1", "inputs": {}})
+    half = [f"q{i}" for i in range(20)]
+
+    first = stages.run_plan(stages.sft_plan(config, str(run), str(model), half), str(model))
+    counts = stages.sft_counts(str(model))
+    assert first["status"] == "ran" and sum(counts["questions"].values()) == 20
+    built = {r["question_id"] for split in ("train", "val")
+             for r in pq.read_table(model / "sft" / f"{split}.parquet").to_pylist()}
+    assert built == set(half)
+    assert stages.run_plan(stages.sft_plan(config, str(run), str(model), list(reversed(half))), str(model))["status"] == "up to date"
+    again = stages.run_plan(stages.sft_plan(config, str(run), str(model), half + ["q20"]), str(model))
+    assert again["status"] == "ran" and sum(stages.sft_counts(str(model))["questions"].values()) == 21
+    config.sft.confidence_format = "none"
+    assert stages.run_plan(stages.sft_plan(config, str(run), str(model), half + ["q20"]), str(model))["status"] == "ran"
