@@ -49,8 +49,8 @@ class TrainingSections:
             doc.paragraph(
                 f"The calibration experiment (every section below) runs on the sets guard-tuning taught: "
                 f"{', '.join(calibration['sets'])}, chosen from this curve (a set is kept when the final guard "
-                "model's held-out accuracy interval lies above chance; experiments/shared_data_run.py "
-                "CALIBRATION_SETS). The others were not learned by this 135M model and are left out of it. "
+                "model's held-out accuracy interval lies above chance; the recipe's selection.calibration.sets, "
+                "experiments/recipes/public_safety.yaml). The others were not learned by this 135M model and are left out of it. "
                 f"Because the choice was made on the curve's held-out questions, the experiment trains on "
                 f"{sizes.get(calibration['train'], NA)} questions and is evaluated on a fresh draw of "
                 f"{sizes.get(calibration['heldout'], NA)} held-out questions that the curve never saw.")

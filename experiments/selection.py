@@ -11,6 +11,8 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import yaml
+
 from safeconf.guard import balance_of, text_key
 from safeconf.data.ingest import ingest
 
@@ -18,7 +20,6 @@ from safeconf.data.ingest import ingest
 log = logging.getLogger("experiment")
 
 SHARED = Path(os.environ.get("SAFECONF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,43 +35,53 @@ class Draw:
         return self.spec.format(d=shared)
 
 
-# One pool per data file; a file used on both sides (the SafetyBench zh subset, XSTest) is drawn from once for
-# train and then, for held-out, from what the train draw left: disjoint by construction (and asserted).
-TRAIN = [
-    Draw("diasafety", "diasafety:{d}/diasafety/train.json", 320),
-    Draw("cold", "cold:{d}/cold/train.csv", 320),
-    Draw("safetybench", "safetybench:{d}/safetybench/test_zh_subset.json", 300),
-    Draw("xstest", "xstest:{d}/xstest/xstest_prompts.csv", 100),
-]
-HELDOUT = [
-    Draw("diasafety", "diasafety:{d}/diasafety/val.json", 140),
-    Draw("cold", "cold:{d}/cold/dev.csv", 140),
-    Draw("safetybench-dev-en", "safetybench-dev:{d}/safetybench/dev_en.json", 35, balance=False),  # all 35
-    Draw("safetybench-dev-zh", "safetybench-dev:{d}/safetybench/dev_zh.json", 35, balance=False),  # all 35
-    Draw("safetybench", "safetybench:{d}/safetybench/test_zh_subset.json", 90),
-    Draw("xstest", "xstest:{d}/xstest/xstest_prompts.csv", 120),
-]
-GENERAL = [Draw("mmlu", "mmlu:{d}/general/mmlu/test", 50, balance=False),
-           Draw("cmmlu", "cmmlu:{d}/general/cmmlu/test", 50, balance=False)]
-# The guard-tuning pool (issue 20): gold-labelled questions from the same train files, drawn after train and held-out
-# (so disjoint from both, and asserted), for the plain SFT that gives the model safety knowledge before SafeConf.
-GUARD = [
-    Draw("diasafety", "diasafety:{d}/diasafety/train.json", 2400),
-    Draw("cold", "cold:{d}/cold/train.csv", 1000),
-    Draw("safetybench", "safetybench:{d}/safetybench/test_zh_subset.json", 600, balance=False),
-]
-# The calibration experiment (issue 20, item 2): SafeConf and its baselines on the guard-tuned model only on the sets
-# that guard-tuning taught. Chosen from the guard curve (RESULTS.md): the final guard model's held-out accuracy has a
-# 95% interval above chance on DiaSafety alone (0.707 [0.636, 0.782]); COLD (0.543 [0.453, 0.621]), SafetyBench
-# (0.311, 4-option and Yes / No questions) and XSTest (0.500; not in the pool) were not learned. Because that choice
-# was made on the curve's held-out questions, the experiment is evaluated on a FRESH held-out draw from the same
-# file (none of the curve's), and trains on the set's train questions plus more from its train file; all drawn after
-# the guard pool, so every draw above is unchanged.
-CALIBRATION_SETS = ("diasafety",)
-CALIBRATION_TRAIN_MORE = [Draw("diasafety", "diasafety:{d}/diasafety/train.json", 320)]
-CALIBRATION_HELDOUT = [Draw("diasafety", "diasafety:{d}/diasafety/val.json", 600)]
-# Over-refusal: XSTest's safe prompts that are no training question (all 200 of them at --scale 1).
-OVER_REFUSAL = Draw("xstest-safe", "xstest:{d}/xstest/xstest_prompts.csv", 200, balance=False)
+RECIPE = Path(__file__).resolve().parent / "recipes" / "public_safety.yaml"  # the RESULTS.md experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """An experiment's recipe (experiments/recipes/*.yaml): its draws, settings and ablations."""
+
+    seed: int
+    train: list[Draw]
+    heldout: list[Draw]
+    general: list[Draw]
+    over_refusal: Draw
+    guard: list[Draw]
+    calibration_sets: tuple[str, ...]
+    calibration_train_more: list[Draw]
+    calibration_heldout: list[Draw]
+    settings: list[str]  # config overrides
+    ablations: dict  # name -> {sft, methods, about}
+
+
+def load_recipe(path: str | Path = RECIPE) -> Recipe:
+    """The recipe of a YAML file; a draw or ablation that lacks a key, or has an unknown one, names it."""
+    path = Path(path)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+
+    def draws(where: str, entries) -> list[Draw]:
+        found = []
+        for i, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+            try:
+                found.append(Draw(**entry))
+            except TypeError as error:
+                raise ValueError(f"{path}: {where}[{i}]: {error} (a draw has name, spec, count and balance)") from None
+        return found
+
+    selection, calibration = doc["selection"], doc["selection"]["calibration"]
+    for name, ablation in doc.get("ablations", {}).items():
+        if set(ablation) != {"sft", "methods", "about"}:
+            raise ValueError(f"{path}: ablations.{name} must have exactly sft, methods and about, got {sorted(ablation)}")
+    return Recipe(seed=doc.get("seed", 0), train=draws("selection.train", selection["train"]),
+                  heldout=draws("selection.heldout", selection["heldout"]),
+                  general=draws("selection.general", selection["general"]),
+                  over_refusal=draws("selection.over_refusal", selection["over_refusal"])[0],
+                  guard=draws("selection.guard", selection.get("guard", [])),
+                  calibration_sets=tuple(calibration["sets"]),
+                  calibration_train_more=draws("selection.calibration.train_more", calibration["train_more"]),
+                  calibration_heldout=draws("selection.calibration.heldout", calibration["heldout"]),
+                  settings=[str(s) for s in doc.get("settings", [])], ablations=doc.get("ablations", {}))
 
 
 # --- selection ---
@@ -114,9 +125,13 @@ def scaled(draws: list[Draw], scale: float) -> list[Draw]:
     return [dataclasses.replace(d, count=max(1, round(d.count * scale))) for d in draws]
 
 
-def select(shared: Path, seed: int = SEED, scale: float = 1.0, guard_scale: float = 1.0) -> dict[str, list[dict]]:
-    """{"train", "heldout", "general", "over_refusal", "guard": questions}: seeded, balanced; train, held-out and
-    the guard pool disjoint (guard_scale 0: no guard pool)."""
+def select(shared: Path, seed: int | None = None, scale: float = 1.0, guard_scale: float = 1.0,
+           recipe: Recipe | None = None) -> dict[str, list[dict]]:
+    """{"train", "heldout", "general", "over_refusal", "guard": questions} of the recipe's draws (default: the
+    RESULTS.md experiment's): seeded (default: the recipe's seed), balanced; train, held-out and the guard pool
+    disjoint (guard_scale 0: no guard pool)."""
+    recipe = recipe or load_recipe()
+    seed = recipe.seed if seed is None else seed
     rng = random.Random(seed)
     pools, used = {}, defaultdict(set)  # spec -> rows; spec -> ids already drawn
     trained_texts: set = set()
@@ -136,29 +151,29 @@ def select(shared: Path, seed: int = SEED, scale: float = 1.0, guard_scale: floa
         used[spec].update(r["id"] for r in rows)
         return rows
 
-    train = [r for d in scaled(TRAIN, scale) for r in draw(d)]
+    train = [r for d in scaled(recipe.train, scale) for r in draw(d)]
     trained_texts.update(text_of(r) for r in train)
     excluded.clear()  # count only what the held-out draws leave out
-    heldout = [r for d in scaled(HELDOUT, scale) for r in draw(d)]
+    heldout = [r for d in scaled(recipe.heldout, scale) for r in draw(d)]
     heldout_excluded = dict(excluded)
-    general = [r for d in scaled(GENERAL, scale) for r in draw(d)]
+    general = [r for d in scaled(recipe.general, scale) for r in draw(d)]
     # drawn after the held-out XSTest part, from the safe prompts training left: some are held-out questions too
-    used[OVER_REFUSAL.location(shared)] = {r["id"] for r in train}
-    over_refusal = draw(scaled([OVER_REFUSAL], scale)[0], keep=lambda row: row["answer"] == 0)
+    used[recipe.over_refusal.location(shared)] = {r["id"] for r in train}
+    over_refusal = draw(scaled([recipe.over_refusal], scale)[0], keep=lambda row: row["answer"] == 0)
     # last, so the draws above are those of the runs before guard-tuning existed (the same seed, the same questions)
     trained_texts.update(text_of(r) for r in heldout)  # the guard pool shares no text with train or held-out
-    guard = [r for d in scaled(GUARD, guard_scale) for r in draw(d)] if guard_scale else []
+    guard = [r for d in scaled(recipe.guard, guard_scale) for r in draw(d)] if guard_scale else []
     check_disjoint(train, heldout)
     check_disjoint(train, over_refusal)
     check_disjoint(guard, train + heldout)
     chosen = {"train": train, "heldout": heldout, "general": general, "over_refusal": over_refusal, "guard": guard,
               "excluded_as_train_duplicates": heldout_excluded}
-    if guard:  # the calibration experiment's questions (CALIBRATION_SETS), drawn last
+    if guard:  # the calibration experiment's questions (recipe.calibration_sets), drawn last
         trained_texts.update(text_of(r) for r in guard)
-        more = [r for d in scaled(CALIBRATION_TRAIN_MORE, scale) for r in draw(d)]
-        chosen["calibration_train"] = [r for r in train if r["source"] in CALIBRATION_SETS] + more
+        more = [r for d in scaled(recipe.calibration_train_more, scale) for r in draw(d)]
+        chosen["calibration_train"] = [r for r in train if r["source"] in recipe.calibration_sets] + more
         trained_texts.update(text_of(r) for r in more)
-        chosen["calibration_heldout"] = [r for d in scaled(CALIBRATION_HELDOUT, scale) for r in draw(d)]
+        chosen["calibration_heldout"] = [r for d in scaled(recipe.calibration_heldout, scale) for r in draw(d)]
         check_disjoint(chosen["calibration_train"] + guard, chosen["calibration_heldout"] + heldout)
     return chosen
 

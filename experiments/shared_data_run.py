@@ -1,7 +1,10 @@
 """The RESULTS.md experiment in one command: guard-tuning, then SafeConf, its ablations and a learning curve on the
 public safety sets in ../shared/data, with the embedded model.
 
-    .venv/bin/python experiments/shared_data_run.py --out runs/experiment
+    .venv/bin/python experiments/shared_data_run.py --out runs/experiment [--recipe experiments/recipes/public_safety.yaml]
+
+The recipe (a YAML file; the default is the RESULTS.md experiment's) holds the draws of questions, the settings
+every model runs with and the ablations; this script runs it on the stage machinery (safeconf.stages).
 
 What it does, in order (every step reuses the stage code of safeconf.stages, each model in its own run directory,
 so a rerun with the same out dir skips every step whose inputs are unchanged: stage markers and fingerprints):
@@ -24,7 +27,7 @@ so a rerun with the same out dir skips every step whose inputs are unchanged: st
                 and of the fine-tuned model (safeconf, adapter_token_prob) on the held-out questions, with general
                 ability and over-refusal before and after. With a guard pool this is the calibration experiment,
                 in OUT/calibration, starting from the guard model: only the sets guard-tuning taught
-                (CALIBRATION_SETS: DiaSafety), its train questions plus 320 more, and a fresh held-out draw of 600
+                (the recipe's calibration sets: DiaSafety), its train questions plus 320 more, and a fresh held-out draw of 600
                 that the guard curve (which chose the set) never saw.
   2b. base_model  every baseline on the untrained base model (OUT/base_model), on the same held-out questions: the
                 rows kept beside the guard-tuned model's, with its general ability and over-refusal.
@@ -108,7 +111,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -118,11 +120,12 @@ from safeconf import stages as stage_runs
 from safeconf.config import DEFAULT_EVAL_METHODS, Config, load_config
 
 # scripts beside this one in experiments/ (on sys.path when it runs)
+from results_json import assemble, environment, guard_entry_point, model_entry
 from selection import (
-    CALIBRATION_SETS,
-    SEED,
+    RECIPE,
     SHARED,
     describe,
+    load_recipe,
     nested_order,
     select,
     subset,
@@ -132,28 +135,6 @@ from selection import (
 log = logging.getLogger("experiment")
 
 
-# The experiment's settings, as config overrides (anything after them on the command line wins).
-SETTINGS = [
-    "mutation.operators=[shuffle,polarity,relabel,framing]",
-    "mutation.variants_per_question=3",
-    "sampling.k=10",
-    "sampling.answer_format=label",
-    "sft.include_variants=false",
-    "sft.val_fraction=0.03",
-    "train.epochs=1",
-    "eval.bootstrap_samples=500",
-    "eval.aux_limit=0",
-]
-# Fine-tuned models besides main: (sft settings, eval methods, what the model is).
-ABLATIONS = {
-    "no_confidence": ({"confidence_format": "none"}, ["adapter_token_prob"],
-                      "(a) plain fine-tuning on the gold answers, no confidence in the target; its confidence is "
-                      "its option probability (adapter_token_prob)"),
-    "original_only": ({"confidence_from": "original"}, ["safeconf", "adapter_token_prob"],
-                      "(b) confidence from the k samples of the original question only, no mutations"),
-    "majority": ({"target": "majority"}, ["safeconf", "adapter_token_prob"],
-                 "(c) the model's own majority answer and its agreement, no gold labels"),
-}
 ADAPTER_EVAL = ["safeconf", "adapter_token_prob"]
 
 
@@ -192,75 +173,19 @@ def curve_steps(config: Config, examples: list[int]) -> dict[int, int]:
     return {max(1, round(n / per_step)): n for n in examples}
 
 
-def guard_entry_point(out: str) -> dict:
-    """One guard curve point: the held-out scores of its one method (adapter_token_prob; token_prob for the
-    untrained model), overall and per data set."""
-    (method, methods), = read_metrics(out)["methods"].items()
-    return {"out": out, "method": method, "overall": methods.get("overall"), "by_source": methods.get("by_source"),
-            "verdict_consistency": methods.get("verdict_consistency")}
-
-
-def guard_entry(main_out: str, curve: dict) -> dict:
-    """The guard stage's pool and training, and the held-out accuracy at each curve point (adapter_token_prob of
-    the snapshot adapter on the base model: the guard model's option probability)."""
-    summary = io.read_json(io.join(main_out, "guard", "guard_summary.json"))
-    points = [{"examples": examples, **guard_entry_point(name)}
-              for name, examples in sorted(curve.items(), key=lambda item: item[1])]  # by pool examples
-    return {"pool": summary["pool"], "train": {k: summary["train"].get(k) for k in (
-        "steps", "examples", "train_tokens", "tokens_per_s", "final_train_loss", "val_loss_per_epoch", "precision",
-        "seconds")}, "curve": points}
-
-
-def read_metrics(out: str) -> dict:
-    return io.read_json(io.join(out, "eval", "metrics.json"))
-
-
-def model_entry(out: str, description: str, fraction: float, sft_counts: dict, steps: dict) -> dict:
-    metrics = read_metrics(out)
-    train_summary = io.join(out, "train", "train_summary.json")
-    summary = io.read_json(train_summary) if io.exists(train_summary) else {}
-    return {
-        "description": description, "train_fraction": fraction, "out": out, "sft": sft_counts,
-        "train": {k: summary[k] for k in ("steps", "epochs", "examples", "train_tokens", "tokens_per_s",
-                                         "median_step_tokens_per_s", "final_train_loss", "val_loss_per_epoch",
-                                         "precision", "seconds") if k in summary},
-        "methods": {m: e for m, e in metrics["methods"].items() if e.get("role") == "adapter"},
-        "steps": steps,
-    }
-
-
-def environment(config: Config) -> dict:
-    """What RESULTS.md must name beside its numbers: the code, the engine dtype that model.dtype resolved to on this
-    machine, whether the CPU multiplies bf16 natively, the CPU."""
-    import platform
-    import subprocess
-
-    from safeconf.models import cpu_has_bf16, engine_dtype
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                                  cwd=Path(__file__).parent).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "-uno")),
-            "model_dtype": config.model.dtype, "engine_dtype_used": engine_dtype(config.model.dtype, on_gpu=False),
-            "cpu_bf16": cpu_has_bf16(), "cpu": cpu, "cores": os.cpu_count()}
-
-
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/experiment")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the question selection and the subsets")
+    parser.add_argument("--recipe", default=str(RECIPE), help="the experiment's recipe (experiments/recipes/*.yaml): its "
+                        "draws, settings and ablations")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the question selection and the subsets (default: the recipe's)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every selection size (a smoke run: 0.02)")
     parser.add_argument("--curve", default="0.25,0.5,1.0",
                         help="training fractions of the learning curve (1.0 is the main run, always run)")
     parser.add_argument("--ablation-fraction", type=float, default=0.25,
                         help="training fraction of the ablations (the same nested subset as the curve's point)")
-    parser.add_argument("--ablations", default=",".join(ABLATIONS), help=f"which of {', '.join(ABLATIONS)}")
+    parser.add_argument("--ablations", default=None, help="which of the recipe's ablations, comma-separated (default: all)")
     parser.add_argument("--guard-scale", type=float, default=1.0,
                         help="multiply the guard pool's size (0: no guard-tuning; every model starts from the base "
                         "model, as before issue 20)")
@@ -280,10 +205,16 @@ def parse_args(argv: list[str] | None):
                         "ran; e.g. a stopped run's), into OUT/guard_curve.json; the full run reuses them")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, after the experiment's")
     args = parser.parse_intermixed_args(argv)
-    args.ablations = [a for a in args.ablations.split(",") if a]
-    unknown = [a for a in args.ablations if a not in ABLATIONS]
+    try:
+        args.recipe = load_recipe(args.recipe)
+    except (OSError, ValueError, KeyError) as error:
+        parser.error(f"recipe {args.recipe}: {error}")
+    args.seed = args.recipe.seed if args.seed is None else args.seed
+    known = args.recipe.ablations
+    args.ablations = list(known) if args.ablations is None else [a for a in args.ablations.split(",") if a]
+    unknown = [a for a in args.ablations if a not in known]
     if unknown:
-        parser.error(f"unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}")
+        parser.error(f"unknown ablations {unknown}; the recipe has {', '.join(known)}")
     args.curve = sorted({float(f) for f in args.curve.split(",") if f} | {1.0})
     if not all(0 < f <= 1 for f in args.curve + [args.ablation_fraction]):
         parser.error("training fractions must be in (0, 1]")
@@ -293,7 +224,7 @@ def parse_args(argv: list[str] | None):
 def select_step(args, out: Path, steps: dict) -> tuple[dict, dict, dict]:
     """1. the questions, written to OUT/data: (chosen rows, their SPECs, OUT/selection.json's content)."""
     began = time.time()
-    chosen = select(SHARED, args.seed, args.scale, args.guard_scale)
+    chosen = select(SHARED, args.seed, args.scale, args.guard_scale, args.recipe)
     excluded = chosen.pop("excluded_as_train_duplicates")
     data = out / "data"
     specs = {name: write_jsonl(data / f"{name}_questions.jsonl", rows) for name, rows in chosen.items() if rows}
@@ -347,7 +278,9 @@ def model_steps(args, base: Config, chosen: dict, specs: dict, train: str, heldo
     order = nested_order(chosen[train], args.seed)
     planned = {f"safeconf_{round(f * 100)}": ({}, ADAPTER_EVAL, f"SafeConf on {f:.0%} of the train questions", f)
                for f in args.curve if f < 1}
-    planned.update({name: (*ABLATIONS[name], args.ablation_fraction) for name in args.ablations})
+    ablations = args.recipe.ablations
+    planned.update({name: (ablations[name]["sft"], ablations[name]["methods"], ablations[name]["about"],
+                           args.ablation_fraction) for name in args.ablations})
     models = {"safeconf": {**model_entry(main_out, "SafeConf (main): confidence over the original and its variants",
                                          1.0, summary.get("sft"), steps["main"]),
                            "train_questions": len(chosen[train])}}
@@ -362,7 +295,7 @@ def model_steps(args, base: Config, chosen: dict, specs: dict, train: str, heldo
         steps[name] = done
         models[name] = {**model_entry(model_out, description, fraction, stage_runs.sft_counts(model_out), done),
                         "train_questions": len(ids), "sft_settings": sft}
-        if name in ABLATIONS:  # SafeConf trained on the same questions, where the curve has that size
+        if name in ablations:  # SafeConf trained on the same questions, where the curve has that size
             same = "safeconf" if fraction == 1.0 else f"safeconf_{round(fraction * 100)}"
             models[name]["compare_with"] = same if same == "safeconf" or same in planned else None
         log.info("%s done: %s", name, done)
@@ -380,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen, specs, selection = select_step(args, out, steps)
 
     overrides = [f"data={specs['train']}", f"eval.general_data={specs['general']}",
-                 f"eval.over_refusal_data={specs['over_refusal']}", *SETTINGS, *args.overrides]
+                 f"eval.over_refusal_data={specs['over_refusal']}", *args.recipe.settings, *args.overrides]
     base = load_config(None, overrides)
     io.write_json(str(out / "environment.json"), environment(base))
     main_out = str(out / "main")
@@ -419,38 +352,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"results": str(out / "results.json"), "wall_seconds": results["wall_seconds"],
                       "sizes": results["sizes"], "steps": steps}, indent=2))
     return 0
-
-
-def assemble(args, argv, base: Config, selection: dict, summary: dict, main_out: str, base_out: str | None,
-             guard_points: dict, guard_model: str, train: str, heldout: str, models: dict, steps: dict, out: Path,
-             started: float) -> dict:
-    """4. results.json: per model and method the metrics.json entries, and how the run was made."""
-    main_metrics = read_metrics(main_out)
-    return {
-        "command": [sys.executable, *sys.argv] if argv is None else ["experiments/shared_data_run.py", *argv],
-        "seeds": {"selection": args.seed, "mutation": base.mutation.seed, "sampling": base.sampling.seed,
-                  "sft_split": base.sft.seed, "train": base.train.seed, "eval": base.eval.seed},
-        "settings": SETTINGS + args.overrides,
-        "sizes": {name: entry["questions"] for name, entry in selection.items()},
-        "selection": selection,
-        "pipeline": {k: summary.get(k) for k in summary if k != "config"},
-        "baselines": {m: e for m, e in main_metrics["methods"].items() if e.get("role") == "base"},
-        "base_model": {"methods": read_metrics(base_out)["methods"],
-                       "general_ability": read_metrics(base_out).get("general_ability"),
-                       "over_refusal": read_metrics(base_out).get("over_refusal")} if base_out else None,
-        "guard": guard_entry(str(out / "main"), guard_points) if guard_points else None,
-        "calibration": {"sets": list(CALIBRATION_SETS), "train": train, "heldout": heldout} if guard_model else None,
-        "model": {"name": guard_model or base.model.name, "guard_tuned": bool(guard_model)},
-        "models": models,
-        "general_ability": main_metrics.get("general_ability"),
-        "over_refusal": main_metrics.get("over_refusal"),
-        "estimators": main_metrics.get("estimators"),
-        "notes": main_metrics.get("notes"),
-        "warnings": main_metrics.get("warnings"),
-        "steps": steps,
-        "environment": io.read_json(str(out / "environment.json")),
-        "wall_seconds": round(time.time() - started, 1),
-    }
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_the_guard_pool_is_large_disjoint_and_leaves_the_other_draws_as_they_wer
 
 def test_the_calibration_experiment_draws_its_own_sets_questions_disjoint_from_the_curve_and_the_pool(chosen, script):
     train, heldout = chosen["calibration_train"], chosen["calibration_heldout"]
-    assert {r["source"] for r in train + heldout} == set(script.CALIBRATION_SETS) == {"diasafety"}
+    assert {r["source"] for r in train + heldout} == set(script.load_recipe().calibration_sets) == {"diasafety"}
     assert len(train) == 640 and len(heldout) == 600
     # the main train draw's DiaSafety questions are kept, and more are added
     assert {r["id"] for r in chosen["train"] if r["source"] == "diasafety"} < {r["id"] for r in train}
@@ -127,30 +127,6 @@ def test_learning_curve_subsets_are_nested_and_balanced(chosen, script):
             assert shares[name] / len(part) == pytest.approx(n / len(order), abs=0.02)
 
 
-def test_an_ablations_sft_set_is_rebuilt_only_when_its_inputs_change(tmp_path, script):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from safeconf.config import load_config
-    from safeconf.schema import CONFIDENCE_SCHEMA
-    from test_ablations import confidence_row
-
-    rows = [confidence_row(f"q{i}", i % 4, [[i % 4] * 4] * 4) for i in range(20)]
-    (tmp_path / "main" / "confidence").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=CONFIDENCE_SCHEMA), tmp_path / "main" / "confidence" / "0.parquet")
-    config = load_config(overrides=["sft.val_fraction=0.3", "sft.confidence_format=none"])
-    ids = [f"q{i}" for i in range(20)]
-    build = lambda config, ids: load_script().sft_build(str(tmp_path / "main"), str(tmp_path / "m"), config, ids, "fp")  # noqa: E731
-    first = build(config, ids)
-    assert first["status"] == "ran" and sum(first["counts"]["questions"].values()) == 20
-    assert build(config, ids)["status"] == "up to date"
-    assert build(config, ids[:10])["status"] == "ran"  # another subset
-    config.sft.confidence_format = "percent"
-    assert build(config, ids[:10])["status"] == "ran"  # another setting
-    targets = pq.read_table(tmp_path / "m" / "sft" / "train.parquet").column("target").to_pylist()
-    assert all("Confidence" in t for t in targets)
-
-
 def test_token_prob_check_draws_disjoint_dev_and_heldout_questions():
     # experiments/token_prob_check.py (issue 12 part 6) reads the sets through the experiment's own reader
     sys.path.insert(0, str(REPO / "experiments"))
@@ -163,3 +139,20 @@ def test_token_prob_check_draws_disjoint_dev_and_heldout_questions():
     for rows in (dev, heldout):
         assert {r["source"].split("-")[0] for r in rows} == {"diasafety", "cold", "safetybench", "xstest"}
     assert not {r["question"] for r in dev} & {r["question"] for r in heldout}
+
+
+def test_a_recipe_names_what_is_wrong_with_it(script, tmp_path):
+    """A recipe whose draw lacks a key, or whose ablation has an unknown one, is refused naming the place."""
+    import yaml
+
+    doc = yaml.safe_load(script.RECIPE.read_text())
+    assert script.load_recipe().settings[0].startswith("mutation.operators=")
+    broken = dict(doc, selection={**doc["selection"], "heldout": [{"name": "x", "spec": "jsonl:{d}/x.jsonl"}]})
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    with pytest.raises(ValueError, match=r"selection.heldout\[0\]: .*count"):
+        script.load_recipe(path)
+    odd = dict(doc, ablations={"plain": {"sft": {}, "methods": ["safeconf"], "why": "?"}})
+    path.write_text(yaml.safe_dump(odd))
+    with pytest.raises(ValueError, match="ablations.plain must have exactly sft, methods and about"):
+        script.load_recipe(path)

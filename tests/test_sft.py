@@ -104,5 +104,9 @@ def test_the_sft_stage_builds_a_subsets_set_once_and_redoes_it_when_its_inputs_c
     assert stages.run_plan(stages.sft_plan(config, str(run), str(model), list(reversed(half))), str(model))["status"] == "up to date"
     again = stages.run_plan(stages.sft_plan(config, str(run), str(model), half + ["q20"]), str(model))
     assert again["status"] == "ran" and sum(stages.sft_counts(str(model))["questions"].values()) == 21
-    config.sft.confidence_format = "none"
+    targets = pq.read_table(model / "sft" / "train.parquet").column("target").to_pylist()
+    assert all("Confidence" in t for t in targets)
+    config.sft.confidence_format = "none"  # another setting (the no_confidence ablation)
     assert stages.run_plan(stages.sft_plan(config, str(run), str(model), half + ["q20"]), str(model))["status"] == "ran"
+    targets = pq.read_table(model / "sft" / "train.parquet").column("target").to_pylist()
+    assert not any("Confidence" in t for t in targets)
