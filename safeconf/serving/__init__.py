@@ -72,7 +72,8 @@ from __future__ import annotations
 import os
 
 from safeconf.config import load_config
-from safeconf.serving.app import JudgeFront, failure_response, is_unavailable
+from safeconf.serving.app import JudgeFront
+from safeconf.serving.unavailable import failure_response, is_unavailable
 from safeconf.serving.application import (
     FrontDeployment,
     JudgeDeployment,

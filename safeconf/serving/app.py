@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from safeconf.config import config_from_dict
 from safeconf.evaluation.results import UNREADABLE_P_UNSAFE
 from safeconf.serving.judging import judge_item, text_item
+from safeconf.serving.metrics import Metrics
 from safeconf.serving.schemas import (
     MODERATION_CATEGORY,
     ApiError,
@@ -43,6 +44,7 @@ from safeconf.serving.schemas import (
     ModerationResponse,
     error_response,
 )
+from safeconf.serving.unavailable import Unanswered, failure_response, running_replicas, unavailable_response
 
 log = logging.getLogger("ray.serve")
 
@@ -131,88 +133,6 @@ async def _unexpected(request: Request, exc: Exception):
     """Last resort (routes catch their own errors): a 500 without internals; the trace goes to the log."""
     log.exception("unexpected error on %s", request.url.path)
     return error_response(500, "internal_error", "internal error; see the server log")
-
-
-# --- metrics: Ray's Prometheus metrics, tagged with the deployment and replica by Serve ---
-
-
-class Metrics:
-    """The front's HTTP metrics (each request, by route and status, and its latency)."""
-
-    LATENCY_BOUNDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
-
-    def __init__(self):
-        from ray.serve.metrics import Counter, Histogram
-
-        self.requests = Counter("safeconf_requests", description="HTTP requests by route and status.",
-                                tag_keys=("path", "status"))
-        self.latency = Histogram("safeconf_request_latency_s", description="Request latency in seconds.",
-                                 boundaries=self.LATENCY_BOUNDS, tag_keys=("path",))
-
-    def count(self, path: str, status: int, seconds: float | None = None):
-        self.requests.inc(tags={"path": path, "status": str(status)})
-        if seconds is not None:
-            self.latency.observe(seconds, tags={"path": path})
-
-
-def judgement_counter():
-    """The engine's count of judgements (it alone sees how each was decided)."""
-    from ray.serve.metrics import Counter
-
-    return Counter("safeconf_judgements", description="Judgements by method, decision (accept / defer), confidence "
-                   "source, tier and who decided (safeconf / escalated).",
-                   tag_keys=("method", "decision", "confidence_source", "tier", "decided_by"))
-
-
-# --- engine failures: which give 503 + Retry-After ---
-
-
-def unavailable_errors() -> tuple[type, ...]:
-    """What a DeploymentHandle call raises when no engine replica can answer (read from Ray 2.60's router and
-    replica_result): the replica died holding the request (ActorDiedError, also inside a RayTaskError), is
-    unreachable or restarting (ActorUnavailableError; RayActorError covers both), the caller's queue of
-    max_queued_requests is full (BackPressureError), the deployment failed to deploy (DeploymentUnavailableError),
-    or the chosen replica is gone (ReplicaUnavailableError)."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-
-    return (ActorDiedError, ActorUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError,
-            ReplicaUnavailableError)
-
-
-def is_unavailable(error: BaseException) -> bool:
-    from ray.exceptions import RayTaskError
-
-    found = unavailable_errors()
-    if isinstance(error, found):
-        return True
-    # a RayTaskError wrapping one of them (Ray makes it an instance of its cause, but not for every cause)
-    return isinstance(error, RayTaskError) and isinstance(getattr(error, "cause", None), found)
-
-
-def unavailable_response(message: str, retry_after_s: float) -> JSONResponse:
-    response = error_response(503, "service_unavailable", message)
-    response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))  # RFC 9110: whole seconds
-    return response
-
-
-def failure_response(error: BaseException, retry_after_s: float) -> JSONResponse:
-    """The answer to a failed engine call: 503 + Retry-After when no replica could answer, else 500; never the
-    trace (that goes to the log)."""
-    if is_unavailable(error):
-        log.warning("engine unavailable: %s: %s", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-        return unavailable_response("the judge is restarting or busy; retry after the Retry-After seconds",
-                                    retry_after_s)
-    log.error("engine call failed", exc_info=error)
-    return error_response(500, "internal_error", "internal error; see the server log")
-
-
-class Unanswered(Exception):
-    """The engine gave no answer: the response to send instead."""
-
-    def __init__(self, response: JSONResponse):
-        super().__init__(response.status_code)
-        self.response = response
 
 
 # --- the front deployment ---
@@ -418,15 +338,6 @@ class JudgeFront:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return {"messages": messages, "n": body.n, "temperature": body.temperature, "top_p": body.top_p,
                 "max_tokens": max_tokens, "stop": stop}
-
-
-def running_replicas(deployment: str) -> int:
-    """RUNNING replicas of a deployment of this replica's application, from Serve's controller."""
-    from ray import serve
-
-    app = serve.get_replica_context().app_name
-    found = serve.status().applications[app].deployments[deployment]
-    return found.replica_states.get("RUNNING", 0)
 
 
 async def _awaited(response):

@@ -16,7 +16,8 @@ from ray import serve
 
 from safeconf.config import Config, config_from_dict
 from safeconf.engines.vllm_async import CallScope
-from safeconf.serving.app import MAIN, judgement_counter
+from safeconf.serving.app import MAIN
+from safeconf.serving.metrics import judgement_counter
 from safeconf.serving.escalation import EscalationError, EscalationTarget, escalate, with_escalation
 from safeconf.serving.judging import (
     POLICY_KEYS,
