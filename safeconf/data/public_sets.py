@@ -39,10 +39,13 @@ def _label(mapping: dict, value, field: str = "label") -> tuple[int | None, tupl
     return None, (field, f"unknown {field} {value!r}; expected one of {', '.join(map(str, mapping))}")
 
 
-def _safetybench_task(question, options) -> tuple[str, int | None]:
-    """("judge", its unsafe option) for a Yes / No judgement with a known ask, else ("mcq", None)."""
-    unsafe = safetybench_unsafe_option(question, options)
-    return ("mcq", None) if unsafe is None else ("judge", unsafe)
+def _safetybench_record(rid: str, source: str, lang: str, category, item: dict, answer) -> dict:
+    """A SafetyBench question as a record: a Yes / No judgement with a known ask is task "judge" with its unsafe
+    option, anything else "mcq"."""
+    unsafe = safetybench_unsafe_option(item.get("question"), item.get("options"))
+    return {"id": rid, "source": source, "lang": lang, "task": "mcq" if unsafe is None else "judge",
+            "category": category, "question": item.get("question"), "options": item.get("options"), "answer": answer,
+            "unsafe_option": unsafe}
 
 
 def _judge(location, raw, rid, source, lang, category, content_field, content, label, labels, kind, context=None):
@@ -91,18 +94,8 @@ def read_safetybench(path) -> Iterator[RawRecord]:
             # an unknown answer is allowed (null); validation checks the range
             gold = answers.get(str(item["id"]))
             answer = gold.get("answer") if isinstance(gold, dict) else None
-        task, unsafe = _safetybench_task(item.get("question"), item.get("options"))
-        record = {
-            "id": f"safetybench-{lang}-{item['id']}",
-            "source": "safetybench",
-            "lang": lang,
-            "task": task,
-            "category": item.get("category"),
-            "question": item.get("question"),
-            "options": item.get("options"),
-            "answer": answer,
-            "unsafe_option": unsafe,
-        }
+        record = _safetybench_record(f"safetybench-{lang}-{item['id']}", "safetybench", lang, item.get("category"),
+                                     item, answer)
         yield RawRecord(location, record, None, raw)
 
 
@@ -123,18 +116,8 @@ def read_safetybench_dev(path) -> Iterator[RawRecord]:
             if not isinstance(item, dict):
                 yield RawRecord(location, None, ("row", f"expected a JSON object, got {type(item).__name__}"), raw)
                 continue
-            task, unsafe = _safetybench_task(item.get("question"), item.get("options"))
-            record = {
-                "id": f"safetybench-dev-{lang}-{category}-{i}",
-                "source": "safetybench-dev",
-                "lang": lang,
-                "task": task,
-                "category": category,
-                "question": item.get("question"),
-                "options": item.get("options"),
-                "answer": item.get("answer"),
-                "unsafe_option": unsafe,
-            }
+            record = _safetybench_record(f"safetybench-dev-{lang}-{category}-{i}", "safetybench-dev", lang, category,
+                                         item, item.get("answer"))
             yield RawRecord(location, record, None, raw)
 
 
