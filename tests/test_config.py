@@ -7,14 +7,18 @@ safeconf.pipeline with a stub.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import types
+import typing
 
 import pytest
 
 
 from safeconf.cli import build_parser, main
-from safeconf.config import Config, config_from_dict, describe_options, load_config, parse_overrides
+from safeconf.config import (MUTATION_OPERATORS, Config, config_from_dict, describe_options, load_config,
+                             parse_overrides)
 from safeconf.mutations import OPERATORS
 from safeconf.schema import DataFormatError
 
@@ -314,12 +318,13 @@ def test_main_pipeline_data_error_exits_1(stub_pipeline, capsys):
 
 
 def test_placement_settings_are_checked_by_name():
-    with pytest.raises(ValueError, match="train.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"):
+    with pytest.raises(ValueError, match="train.placement_strategy must be one of 'PACK', 'SPREAD', 'STRICT_PACK', "
+                                         "'STRICT_SPREAD', got 'spread'"):
         load_config(overrides=["train.placement_strategy=spread"])
     assert load_config(overrides=["train.placement_strategy=STRICT_SPREAD"]).train.placement_strategy == "STRICT_SPREAD"
-    # serve settings are checked where the endpoint is built (ServeConfig.problems)
-    assert any("serve.proxy_location must be EveryNode, HeadOnly or Disabled" in p
-               for p in load_config(overrides=["serve.proxy_location=everynode"]).serve.problems())
+    # serve settings are checked when the config loads, as every section's
+    with pytest.raises(ValueError, match="serve.proxy_location must be one of 'EveryNode', 'HeadOnly', 'Disabled'"):
+        load_config(overrides=["serve.proxy_location=everynode"])
     assert load_config(overrides=["serve.proxy_location=HeadOnly"]).serve.problems() == []
 
 
@@ -332,3 +337,94 @@ def test_engine_concurrency_is_a_count_or_a_range():
     for bad in ("0", "8-1", "two", "1-"):
         with pytest.raises(ValueError, match="engine.concurrency"):
             load_config(None, [f"engine.concurrency={bad}"])
+
+
+# --- the pydantic model: choices, rules, shapes --------------------------------------------------
+
+
+def test_operator_choices_are_the_mutation_operators():
+    assert list(MUTATION_OPERATORS) == sorted(OPERATORS)
+
+
+def test_choice_error_names_the_key_the_choices_and_the_value():
+    with pytest.raises(ValueError) as error:
+        load_config(overrides=["engine.kind=tpu", "mutation.operators=shuffle,sideways"])
+    assert type(error.value) is ValueError  # pydantic's ValidationError does not leak out
+    message = str(error.value)
+    assert message.startswith("invalid config:")
+    assert "engine.kind must be one of 'auto', 'hf', 'vllm', got 'tpu'" in message
+    assert "mutation.operators[1] must be one of" in message and "got 'sideways'" in message
+
+
+def test_a_bad_choice_does_not_hide_the_other_rules_of_its_section():
+    with pytest.raises(ValueError) as error:
+        load_config(overrides=["train.zero_stage=4", "train.group_window=0", "sampling.k=0"])
+    message = str(error.value)
+    assert "train.zero_stage must be one of 2, 3, got 4" in message
+    assert "train.group_window must be at least 1" in message and "sampling.k must be >= 1" in message
+
+
+def test_offload_params_needs_zero3():
+    with pytest.raises(ValueError, match=r"train\.offload_params needs train\.zero_stage=3"):
+        load_config(overrides=["train.offload_params=true"])
+    assert load_config(overrides=["train.offload_params=true", "train.zero_stage=3"]).train.offload_params
+
+
+def test_rules_across_keys_see_the_final_values(yaml_file):
+    # min 5 > max 2 after the override, but the explicit value raises max after it: only the merged values count
+    path = yaml_file("serve:\n  max_replicas: 2\n")
+    config = load_config(path, ["serve.min_replicas=5"], serve={"max_replicas": 6})
+    assert (config.serve.min_replicas, config.serve.max_replicas) == (5, 6)
+    with pytest.raises(ValueError, match=r"serve\.min_replicas must be >= 1 and <= serve\.max_replicas"):
+        load_config(overrides=["serve.max_replicas=4", "serve.min_replicas=5"])
+
+
+def test_validate_checks_fields_set_after_loading():
+    config = load_config()
+    config.guard.data = "jsonl:pool.jsonl"
+    assert config.validate() is config
+    config.sampling.temperature = 0.0
+    config.eval.methods = ["verbalized", "bogus"]
+    with pytest.raises(ValueError) as error:
+        config.validate()
+    message = str(error.value)
+    assert message.startswith("invalid config:") and "sampling.temperature must be > 0 when k > 1" in message
+    assert "eval.methods[1] must be one of" in message
+
+
+def test_to_dict_keeps_each_fields_type():
+    """Stage fingerprints hash to_dict(): a float field must stay a float (1.0, not 1), a list a list, and the
+    keys keep the fields' order, also when the values come from text overrides or a dict of another run."""
+
+    def expected_type(annotation):
+        origin = typing.get_origin(annotation)
+        if origin is typing.Literal:
+            return type(typing.get_args(annotation)[0])
+        if origin in (types.UnionType, typing.Union):
+            return typing.get_args(annotation)
+        return list if origin is list else annotation
+
+    def check(values: dict, cls):
+        hints = typing.get_type_hints(cls)
+        assert list(values) == [f.name for f in dataclasses.fields(cls)]
+        for key, value in values.items():
+            if dataclasses.is_dataclass(hints[key]):
+                check(value, hints[key])
+            else:
+                allowed = expected_type(hints[key])
+                assert type(value) in (allowed if isinstance(allowed, tuple) else (allowed,)), (key, value)
+
+    overrides = ["engine.num_gpus=1", "engine.memory_gib=2", "train.learning_rate=1", "eval.alpha=0.2",
+                 "engine.concurrency=1-4", "train.snapshot_steps=[10,20]", "mutation.operators=shuffle"]
+    for config in (Config(), load_config(), load_config(overrides=overrides)):
+        check(config.to_dict(), Config)
+        check(config_from_dict(json.loads(json.dumps(config.to_dict()))).to_dict(), Config)
+    values = load_config(overrides=overrides).to_dict()
+    assert values["engine"]["num_gpus"] == 1.0 and values["engine"]["concurrency"] == "1-4"
+    defaults = Config().to_dict()  # a few keys as JSON: a field's annotation changed to int or tuple shows here too
+    assert json.dumps([defaults["engine"]["num_gpus"], defaults["train"]["learning_rate"], defaults["engine"]["concurrency"],
+                       defaults["eval"]["coverage_levels"], defaults["sampling"]["stop"]]) == \
+        '[0.0, 0.0002, 1, [0.5, 0.8], ["\\n\\n"]]'
+    assert json.dumps(Config(engine={"num_cpus": 4}).to_dict()) == json.dumps(load_config(overrides=[
+        "engine.num_cpus=4"]).to_dict())
+

@@ -864,5 +864,5 @@ def test_replica_engine_choice():
     assert not replica_is_async(load_config(overrides=["engine.kind=vllm", "serve.replica_engine=batched"]))
     with pytest.raises(ValueError, match="needs the vLLM engine"):
         replica_is_async(load_config(overrides=["engine.kind=hf", "serve.replica_engine=async"]))
-    assert any("serve.replica_engine must be" in p
-               for p in load_config(overrides=["serve.replica_engine=threads"]).serve.problems())
+    with pytest.raises(ValueError, match="serve.replica_engine must be"):
+        load_config(overrides=["serve.replica_engine=threads"])

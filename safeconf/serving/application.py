@@ -85,10 +85,7 @@ def auth_token_digest(config: Config) -> str | None:
 def build_app(config: Config):
     """The Serve application of the config (`serve.run(build_app(config))`): the front (ingress) bound to the
     engine deployment, which it calls through a DeploymentHandle."""
-    config.validate()
-    problems = config.serve.problems()
-    if problems:
-        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    config.validate()  # the serve section's rules included
     config = _with_absolute_paths(config)
     target = EscalationTarget.of(config.serve)
     adapters = {entry["name"]: resolve_policy(adapter_config(config, entry)).user_config()

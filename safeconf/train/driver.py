@@ -90,8 +90,6 @@ def run_training(config: Config, dataset_uri: str, out_uri: str, run_key: str = 
 
     started = time.time()
     train = config.train
-    if train.offload_params and train.zero_stage != 3:
-        raise ValueError("train.offload_params needs train.zero_stage=3 (ZeRO-2 does not partition parameters)")
     precision = training_precision(config)
     out, dataset = io.normalise_uri(out_uri), io.normalise_uri(dataset_uri)
     # validate before anything starts: a bad row is an error naming file, row and column, not a worker crash
