@@ -27,40 +27,32 @@ import pyarrow.fs as pafs
 
 from safeconf import io
 from safeconf.config import Config, speed_only_keys
+from safeconf.config.loading import field_metadata
 
 STAGES = ("guard", "pipeline", "train", "evaluate")
 TRAINING_STAGES = ("guard", "train")  # run on Ray Train: named by a run key, resumed from checkpoints
 
-# The config keys (top-level keys and sections) each stage reads.
-READS = {
-    "guard": ("model", "train"),  # of safeconf.guard.guard_train_config(config); the pool is an input of its own
-    "pipeline": ("data", "limit", "model", "engine", "mutation", "sampling", "sft"),
-    "train": ("model", "train"),
-    "evaluate": ("limit", "model", "engine", "mutation", "sampling", "eval"),
-}
+# The config keys (top-level keys and sections) each stage reads: option(..., read_by=...) / section(..., read_by=...)
+# of the root config.
+READS = {stage: tuple(key for key, stages in field_metadata("read_by").items() if "." not in key and stage in stages)
+         for stage in STAGES}
 
 # Keys that never enter a fingerprint: they change how fast or where a stage runs, not what it writes. New keys
 # are in the fingerprint unless listed here, so forgetting one costs a redo, never a stale result.
 SPEED_ONLY = speed_only_keys()  # from the config's field metadata (option(..., speed_only=why))
-# ZeRO settings shard the same computation differently: not in the train fingerprint (a finished run stays up to
-# date), but a DeepSpeed checkpoint written under one layout cannot be loaded under another, so they are in the
-# key that names the Ray Train run: an interrupted run resumes only with the layout it was written with.
-CHECKPOINT_LAYOUT = ("train.zero_stage", "train.offload_optimizer", "train.offload_params",
-                     "train.zero3_persistence_threshold")
-# Changes what the train stage writes (OUT/train/merged), not the training: in the fingerprint, not the run key
-# (merging happens on the driver after fit, so a finished run is restored and merged).
-TRAIN_OUTPUT_ONLY = ("train.merge", "train.snapshot_steps")
+# The Ray Train run's key (run_key_of) differs from the train fingerprint by the config's run_key metadata: the
+# checkpoint layout (ZeRO stage and offloading: an interrupted run resumes only with the layout it was written with)
+# is in the key and not the fingerprint; what only the output holds (the merged copy, snapshots) the other way round.
+CHECKPOINT_LAYOUT = tuple(k for k, kind in field_metadata("run_key").items() if kind == "layout")
+TRAIN_OUTPUT_ONLY = tuple(k for k, kind in field_metadata("run_key").items() if kind == "output" and k.startswith("train."))
 # Per stage: keys replaced by an input of their own (the data a stage reads is identified by its content or by
-# the stage that wrote it) or that the stage does not use.
-NOT_READ = {
-    "guard": ("train.dataset", "model.adapter") + CHECKPOINT_LAYOUT,
-    "pipeline": (),
-    "train": ("train.dataset", "model.adapter") + CHECKPOINT_LAYOUT,  # training starts from the base model
-    "evaluate": ("eval.data", "model.adapter"),
-}
-# Config values that are SPECs: identified by what they name (spec_identity), not only by their text.
-SPEC_KEYS = {"data": "data", "guard.data": "data", "model.name": "model", "model.adapter": "model",
-             "eval.general_data": "general", "eval.over_refusal_data": "data"}
+# the stage that wrote it) or that the stage does not use (option(..., not_read_by=...)); the training stages also
+# leave out the checkpoint layout (in their run key instead).
+NOT_READ = {stage: tuple(key for key, stages in field_metadata("not_read_by").items() if stage in stages)
+            + (CHECKPOINT_LAYOUT if stage in TRAINING_STAGES else ()) for stage in STAGES}
+# Config values that are SPECs (option(..., spec=kind)): identified by what they name (spec_identity), not only by
+# their text.
+SPEC_KEYS = field_metadata("spec")
 
 CONTENT_HASH_MAX_BYTES = 32 * 1024**2  # larger local files are identified by size and mtime
 

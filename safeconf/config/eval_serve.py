@@ -16,6 +16,7 @@ class EvalConfig(Section):
         "",
         "Held-out questions SPEC that jobs/full.py and `safeconf evaluate` evaluate on; empty = the validation split "
         "the pipeline held out (RUN/sft/val_questions.parquet), never the training questions.",
+        not_read_by=("evaluate",),  # the questions are an input of their own (by content or upstream stage)
     )
     methods: list[EvalMethod] = option(
         list(DEFAULT_EVAL_METHODS),
@@ -67,11 +68,13 @@ class EvalConfig(Section):
         "general",
         "General-ability SPEC, scored before and after fine-tuning: 'general' (the bundled en+zh sample), "
         "mmlu:PATH, cmmlu:PATH or any questions SPEC; empty skips it.",
+        spec="general",
     )
     over_refusal_data: str = option(
         "",
         "Over-refusal SPEC: safe look-alike prompts (e.g. xstest:PATH/xstest_prompts.csv; rows with answer 0 are "
         "used); the share judged unsafe is reported before and after. Empty skips it.",
+        spec="data",
     )
     aux_limit: int = option(0, "Read at most this many rows from each of general_data and over_refusal_data (0 = all).")
     escalation_judge_accuracy: float = option(1.0, "Accuracy of the stronger judge deferred judgements escalate to (serve.escalate_url), as measured elsewhere: the cascade report's overall accuracy assumes it (1.0 reads it as an oracle: an upper bound).")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import typing
-from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
@@ -16,26 +15,29 @@ import yaml
 from pydantic.dataclasses import dataclass
 
 from safeconf.config.eval_serve import EvalConfig, ServeConfig
-from safeconf.config.options import Section, option
+from safeconf.config.options import Section, option, section
 from safeconf.config.sections import (EngineConfig, GuardConfig, ModelConfig, MutationConfig, SamplingConfig,
                                       SFTConfig, TrainConfig)
 
 
 @dataclass
 class Config(Section):
-    data: str = option("embedded", "Questions SPEC: a path, format:path (jsonl, parquet, json, safetybench, xstest, xstest-completions, diasafety, cold, hf, mmlu, cmmlu) or 'embedded'.")
+    # read_by: the stages whose fingerprints read the key or section (guard: of the config it trains with,
+    # safeconf.guard.guard_train_config; its pool is an input of its own); serving runs no stage
+    data: str = option("embedded", "Questions SPEC: a path, format:path (jsonl, parquet, json, safetybench, xstest, xstest-completions, diasafety, cold, hf, mmlu, cmmlu) or 'embedded'.",
+                       spec="data", read_by=("pipeline",))
     out: str = option("runs/latest", "Output directory (local path, s3:// or gs://).")
-    limit: int = option(0, "Read at most this many rows (0 = all).")
+    limit: int = option(0, "Read at most this many rows (0 = all).", read_by=("pipeline", "evaluate"))
     ray_address: str = option("", "Ray cluster address; empty starts or joins a local Ray.")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    mutation: MutationConfig = field(default_factory=MutationConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    model: ModelConfig = section(ModelConfig, read_by=("guard", "pipeline", "train", "evaluate"))
+    engine: EngineConfig = section(EngineConfig, read_by=("pipeline", "evaluate"))
+    mutation: MutationConfig = section(MutationConfig, read_by=("pipeline", "evaluate"))
+    sampling: SamplingConfig = section(SamplingConfig, read_by=("pipeline", "evaluate"))
+    guard: GuardConfig = section(GuardConfig, read_by=())
+    sft: SFTConfig = section(SFTConfig, read_by=("pipeline",))
+    train: TrainConfig = section(TrainConfig, read_by=("guard", "train"))
+    eval: EvalConfig = section(EvalConfig, read_by=("evaluate",))
+    serve: ServeConfig = section(ServeConfig, read_by=())
 
     def validate(self) -> Config:
         """Check the current values as load_config does (callers set fields one by one, then validate); returns
@@ -52,16 +54,22 @@ class Config(Section):
 _CONFIG = pydantic.TypeAdapter(Config)
 
 
-def speed_only_keys(cls=Config, prefix: str = "") -> dict[str, str]:
-    """{dotted key: why} of the fields marked speed_only, over the whole config."""
+def field_metadata(name: str, cls=Config, prefix: str = "") -> dict:
+    """{dotted key: value} of one metadata entry of option() / section() (e.g. "spec"), wherever it is set, over
+    the whole config; a section's own entry is under its name."""
     found = {}
     types = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get(name):
+            found[prefix + f.name] = f.metadata[name]
         if dataclasses.is_dataclass(types[f.name]):
-            found.update(speed_only_keys(types[f.name], f"{prefix}{f.name}."))
-        elif f.metadata.get("speed_only"):
-            found[prefix + f.name] = f.metadata["speed_only"]
+            found.update(field_metadata(name, types[f.name], f"{prefix}{f.name}."))
     return found
+
+
+def speed_only_keys() -> dict[str, str]:
+    """{dotted key: why} of the fields marked speed_only, over the whole config."""
+    return field_metadata("speed_only")
 
 
 def describe_options(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:

