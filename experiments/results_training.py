@@ -116,7 +116,8 @@ class TrainingSections:
         doc.paragraph("Each ablation changes one SFT setting and is compared with SafeConf trained on the same "
                       "training questions (its compare_with), method by method; a method the ablation lacks "
                       "(no_confidence states no confidence) is compared through the methods it has. Difference: "
-                      "ablation minus SafeConf, with a paired bootstrap 95% interval over the held-out questions.")
+                      "ablation minus SafeConf, with a paired bootstrap 95% interval over the held-out questions; "
+                      "AUROC of confidence against correctness (does the confidence tell right answers from wrong).")
         rows = []
         for name in ablations:
             model = self.models[name]
@@ -134,7 +135,7 @@ class TrainingSections:
                     against.append(MAIN)  # its stand-in against SafeConf's own method
                 for other in against:
                     diff = run_difference(self.run, (name, method), (partner, other))
-                    for metric in ("accuracy", "ece"):
+                    for metric in ("accuracy", "ece", "auroc"):
                         a = (entry.get("overall") or {}).get(metric)
                         b = (theirs[other].get("overall") or {}).get(metric)
                         d = None if not a or not b or a.get("value") is None or b.get("value") is None \
