@@ -145,6 +145,11 @@ class Judgement:
         return cls(best, probs[best], False, None, truncated, probs)
 
 
+# Where a score is needed for an unreadable answer (p_unsafe None: the guard metrics, the moderation endpoint's
+# category score): no evidence either way.
+UNREADABLE_P_UNSAFE = 0.5
+
+
 def unsafe_probability(choice: int | None, confidence: float, probs: list[float] | None, unsafe_option: int | None,
                        num_options: int) -> float | None:
     """The probability a judgement puts on the unsafe option: from its distribution where it has one; else its

@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 
 from safeconf.config import EvalConfig
+from safeconf.evaluation.methods import UNREADABLE_P_UNSAFE
 from safeconf.evaluation.metrics import accuracy, guard_suite, metric_suite, score, score_columns
 from safeconf.evaluation.selective import cascade, min_accepted, selective_judgement
 
@@ -23,7 +24,6 @@ FALLBACK_MEANING = {
     "p_true": "greedy reply unreadable; the token_prob answer was proposed instead",
 }
 BREAKDOWNS = ("source", "lang", "task", "category")  # source: per data set
-UNREADABLE_P_UNSAFE = 0.5
 ESTIMATORS = {
     "ece": "top-label confidence; L1: sum over equal-width bins of (bin share) x |accuracy - mean confidence| "
            "(eval.ece_bins bins, (i/b, (i+1)/b], as sklearn's calibration_curve)",

@@ -32,7 +32,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safeconf.config import config_from_dict
-from safeconf.evaluation.results import UNREADABLE_P_UNSAFE
+from safeconf.evaluation.methods import UNREADABLE_P_UNSAFE
 from safeconf.serving.judging import judge_item, text_item
 from safeconf.serving.metrics import Metrics
 from safeconf.serving.schemas import (
