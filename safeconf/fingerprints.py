@@ -26,8 +26,7 @@ from importlib import resources
 import pyarrow.fs as pafs
 
 from safeconf import io
-from safeconf.config import Config, speed_only_keys
-from safeconf.config.loading import field_metadata
+from safeconf.config import Config, field_metadata
 
 STAGES = ("guard", "pipeline", "train", "evaluate")
 TRAINING_STAGES = ("guard", "train")  # run on Ray Train: named by a run key, resumed from checkpoints
@@ -39,12 +38,13 @@ READS = {stage: tuple(key for key, stages in field_metadata("read_by").items() i
 
 # Keys that never enter a fingerprint: they change how fast or where a stage runs, not what it writes. New keys
 # are in the fingerprint unless listed here, so forgetting one costs a redo, never a stale result.
-SPEED_ONLY = speed_only_keys()  # from the config's field metadata (option(..., speed_only=why))
+SPEED_ONLY = field_metadata("speed_only")  # {key: why}, from option(..., speed_only=why)
 # The Ray Train run's key (run_key_of) differs from the train fingerprint by the config's run_key metadata: the
 # checkpoint layout (ZeRO stage and offloading: an interrupted run resumes only with the layout it was written with)
 # is in the key and not the fingerprint; what only the output holds (the merged copy, snapshots) the other way round.
-CHECKPOINT_LAYOUT = tuple(k for k, kind in field_metadata("run_key").items() if kind == "layout")
-TRAIN_OUTPUT_ONLY = tuple(k for k, kind in field_metadata("run_key").items() if kind == "output" and k.startswith("train."))
+RUN_KEY_KINDS = field_metadata("run_key")  # {key: "layout" | "output"}
+CHECKPOINT_LAYOUT = tuple(k for k, kind in RUN_KEY_KINDS.items() if kind == "layout")
+TRAIN_OUTPUT_ONLY = tuple(k for k, kind in RUN_KEY_KINDS.items() if kind == "output" and k.startswith("train."))
 # Per stage: keys replaced by an input of their own (the data a stage reads is identified by its content or by
 # the stage that wrote it) or that the stage does not use (option(..., not_read_by=...)); the training stages also
 # leave out the checkpoint layout (in their run key instead).

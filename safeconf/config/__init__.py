@@ -7,8 +7,8 @@ root Config, load_config and config_from_dict.
 """
 
 from safeconf.config.eval_serve import EvalConfig, ServeConfig
-from safeconf.config.loading import (Config, config_from_dict, describe_options, load_config, parse_overrides,
-                                     speed_only_keys)
+from safeconf.config.loading import (Config, config_from_dict, describe_options, field_metadata, load_config,
+                                     parse_overrides)
 from safeconf.config.options import (ALL_LINEAR, ANSWER_FORMATS, CONFIDENCE_FORMATS, CONFIDENCE_SOURCES,
                                      DEFAULT_EVAL_METHODS, EVAL_METHODS, MODEL_DTYPES, MUTATION_OPERATORS, SFT_TARGETS,
                                      option, pool_range)
@@ -18,5 +18,5 @@ from safeconf.config.sections import (EngineConfig, GuardConfig, ModelConfig, Mu
 __all__ = ["ALL_LINEAR", "ANSWER_FORMATS", "CONFIDENCE_FORMATS", "CONFIDENCE_SOURCES", "DEFAULT_EVAL_METHODS",
            "EVAL_METHODS", "MODEL_DTYPES", "MUTATION_OPERATORS", "SFT_TARGETS", "Config", "EngineConfig", "EvalConfig",
            "GuardConfig", "ModelConfig", "MutationConfig", "SFTConfig", "SamplingConfig", "ServeConfig", "TrainConfig",
-           "config_from_dict", "describe_options", "load_config", "option", "parse_overrides", "pool_range",
-           "speed_only_keys"]
+           "config_from_dict", "describe_options", "field_metadata", "load_config", "option", "parse_overrides",
+           "pool_range"]

@@ -67,11 +67,6 @@ def field_metadata(name: str, cls=Config, prefix: str = "") -> dict:
     return found
 
 
-def speed_only_keys() -> dict[str, str]:
-    """{dotted key: why} of the fields marked speed_only, over the whole config."""
-    return field_metadata("speed_only")
-
-
 def describe_options(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, help) for every option, for --help."""
     rows = []
