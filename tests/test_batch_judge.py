@@ -165,6 +165,7 @@ def test_scale_benchmark_runs_at_a_small_size(local_ray):
         result = scale.one_size(300, 100, [], workload)
         assert (result["questions"], result["accepted"], result["rejected"]) == (300, 300, 0), workload
         assert result["questions_per_s"] > 0 and result["driver_peak_rss_mb"] > 0
+        assert result["worker_peak_rss_mb"] > 0  # the engine actor and the read/validate workers were sampled
     engine = scale.HashEngine()
     prompt = [[{"role": "user", "content": "x"}]]
     assert engine.option_logprobs(prompt, ["Answer:"], [["A", "B"]]) == engine.option_logprobs(prompt, ["Answer:"],
