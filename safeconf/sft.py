@@ -95,6 +95,38 @@ def sft_examples(row: dict, config: SFTConfig) -> tuple[list[dict], str | None]:
     return examples, None
 
 
+class _RowGroupWriter:
+    """A Parquet file written in row groups of about ROW_GROUP_ROWS rows. A ParquetWriter keeps every row group's
+    metadata until it closes: one row group per confidence-table batch (256 questions) cost the driver ~100 MB at 1M
+    questions (BENCHMARKS.md, "The pipeline workload"). Rows wait as Arrow tables, which hold their text compactly."""
+
+    ROW_GROUP_ROWS = 16_384
+
+    def __init__(self, path: str, schema: pa.Schema, filesystem):
+        self.schema = schema
+        self.writer = pq.ParquetWriter(path, schema, filesystem=filesystem)
+        self.waiting: list[pa.Table] = []
+        self.waiting_rows = 0
+
+    def add(self, rows: list[dict]) -> None:
+        if rows:
+            self.waiting.append(pa.Table.from_pylist(rows, schema=self.schema))
+            self.waiting_rows += len(rows)
+        if self.waiting_rows >= self.ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.waiting:
+            self.writer.write_table(pa.concat_tables(self.waiting), row_group_size=max(self.waiting_rows, 1))
+        self.waiting, self.waiting_rows = [], 0
+
+    def close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            self.writer.close()
+
+
 def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig, question_ids: set[str] | None = None) -> dict:
     """Stream the confidence table into `out_uri/{train,val}.parquet` (chat examples) and
     `out_uri/{train,val}_questions.parquet` (their original questions); return the counts. `question_ids`: build
@@ -102,18 +134,15 @@ def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig, question_ids
     question_ids = None if question_ids is None else set(question_ids)
     io.make_dirs(out_uri)
     out_fs, out_path = io.filesystem(out_uri)
-    writers = {split: pq.ParquetWriter(f"{out_path}/{split}.parquet", SFT_SCHEMA, filesystem=out_fs) for split in SPLITS}
-    # The original questions of each split too, in the question schema: the held-out set to evaluate on.
-    question_writers = {
-        split: pq.ParquetWriter(f"{out_path}/{split}_questions.parquet", QUESTION_SCHEMA, filesystem=out_fs)
-        for split in SPLITS
-    }
+    writers = {(split, kind): _RowGroupWriter(f"{out_path}/{split}{suffix}.parquet", schema, out_fs)
+               for split in SPLITS for kind, suffix, schema in (("examples", "", SFT_SCHEMA),
+                                                                ("questions", "_questions", QUESTION_SCHEMA))}
+    # ^ the original questions of each split too, in the question schema: the held-out set to evaluate on.
     counts = {"questions": {s: 0 for s in SPLITS}, "examples": {s: 0 for s in SPLITS}, "skipped": {}}
     found = set()
     try:
         for batch in io.iter_batches(confidence_uri):
-            buckets = {split: [] for split in SPLITS}
-            originals = {split: [] for split in SPLITS}
+            rows = {key: [] for key in writers}
             for row in batch.to_pylist():
                 if question_ids is not None:
                     if row["id"] not in question_ids:
@@ -124,16 +153,14 @@ def build_sft(confidence_uri: str, out_uri: str, config: SFTConfig, question_ids
                     counts["skipped"][skipped] = counts["skipped"].get(skipped, 0) + 1
                     continue
                 split = split_of(row["id"], config.val_fraction, config.seed)
-                buckets[split] += examples
-                originals[split].append(original_of(row))
+                rows[split, "examples"] += examples
+                rows[split, "questions"].append(original_of(row))
                 counts["questions"][split] += 1
                 counts["examples"][split] += len(examples)
-            for split in SPLITS:
-                if buckets[split]:
-                    writers[split].write_table(pa.Table.from_pylist(buckets[split], schema=SFT_SCHEMA))
-                    question_writers[split].write_table(pa.Table.from_pylist(originals[split], schema=QUESTION_SCHEMA))
+            for key, writer in writers.items():
+                writer.add(rows[key])
     finally:
-        for writer in [*writers.values(), *question_writers.values()]:
+        for writer in writers.values():
             writer.close()
     if question_ids is not None and found != question_ids:
         missing = sorted(question_ids - found)
