@@ -96,29 +96,31 @@ def sft_examples(row: dict, config: SFTConfig) -> tuple[list[dict], str | None]:
 
 
 class _RowGroupWriter:
-    """A Parquet file written in row groups of about ROW_GROUP_ROWS rows. A ParquetWriter keeps every row group's
-    metadata until it closes: one row group per confidence-table batch (256 questions) cost the driver ~100 MB at 1M
-    questions (BENCHMARKS.md, "The pipeline workload"). Rows wait as Arrow tables, which hold their text compactly."""
+    """A Parquet file written in row groups of about ROW_GROUP_BYTES. A ParquetWriter keeps every row group's metadata
+    until it closes: one row group per confidence-table batch (256 questions) cost the driver ~100 MB at 1M questions
+    (BENCHMARKS.md, "The pipeline workload"). Rows wait as Arrow tables, which hold their text compactly; by bytes, so
+    long prompts wait in fewer rows."""
 
-    ROW_GROUP_ROWS = 16_384
+    ROW_GROUP_BYTES = 8 * 2**20
 
     def __init__(self, path: str, schema: pa.Schema, filesystem):
         self.schema = schema
         self.writer = pq.ParquetWriter(path, schema, filesystem=filesystem)
         self.waiting: list[pa.Table] = []
-        self.waiting_rows = 0
+        self.waiting_bytes = 0
 
     def add(self, rows: list[dict]) -> None:
         if rows:
             self.waiting.append(pa.Table.from_pylist(rows, schema=self.schema))
-            self.waiting_rows += len(rows)
-        if self.waiting_rows >= self.ROW_GROUP_ROWS:
+            self.waiting_bytes += self.waiting[-1].nbytes
+        if self.waiting_bytes >= self.ROW_GROUP_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         if self.waiting:
-            self.writer.write_table(pa.concat_tables(self.waiting), row_group_size=max(self.waiting_rows, 1))
-        self.waiting, self.waiting_rows = [], 0
+            table = pa.concat_tables(self.waiting)
+            self.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self.waiting, self.waiting_bytes = [], 0
 
     def close(self) -> None:
         try:

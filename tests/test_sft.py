@@ -114,7 +114,7 @@ def test_the_sft_stage_builds_a_subsets_set_once_and_redoes_it_when_its_inputs_c
 
 def test_build_sft_writes_few_large_row_groups_and_the_same_rows(tmp_path, monkeypatch):
     """The confidence table arrives a small file at a time; the SFT files gather its rows into row groups of about
-    ROW_GROUP_ROWS (a Parquet writer holds every row group's metadata until it closes: one per small batch grew the
+    ROW_GROUP_BYTES (a Parquet writer holds every row group's metadata until it closes: one per small batch grew the
     driver ~100 MB at 1M questions), and hold the same rows in the same order as one row group a batch would."""
     from safeconf import sft
 
@@ -124,15 +124,17 @@ def test_build_sft_writes_few_large_row_groups_and_the_same_rows(tmp_path, monke
     for part in range(12):  # 12 files of 5 questions, as the pipeline writes a file per block
         pq.write_table(pa.Table.from_pylist(rows[part * 5:(part + 1) * 5], schema=CONFIDENCE_SCHEMA),
                        table / f"part-{part:02d}.parquet")
-    built = {}
-    for rows_per_group in (1, 20):  # 1: every batch its own row group, as before
-        monkeypatch.setattr(sft._RowGroupWriter, "ROW_GROUP_ROWS", rows_per_group)
-        out = tmp_path / f"sft-{rows_per_group}"
-        build_sft(str(table), str(out), SFTConfig(val_fraction=0.3, include_variants=True))
-        built[rows_per_group] = {name: pq.ParquetFile(out / f"{name}.parquet")
-                                 for name in ("train", "val", "train_questions", "val_questions")}
-    for name, file in built[20].items():
-        assert file.read().to_pylist() == built[1][name].read().to_pylist(), name
-        rows_in_file = file.metadata.num_rows
-        assert file.metadata.num_row_groups <= rows_in_file // 20 + 1, (name, file.metadata.num_row_groups)
-    assert built[1]["train"].metadata.num_row_groups == 12  # a row group a file before
+    def build(name: str, group_bytes: int) -> dict:
+        monkeypatch.setattr(sft._RowGroupWriter, "ROW_GROUP_BYTES", group_bytes)
+        build_sft(str(table), str(tmp_path / name), SFTConfig(val_fraction=0.3, include_variants=True))
+        return {split: pq.ParquetFile(tmp_path / name / f"{split}.parquet")
+                for split in ("train", "val", "train_questions", "val_questions")}
+
+    each_batch = build("each-batch", 1)  # every batch its own row group, as before
+    whole = build("whole", 10**9)
+    quarter = build("quarter", pq.read_table(tmp_path / "each-batch" / "train.parquet").nbytes // 4)
+    for name, file in each_batch.items():
+        assert whole[name].read().to_pylist() == quarter[name].read().to_pylist() == file.read().to_pylist(), name
+        assert whole[name].metadata.num_row_groups == 1, name
+    assert each_batch["train"].metadata.num_row_groups == 12  # a row group a file before
+    assert 3 <= quarter["train"].metadata.num_row_groups <= 5
