@@ -101,7 +101,7 @@ class _RowGroupWriter:
     (BENCHMARKS.md, "The pipeline workload"). Rows wait as Arrow tables, which hold their text compactly; by bytes, so
     long prompts wait in fewer rows."""
 
-    ROW_GROUP_BYTES = 8 * 2**20
+    ROW_GROUP_BYTES = 2 * 2**20  # a writer each for train, val and their questions: ~8 MB waiting at most
 
     def __init__(self, path: str, schema: pa.Schema, filesystem):
         self.schema = schema
