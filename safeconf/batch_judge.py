@@ -121,7 +121,7 @@ def judge_dataset(config: Config, spec: str, out: str, policy: dict, text_column
 
 def run_judge(config: Config, spec: str, out: str, text_column: str = "", stage_class=None) -> dict:
     """Judge every row of SPEC into OUT; returns the summary (also OUT/summary.json)."""
-    from safeconf.ray_utils import engine_actors, init_ray
+    from safeconf.ray_utils import LIGHT_TASK_CPUS, engine_actors, init_ray
     from safeconf.serving.judging import resolve_policy
 
     out = io.normalise_uri(out)
@@ -134,7 +134,7 @@ def run_judge(config: Config, spec: str, out: str, text_column: str = "", stage_
     started = time.perf_counter()
     with engine_actors(config.engine) as placement:
         ds = judge_dataset(config, spec, out, policy_dict, text_column, placement, stage_class)
-        ds.write_parquet(io.join(out, "judgements"))
+        ds.write_parquet(io.join(out, "judgements"), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
     summary = summarise(out)
     summary.update({"data": spec, "text_column": text_column or None, "method": policy.method,
                     "threshold": policy.threshold, "threshold_source": policy.source, "guarantee": policy.guarantee,

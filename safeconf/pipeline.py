@@ -21,7 +21,8 @@ from safeconf.engines.base import draw_labels, label_rng, prompt_cut
 from safeconf.mutations import LLM_OPERATORS, mutate_rules
 from safeconf.prompts import ANSWER_PREFIX, answer_text, render_messages
 from safeconf.replies import parse_answer
-from safeconf.ray_utils import EnginePlacementGroups, engine_actors, init_ray, map_on_engines, question_dataset
+from safeconf.ray_utils import (LIGHT_TASK_CPUS, EnginePlacementGroups, engine_actors, init_ray, map_on_engines,
+                                question_dataset)
 from safeconf.schema import CONFIDENCE_SCHEMA, MUTATED_SCHEMA
 from safeconf.sft import build_sft
 
@@ -195,9 +196,9 @@ def build_dataset(questions, config: Config, stage_class=EngineStage,
     ds = question_dataset(questions, config.engine.batch_size) if isinstance(questions, pa.Table) else questions
     # batch_size: one engine batch per task, so Ray Data does not merge the engine-sized blocks back together
     ds = ds.map_batches(mutate_batch, batch_format="pyarrow", batch_size=config.engine.batch_size,
-                        fn_kwargs={"mutation": config.mutation})
+                        fn_kwargs={"mutation": config.mutation}, num_cpus=LIGHT_TASK_CPUS)
     ds = map_on_engines(ds, stage_class, config, placement, **stage_kwargs)
-    return ds.map_batches(confidence_batch, batch_format="pyarrow")
+    return ds.map_batches(confidence_batch, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
 
 
 def summarise(confidence_uri: str) -> dict:
@@ -280,7 +281,8 @@ def run_pipeline(config: Config, stage_class=EngineStage) -> dict:
     questions = question_stream(config.data, rejects_uri, config.limit, config.engine.batch_size)
     # overwrite: a rerun replaces the previous run's files instead of adding its own beside them
     with engine_actors(config.engine) as placement:  # placement groups freed for training when done
-        build_dataset(questions, config, stage_class, placement).write_parquet(confidence_uri, mode="overwrite")
+        build_dataset(questions, config, stage_class, placement).write_parquet(
+            confidence_uri, mode="overwrite", ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
     rejected = count_values(rejects_uri, ["field"])["field"]
     sampled = summarise(confidence_uri) if io.exists(confidence_uri) else {"questions": 0}
     accepted = sampled["questions"]

@@ -17,6 +17,13 @@ from safeconf.config import Config, EngineConfig
 from safeconf.engines.base import engine_runtime_env, placement_bundles
 
 
+# Logical CPUs of the light tasks around the engines (rule mutations, confidence, writing). At Ray's default of one
+# CPU each, the engine's CPU and the mutation's left the write no budget on a 2-CPU node: Ray Data ran the mutation
+# over the whole input before writing a block, and every engine output waited in the object store, its bookkeeping on
+# the driver (1M questions: 3.0x the driver's memory at 10k; BENCHMARKS.md, "The pipeline workload").
+LIGHT_TASK_CPUS = 0.25
+
+
 def init_ray(address: str = "") -> None:
     import ray
 
