@@ -37,7 +37,7 @@ from safeconf.batch_judge import JudgeStage
 from safeconf.engines.base import LabelScores
 from safeconf.pipeline import EngineStage
 from safeconf.testing.engines import ScriptedEngine
-from safeconf.testing.processes import ProcessSampler
+from safeconf.testing.processes import ProcessSampler, status_mb
 
 
 class HashEngine(ScriptedEngine):
@@ -82,13 +82,6 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def resident_mb() -> dict:
-    """The driver's resident memory now, by kind: anonymous (its heap), file-backed, shared (the object store)."""
-    with open("/proc/self/status") as status:
-        return {key: round(int(value.split()[0]) / 1024, 1) for key, value in (line.split(":", 1) for line in status)
-                if key in ("RssAnon", "RssFile", "RssShmem")}
-
-
 def trace_phases(found: dict) -> None:
     """Record the driver's peak RSS after each step of run_pipeline (--phases), and its resident memory by kind then:
     where the driver's memory goes."""
@@ -100,7 +93,7 @@ def trace_phases(found: dict) -> None:
         def traced(*args, _step=step, _name=name, **kwargs):
             result = _step(*args, **kwargs)
             found[_name] = peak_rss_mb()
-            found[f"{_name}_resident_mb"] = resident_mb()
+            found[f"{_name}_resident_mb"] = status_mb()  # by kind
             return result
 
         setattr(pipeline, name, traced)

@@ -281,8 +281,8 @@ def run_pipeline(config: Config, stage_class=EngineStage) -> dict:
     questions = question_stream(config.data, rejects_uri, config.limit, config.engine.batch_size)
     # overwrite: a rerun replaces the previous run's files instead of adding its own beside them
     with engine_actors(config.engine) as placement:  # placement groups freed for training when done
-        build_dataset(questions, config, stage_class, placement).write_parquet(
-            confidence_uri, mode="overwrite", ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+        build_dataset(questions, config, stage_class, placement).write_parquet(  # the CPUs of confidence_batch:
+            confidence_uri, mode="overwrite", ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})  # Ray Data fuses the two
     rejected = count_values(rejects_uri, ["field"])["field"]
     sampled = summarise(confidence_uri) if io.exists(confidence_uri) else {"questions": 0}
     accepted = sampled["questions"]

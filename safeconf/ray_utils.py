@@ -52,9 +52,10 @@ def _libc() -> ctypes.CDLL:
 
 def trim_heap_periodically(interval_s: float = 10.0) -> None:
     """Release the driver's freed heap every `interval_s` seconds, on a daemon thread started once per process. A
-    streaming run's driver allocates and frees for every block (Ray's core worker threads, Arrow, Python); glibc
-    kept the freed pages, so the driver's resident memory grew with the blocks of a run (3.0x from 10k to 1M
-    questions) while the memory in use stayed flat (traced in BENCHMARKS.md, "The pipeline workload")."""
+    streaming run's driver allocates and frees for every block (Ray's core worker threads, Arrow, Python) and glibc
+    keeps the freed pages: after a 40k-question pipeline one release gave back 12 of the 14 MB its driver held above
+    a 10k one (BENCHMARKS.md, "The pipeline workload"; the main cause of that growth was a starved write, see
+    LIGHT_TASK_CPUS)."""
     global _trimmer
     if _trimmer is not None or not release_freed_heap():
         return

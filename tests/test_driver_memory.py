@@ -15,10 +15,10 @@ from safeconf.ray_utils import release_freed_heap, trim_heap_periodically
 FRAGMENT_THEN_RELEASE = textwrap.dedent("""
     import json
     from safeconf.ray_utils import release_freed_heap
+    from safeconf.testing.processes import status_mb
 
     def resident_anonymous_mb():
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
+        return status_mb()["RssAnon"]
 
     # 160 MB in 8 KB blocks (below glibc's mmap threshold, so on the heap), then every block freed but one in 64:
     # the kept ones pin the heap's top, so glibc cannot shrink it and keeps the freed pages resident.

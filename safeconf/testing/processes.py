@@ -29,15 +29,19 @@ def _title(process: psutil.Process) -> str:
     return words[0] if words[0].startswith("ray::") else " ".join(Path(w).name for w in words[:2])
 
 
+def status_mb(pid: int | str = "self", keys: tuple[str, ...] = ("RssAnon", "RssFile", "RssShmem")) -> dict[str, float]:
+    """Memory lines of /proc/PID/status in MB (Linux): by default the resident memory by kind, anonymous (the heap),
+    file-backed and shared (the object store); VmHWM is the peak resident memory."""
+    with open(f"/proc/{pid}/status") as status:
+        return {key: round(int(value.split()[0]) / 1024, 1) for key, value in (line.split(":", 1) for line in status)
+                if key in keys}
+
+
 def _peak_rss(process: psutil.Process) -> int:
     try:
-        with open(f"/proc/{process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return process.memory_info().rss  # no /proc (not Linux): the RSS at the sample
+        return int(status_mb(process.pid, ("VmHWM",))["VmHWM"] * 2**20)
+    except (OSError, KeyError):
+        return process.memory_info().rss  # no /proc (not Linux): the RSS at the sample
 
 
 class ProcessSampler:
