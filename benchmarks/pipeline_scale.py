@@ -27,6 +27,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +100,29 @@ def trace_phases(found: dict) -> None:
         setattr(pipeline, name, traced)
 
 
+class ResidentOverTime:
+    """The driver's resident memory by kind every `interval` seconds (--phases): whether it grows all along the
+    engine pass or settles."""
+
+    def __init__(self, interval: float = 60.0):
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        while not self._stop.wait(self.interval):
+            self.samples.append({"s": round(time.perf_counter() - started), **status_mb()})
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = "judge", phases: bool = False,
              engine: str = "stand-in") -> dict:
     from safeconf.batch_judge import run_judge
@@ -117,7 +141,8 @@ def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = 
                                     "mutation.variants_per_question=3", "sampling.k=10", "sampling.answer_format=label",
                                     *overrides], out=f"{tmp}/out")
         stand_in = engine == "stand-in"
-        with ProcessSampler(interval=1.0, keep_samples=False) as processes:
+        over_time = ResidentOverTime()
+        with ProcessSampler(interval=1.0, keep_samples=False) as processes, over_time:
             started = time.perf_counter()
             if workload == "judge":
                 summary = run_judge(config, data, config.out, stage_class=HashJudgeStage if stand_in else None)
@@ -129,7 +154,8 @@ def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = 
     return {"workload": workload, "engine": engine, "questions": count, "seconds": round(seconds, 1),
             "questions_per_s": round(count / seconds, 1), "driver_peak_rss_mb": peak_rss_mb(),
             "worker_peak_rss_mb": processes.peak_rss_mb(), "accepted": accepted, "rejected": rejected,
-            **({"driver_peak_rss_mb_after": by_phase} if phases else {})}
+            **({"driver_peak_rss_mb_after": by_phase, "driver_resident_mb_every_60_s": over_time.samples}
+               if phases else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stand-in: hashed log-probs, no model (the system's own cost); embedded: the embedded "
                         "model on the configured engine")
     parser.add_argument("--phases", action="store_true", help="pipeline: also the driver's peak RSS after each step "
-                        "(reading, counting rejects, summarise, build_sft)")
+                        "(reading, counting rejects, summarise, build_sft) and its resident memory every 60 s")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, in this process
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.concurrency=2")
     args = parser.parse_args(argv)
