@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 import threading
 import time
 
@@ -23,11 +24,22 @@ from safeconf.engines.base import engine_runtime_env, placement_bundles
 # the driver (1M questions: 3.0x the driver's memory at 10k; BENCHMARKS.md, "The pipeline workload").
 LIGHT_TASK_CPUS = 0.25
 
+# Ray returns a task's result inline to its owner when it is at most max_direct_call_object_size (100 KiB by
+# default), and the owner of Ray Data's blocks is the driver: a block of 256 short questions (~66 KB) waiting between
+# stages sat in the driver's heap instead of the object store. Reading runs ahead of the engines, so at 1M questions
+# the driver held ~190 MB of them (BENCHMARKS.md, "The pipeline workload"). At 8 KiB, blocks go to the object store
+# (shared memory, spilled to disk when full) and only task metadata stays inline. Set for the Ray that init_ray starts
+# and by the cluster files (cluster/*.yaml); a cluster started otherwise keeps Ray's default.
+INLINE_RETURN_LIMIT_BYTES = 8 * 1024
+INLINE_RETURN_LIMIT_ENV = "RAY_max_direct_call_object_size"
+
 
 def init_ray(address: str = "") -> None:
     import ray
 
     if not ray.is_initialized():
+        # read by the processes of a Ray this call starts (they inherit the environment); a user's setting wins
+        os.environ.setdefault(INLINE_RETURN_LIMIT_ENV, str(INLINE_RETURN_LIMIT_BYTES))
         ray.init(address=address or None, log_to_driver=True)
     trim_heap_periodically()
 

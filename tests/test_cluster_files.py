@@ -31,6 +31,7 @@ from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from safeconf.config import Config, load_config
+from safeconf.ray_utils import INLINE_RETURN_LIMIT_BYTES, INLINE_RETURN_LIMIT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -187,6 +188,16 @@ def test_launcher_installs_the_pinned_stack(name):
     assert f'"deepspeed=={pins["deepspeed"]}"' in setup
     assert "-e /home/ray/safeconf" in setup
     assert all("-c /home/ray/safeconf/cluster/constraints.txt" in c for c in config["setup_commands"])
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_nodes_keep_blocks_out_of_the_drivers_heap(name):
+    """Every node starts Ray with SafeConf's inline limit (the processes of a node read it from their environment)."""
+    config = _yaml(name)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [command for command in config[key] if "ray start" in command]
+        assert start and all(f"{INLINE_RETURN_LIMIT_ENV}={INLINE_RETURN_LIMIT_BYTES} ray start" in command
+                             for command in start), (key, start)
 
 
 def test_gcp_workers_run_as_the_project_service_account():
@@ -398,6 +409,16 @@ def test_every_pod_gets_hf_token_for_gated_models(name):
         for container in group["template"]["spec"]["containers"]:
             names = {entry["name"] for entry in container.get("env") or []}
             assert "HF_TOKEN" in names, (name, group.get("groupName", "head"), container["name"])
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "rayservice.yaml"])
+def test_every_ray_pod_keeps_blocks_out_of_the_drivers_heap(name):
+    spec = _yaml("kuberay", name)["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig")
+    for group in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            env = {entry["name"]: entry.get("value") for entry in container.get("env") or []}
+            assert env.get(INLINE_RETURN_LIMIT_ENV) == str(INLINE_RETURN_LIMIT_BYTES), (name, container["name"])
 
 
 def _cuda_stack() -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""The driver returns the heap it has freed to the OS (safeconf.ray_utils): without it, a streaming run's driver
-kept every page it had freed and its resident memory grew with the blocks of a run."""
+"""The driver's heap does not grow with a streaming run's blocks (safeconf.ray_utils): it returns the heap it has
+freed to the OS, and the blocks waiting between stages live in the object store, not inline in the driver."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from safeconf.ray_utils import release_freed_heap, trim_heap_periodically
+from safeconf.ray_utils import INLINE_RETURN_LIMIT_ENV, release_freed_heap, trim_heap_periodically
 
 # In a process of its own, so no trimming thread of this one (init_ray starts one) frees the pages mid-measurement.
 FRAGMENT_THEN_RELEASE = textwrap.dedent("""
@@ -44,3 +44,51 @@ def test_the_trimming_thread_starts_once_per_process():
     trim_heap_periodically(interval_s=60)
     trim_heap_periodically(interval_s=60)
     assert [t.name for t in threading.enumerate()].count("safeconf-heap-trim") == (1 if release_freed_heap() else 0)
+
+
+# A task's 60 KB result (a block of ~230 short questions), in a Ray of its own: started by init_ray, or by a plain
+# ray.init with Ray's defaults. Where the result lives: in the object store (node_ids) or inline in its owner's heap.
+WHERE_A_BLOCK_LIVES = textwrap.dedent("""
+    import json, sys
+    import ray
+    from safeconf.ray_utils import init_ray
+
+    if sys.argv[1] == "init_ray":
+        init_ray("local")
+    else:
+        ray.init(address="local")
+
+    @ray.remote
+    def block():
+        return b"x" * 60_000
+
+    ref = block.remote()
+    ray.get(ref)
+    print("WHERE " + json.dumps(ray.experimental.get_object_locations([ref])[ref]))
+    ray.shutdown()
+""")
+
+
+def _where_a_block_lives(how: str) -> dict:
+    import os
+    import shutil
+    import tempfile
+
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", INLINE_RETURN_LIMIT_ENV)}
+    ray_dir = tempfile.mkdtemp(prefix="wb-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    try:
+        run = subprocess.run([sys.executable, "-c", WHERE_A_BLOCK_LIVES, how], capture_output=True, text=True,
+                             timeout=300, env={**env, "RAY_TMPDIR": ray_dir})
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("WHERE ")]
+    assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-3000:]
+    return json.loads(lines[-1][len("WHERE "):])
+
+
+@pytest.mark.slow
+def test_blocks_of_short_questions_live_in_the_object_store_not_the_drivers_heap():
+    """Ray keeps a result under its inline limit (100 KiB) in the heap of its owner, the driver for Ray Data's
+    blocks; init_ray lowers the limit so that blocks waiting between stages go to the object store."""
+    assert _where_a_block_lives("init_ray")["node_ids"]  # in a node's object store
+    assert not _where_a_block_lives("default")["node_ids"]  # Ray's default: inline, the driver's heap
