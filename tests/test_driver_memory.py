@@ -49,7 +49,7 @@ def test_the_trimming_thread_starts_once_per_process():
 # A task's 60 KB result (a block of ~230 short questions), in a Ray of its own: started by init_ray, or by a plain
 # ray.init with Ray's defaults. Where the result lives: in the object store (node_ids) or inline in its owner's heap.
 WHERE_A_BLOCK_LIVES = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     import ray
     from safeconf.ray_utils import init_ray
 
@@ -64,7 +64,13 @@ WHERE_A_BLOCK_LIVES = textwrap.dedent("""
 
     ref = block.remote()
     ray.get(ref)
-    print("WHERE " + json.dumps(ray.experimental.get_object_locations([ref])[ref]))
+    # the owner learns of a copy in the object store a little after the result (location updates are batched)
+    for _ in range(50):
+        where = ray.experimental.get_object_locations([ref])[ref]
+        if where["node_ids"]:
+            break
+        time.sleep(0.1)
+    print("WHERE " + json.dumps(where))
     ray.shutdown()
 """)
 

@@ -196,24 +196,23 @@ def question_stream(spec: str, rejects_uri: str, limit: int = 0, batch_size: int
 
 def count_values(uri: str, columns: list[str]) -> dict[str, dict[str, int]]:
     """{column: {value: rows}} over a folder of Parquet files ("none" for a null: a multiple-choice question without
-    a safe/unsafe side has no label or tier); reason_key is a reject's "field: reason". Counted by Arrow, a column
-    at a time, so millions of rows cost the driver their distinct values only."""
+    a safe/unsafe side has no label or tier); reason_key is a reject's "field: reason". Counted by Arrow a batch at a
+    time, one file after the other (io.iter_batches), so millions of rows cost the driver their distinct values and
+    one batch: Arrow's dataset scanner, reading files ahead on its threads, raised the driver's peak by ~270 MB when
+    it counted 1M judgements (BENCHMARKS.md, "Batch judging at scale")."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     counts: dict[str, dict[str, int]] = {column: {} for column in columns}
     if not io.exists(uri):
         return counts
-    fs, path = io.filesystem(uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    for column in columns:
-        if column == "reason_key":
-            table = dataset.to_table(columns=["field", "reason"])
-            values = pc.binary_join_element_wise(table["field"], table["reason"], ": ")
-        else:
-            values = dataset.to_table(columns=[column])[column]
-        for entry in pc.value_counts(values).to_pylist():
-            key = "none" if entry["values"] is None else str(entry["values"])
-            counts[column][key] = counts[column].get(key, 0) + entry["counts"]
-        counts[column] = dict(sorted(counts[column].items()))
-    return counts
+    read = sorted({name for column in columns for name in (("field", "reason") if column == "reason_key" else [column])})
+    for batch in io.iter_batches(uri, columns=read, batch_size=65536):
+        for column in columns:
+            if column == "reason_key":
+                values = pc.binary_join_element_wise(batch.column("field"), batch.column("reason"), ": ")
+            else:
+                values = batch.column(column)
+            for entry in pc.value_counts(values).to_pylist():
+                key = "none" if entry["values"] is None else str(entry["values"])
+                counts[column][key] = counts[column].get(key, 0) + entry["counts"]
+    return {column: dict(sorted(found.items())) for column, found in counts.items()}

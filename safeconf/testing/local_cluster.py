@@ -36,6 +36,8 @@ from pathlib import Path
 
 import psutil
 
+from safeconf.ray_utils import INLINE_RETURN_LIMIT_BYTES, INLINE_RETURN_LIMIT_ENV
+
 BIN = Path(sys.executable).parent
 # GCS marks a node dead after health_check_failure_threshold missed checks; Ray's defaults take ~15-30 s to notice a
 # lost raylet. Tests that kill a node use these (about 2 s).
@@ -166,6 +168,7 @@ class LocalCluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
                     "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)  # a ray start must not join some other cluster
+        self.env.setdefault(INLINE_RETURN_LIMIT_ENV, str(INLINE_RETURN_LIMIT_BYTES))  # as the cluster files start Ray
 
     # --- addresses ---
 
