@@ -75,26 +75,34 @@ WHERE_A_BLOCK_LIVES = textwrap.dedent("""
 """)
 
 
-def _where_a_block_lives(how: str) -> dict:
+def _where_a_block_lives(*hows: str) -> list[dict]:
+    """WHERE_A_BLOCK_LIVES in a process and a Ray of its own for each of `hows`, side by side."""
     import os
     import shutil
     import tempfile
 
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", INLINE_RETURN_LIMIT_ENV)}
-    ray_dir = tempfile.mkdtemp(prefix="wb-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    ray_dirs = [tempfile.mkdtemp(prefix="wb-", dir="/tmp") for _ in hows]  # Ray's socket paths: under 107 bytes
     try:
-        run = subprocess.run([sys.executable, "-c", WHERE_A_BLOCK_LIVES, how], capture_output=True, text=True,
-                             timeout=300, env={**env, "RAY_TMPDIR": ray_dir})
+        runs = [subprocess.Popen([sys.executable, "-c", WHERE_A_BLOCK_LIVES, how], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env={**env, "RAY_TMPDIR": ray_dir})
+                for how, ray_dir in zip(hows, ray_dirs)]
+        outputs = [run.communicate(timeout=300) for run in runs]
     finally:
-        shutil.rmtree(ray_dir, ignore_errors=True)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("WHERE ")]
-    assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-3000:]
-    return json.loads(lines[-1][len("WHERE "):])
+        for ray_dir in ray_dirs:
+            shutil.rmtree(ray_dir, ignore_errors=True)
+    found = []
+    for run, (stdout, stderr) in zip(runs, outputs):
+        lines = [line for line in stdout.splitlines() if line.startswith("WHERE ")]
+        assert run.returncode == 0 and lines, stdout[-2000:] + stderr[-3000:]
+        found.append(json.loads(lines[-1][len("WHERE "):]))
+    return found
 
 
 @pytest.mark.slow
 def test_blocks_of_short_questions_live_in_the_object_store_not_the_drivers_heap():
     """Ray keeps a result under its inline limit (100 KiB) in the heap of its owner, the driver for Ray Data's
     blocks; init_ray lowers the limit so that blocks waiting between stages go to the object store."""
-    assert _where_a_block_lives("init_ray")["node_ids"]  # in a node's object store
-    assert not _where_a_block_lives("default")["node_ids"]  # Ray's default: inline, the driver's heap
+    with_init_ray, with_defaults = _where_a_block_lives("init_ray", "default")
+    assert with_init_ray["node_ids"]  # in a node's object store
+    assert not with_defaults["node_ids"]  # Ray's default: inline, in the driver's heap
