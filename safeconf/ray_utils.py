@@ -27,7 +27,7 @@ LIGHT_TASK_CPUS = 0.25
 # Ray returns a task's result inline to its owner when it is at most max_direct_call_object_size (100 KiB by
 # default), and the owner of Ray Data's blocks is the driver: a block of 256 short questions (~66 KB) waiting between
 # stages sat in the driver's heap instead of the object store. Reading runs ahead of the engines, so at 1M questions
-# the driver held ~190 MB of them (BENCHMARKS.md, "The pipeline workload"). At 8 KiB, blocks go to the object store
+# the driver held ~250 MB of them (BENCHMARKS.md, "The pipeline workload"). At 8 KiB, blocks go to the object store
 # (shared memory, spilled to disk when full) and only task metadata stays inline. Set for the Ray that init_ray starts
 # and by the cluster files (cluster/*.yaml); a cluster started otherwise keeps Ray's default.
 INLINE_RETURN_LIMIT_BYTES = 8 * 1024

@@ -198,14 +198,15 @@ def count_values(uri: str, columns: list[str]) -> dict[str, dict[str, int]]:
     """{column: {value: rows}} over a folder of Parquet files ("none" for a null: a multiple-choice question without
     a safe/unsafe side has no label or tier); reason_key is a reject's "field: reason". Counted by Arrow a batch at a
     time, one file after the other (io.iter_batches), so millions of rows cost the driver their distinct values and
-    one batch: Arrow's dataset scanner, reading files ahead on its threads, raised the driver's peak by ~270 MB when
+    one batch: Arrow's dataset scanner, reading files ahead on its threads, raised the driver's peak by ~175 MB when
     it counted 1M judgements (BENCHMARKS.md, "Batch judging at scale")."""
     import pyarrow.compute as pc
 
     counts: dict[str, dict[str, int]] = {column: {} for column in columns}
     if not io.exists(uri):
         return counts
-    read = sorted({name for column in columns for name in (("field", "reason") if column == "reason_key" else [column])})
+    read = sorted({name for column in columns
+                   for name in (("field", "reason") if column == "reason_key" else [column])})
     for batch in io.iter_batches(uri, columns=read, batch_size=65536):
         for column in columns:
             if column == "reason_key":
