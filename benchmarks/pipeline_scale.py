@@ -21,6 +21,7 @@ second).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import resource
@@ -141,7 +142,7 @@ def one_size(count: int, shard_rows: int, overrides: list[str], workload: str = 
                                     "mutation.variants_per_question=3", "sampling.k=10", "sampling.answer_format=label",
                                     *overrides], out=f"{tmp}/out")
         stand_in = engine == "stand-in"
-        over_time = ResidentOverTime()
+        over_time = ResidentOverTime() if phases else contextlib.nullcontext()
         with ProcessSampler(interval=1.0, keep_samples=False) as processes, over_time:
             started = time.perf_counter()
             if workload == "judge":
